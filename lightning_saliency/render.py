@@ -1,0 +1,314 @@
+"""Pixels for humans: colormaps, heatmap overlays, captioned grids and PNG files.
+
+This is the only module that turns maps into pictures. Everything it returns is a ``uint8`` array of shape
+``[H, W, 3]`` (RGB, "HWC"), which every logger accepts as is (TensorBoard with ``dataformats="HWC"``,
+``wandb.Image``, Pillow).
+
+- :func:`to_image` turns an input image (a ``[C, H, W]`` tensor, 1 or 3 channels) into displayable pixels.
+- :func:`colorize` maps a saliency map in ``[0, 1]`` through a matplotlib colormap (``"jet"``, ``"viridis"``,
+  or any other name ``matplotlib.colormaps`` knows).
+- :func:`overlay` alpha-blends a colorized map over an image.
+- :func:`grid` lays tiles out in rows with a caption under each tile (Pillow's default font).
+- :func:`save_png` writes an array to a PNG file atomically.
+
+Example:
+    >>> import torch
+    >>> img = to_image(torch.rand(3, 32, 32))
+    >>> heat = overlay(img, torch.rand(32, 32).numpy(), alpha=0.5)
+    >>> grid([heat, heat, heat], captions=["cat / cat", "dog / cat", "cat / dog"]).dtype
+    dtype('uint8')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["to_image", "colorize", "overlay", "grid", "save_png", "get_cmap"]
+
+ArrayLike = Any  # np.ndarray | Tensor
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", torch.float32 if x.is_floating_point() else x.dtype).numpy()
+    return np.asarray(x)
+
+
+@lru_cache(maxsize=16)
+def get_cmap(name: str = "jet") -> Any:
+    """The matplotlib colormap called ``name`` (``"jet"``, ``"viridis"``, ...), imported on first use.
+
+    Example:
+        >>> get_cmap("viridis").name
+        'viridis'
+    """
+    import matplotlib
+
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError:
+        known = ", ".join(sorted(n for n in matplotlib.colormaps if not n.endswith("_r"))[:20])
+        raise ValueError(f"unknown colormap {name!r}: use 'jet', 'viridis' or another matplotlib "
+                         f"colormap name (e.g. {known}, ...)") from None
+
+
+def to_image(x: ArrayLike) -> np.ndarray:
+    """Make an input image displayable: ``uint8 [H, W, 3]``.
+
+    Accepts a tensor ``[C, H, W]`` (C = 1 or 3), a NumPy array ``[C, H, W]``, ``[H, W, C]`` or ``[H, W]``.
+    Float inputs (any range, e.g. normalised with ImageNet statistics) are min-max scaled per image to
+    ``0..255`` (a constant image becomes black); ``uint8`` inputs are taken as pixels already.
+    One channel is repeated to three.
+
+    Example:
+        >>> import torch
+        >>> to_image(torch.zeros(1, 4, 5)).shape
+        (4, 5, 3)
+    """
+    is_tensor = isinstance(x, Tensor)
+    a = _to_numpy(x)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    elif a.ndim == 3:
+        if is_tensor or (a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3)):
+            a = np.transpose(a, (1, 2, 0))  # CHW -> HWC
+    else:
+        raise ValueError(f"to_image expects one image [C, H, W] (or [H, W, C] / [H, W] arrays), got shape "
+                         f"{tuple(a.shape)}; pass images one at a time, e.g. to_image(batch[i])")
+    if a.shape[-1] not in (1, 3):
+        raise ValueError(f"to_image supports 1 or 3 channels, got {a.shape[-1]} (shape {tuple(a.shape)}); "
+                         f"select the channels to show first, e.g. x[:3]")
+    if a.dtype == np.uint8:
+        out = a
+    else:
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+        if hi - lo > 1e-12:
+            out = np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
+        else:
+            out = np.zeros(a.shape, dtype=np.uint8)
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return np.ascontiguousarray(out)
+
+
+def colorize(m: ArrayLike, cmap: str = "jet") -> np.ndarray:
+    """Map a saliency map ``[H, W]`` with values in ``[0, 1]`` through a colormap: ``uint8 [H, W, 3]``.
+
+    Values outside ``[0, 1]`` are clipped and NaN counts as 0; normalise maps first
+    (:func:`lightning_saliency.maps.normalize`).
+
+    Example:
+        >>> import numpy as np
+        >>> colorize(np.ones((2, 2)), "jet")[0, 0].tolist()  # the hot end of jet
+        [127, 0, 0]
+    """
+    a = _to_numpy(m)
+    if a.ndim != 2:
+        raise ValueError(f"colorize expects one map [H, W], got shape {tuple(a.shape)}")
+    a = np.clip(np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    rgba = get_cmap(cmap)(a, bytes=True)
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+
+
+def _resize_map(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if a.shape == size:
+        return a
+    from .maps import resize
+
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+    return resize(t, size)[0].numpy()
+
+
+def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Alpha-blend a colorized map over an image: ``(1 - alpha) * image + alpha * colorize(m)``.
+
+    ``image`` is ``uint8 [H, W, 3]`` (anything :func:`to_image` accepts is converted first); ``m`` is a map
+    ``[h, w]`` in ``[0, 1]``, resized bilinearly to the image's size when it differs. ``alpha=0`` returns the
+    image, ``alpha=1`` the colormap.
+
+    Example:
+        >>> import numpy as np
+        >>> img = np.zeros((8, 8, 3), np.uint8)
+        >>> overlay(img, np.zeros((8, 8)), alpha=0.0).max()
+        np.uint8(0)
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    img = _to_numpy(image)
+    if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3):
+        img = to_image(image)
+    a = _to_numpy(m)
+    if a.ndim != 2:
+        raise ValueError(f"overlay expects one map [H, W], got shape {tuple(a.shape)}")
+    heat = colorize(_resize_map(a, img.shape[:2]), cmap)
+    out = (1.0 - alpha) * img.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _font() -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _text_width(font: Any, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(math.ceil(right - left))
+
+
+def _wrap(font: Any, text: str, width: int, max_lines: int) -> list[str]:
+    """Split ``text`` into at most ``max_lines`` lines no wider than ``width`` px (words first, then characters)."""
+    lines: list[str] = []
+    for paragraph in str(text).splitlines() or [""]:
+        current = ""
+        for word in paragraph.split(" "):
+            candidate = word if not current else f"{current} {word}"
+            if _text_width(font, candidate) <= width or not current:
+                current = candidate
+            else:
+                lines.append(current)
+                current = word
+        lines.append(current)
+    # hard-cut lines that are still too wide (one long word)
+    cut: list[str] = []
+    for line in lines:
+        while len(line) > 1 and _text_width(font, line) > width:
+            n = len(line) - 1
+            while n > 1 and _text_width(font, line[:n]) > width:
+                n -= 1
+            cut.append(line[:n])
+            line = line[n:]
+        cut.append(line)
+    if len(cut) > max_lines:
+        cut = cut[:max_lines]
+        last = cut[-1]
+        while last and _text_width(font, last + "…") > width:
+            last = last[:-1]
+        cut[-1] = last + "…"
+    return cut
+
+
+def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, ncols: int | None = None,
+         pad: int = 2, max_caption_lines: int = 3, background: tuple[int, int, int] = (0, 0, 0),
+         text_color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Lay images out in a grid, with a caption under each tile: ``uint8 [H, W, 3]``.
+
+    Shape arithmetic: with ``n`` tiles, ``ncols`` (default ``ceil(sqrt(n))``, at most ``n``) and
+    ``nrows = ceil(n / ncols)``; a cell is the largest tile's ``h x w`` plus, when captions are given, a band of
+    ``caption_h`` pixels (the wrapped captions' line height times the most lines any caption needs, at most
+    ``max_caption_lines``, plus 2). The result is ``nrows * (h + caption_h) + (nrows + 1) * pad`` high and
+    ``ncols * w + (ncols + 1) * pad`` wide; padding and empty cells are ``background``. Captions are drawn with
+    Pillow's default font, wrapped to the tile width.
+
+    Example:
+        >>> import numpy as np
+        >>> tiles = [np.zeros((10, 12, 3), np.uint8)] * 5
+        >>> grid(tiles, pad=2).shape  # 3 columns, 2 rows
+        (26, 44, 3)
+    """
+    tiles = []
+    for i, im in enumerate(images):
+        a = _to_numpy(im)
+        if not (a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3):
+            try:
+                a = to_image(im)
+            except ValueError as e:
+                raise ValueError(f"grid: tile {i}: {e}") from None
+        tiles.append(a)
+    n = len(tiles)
+    if n == 0:
+        raise ValueError("grid needs at least one image")
+    if captions is not None and len(captions) != n:
+        raise ValueError(f"grid got {n} images but {len(captions)} captions; pass one caption per image "
+                         f"(or captions=None)")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if ncols is None:
+        ncols = math.ceil(math.sqrt(n))
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    ncols = min(int(ncols), n)
+    nrows = math.ceil(n / ncols)
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+
+    wrapped: list[list[str]] = []
+    caption_h = 0
+    font = None
+    line_h = 0
+    if captions is not None:
+        font = _font()
+        _, top, _, bottom = font.getbbox("Ag|y")
+        line_h = int(math.ceil(bottom - top)) + 1
+        wrapped = [_wrap(font, c, max(w - 2, 1), max(1, max_caption_lines)) for c in captions]
+        caption_h = line_h * max(len(lines) for lines in wrapped) + 2
+
+    cell_h = h + caption_h
+    height = nrows * cell_h + (nrows + 1) * pad
+    width = ncols * w + (ncols + 1) * pad
+    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas[:] = np.asarray(background, dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, ncols)
+        y = pad + r * (cell_h + pad)
+        x = pad + c * (w + pad)
+        canvas[y:y + t.shape[0], x:x + t.shape[1]] = t
+
+    if captions is not None:
+        from PIL import Image, ImageDraw
+
+        pil = Image.fromarray(canvas, "RGB")
+        draw = ImageDraw.Draw(pil)
+        _, top, _, _ = font.getbbox("Ag|y")
+        for i, lines in enumerate(wrapped):
+            r, c = divmod(i, ncols)
+            y0 = pad + r * (cell_h + pad) + h + 1
+            x0 = pad + c * (w + pad) + 1
+            for k, line in enumerate(lines):
+                draw.text((x0, y0 + k * line_h - top), line, fill=tuple(text_color), font=font)
+        canvas = np.asarray(pil, dtype=np.uint8).copy()
+    return canvas
+
+
+def save_png(array: ArrayLike, path: str | os.PathLike) -> Path:
+    """Write a ``uint8 [H, W, 3]`` (or ``[H, W]``) array to ``path`` as PNG, creating parent folders.
+
+    The file is written to a temporary name in the same folder and renamed, so a reader never sees half a PNG.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> p = save_png(np.zeros((4, 4, 3), np.uint8), os.path.join(tempfile.mkdtemp(), "a.png"))
+        >>> p.name
+        'a.png'
+    """
+    from PIL import Image
+
+    a = _to_numpy(array)
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3))):
+        raise ValueError(f"save_png expects a uint8 array [H, W, 3] or [H, W], got {a.dtype} "
+                         f"{tuple(a.shape)}; convert with to_image() or overlay() first")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.ascontiguousarray(a), "RGB" if a.ndim == 3 else "L").save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
