@@ -1,0 +1,347 @@
+"""Stability metrics: does the map survive a small change of the input, and across audits?
+
+* :func:`stability`: mean Spearman rank correlation between ``M(x)`` and ``M(x + δ)`` over ``k`` draws,
+  ``δ ~ N(0, (σ·std(x))²)`` with ``std(x)`` the per-image standard deviation, target class held fixed.
+* :func:`max_sensitivity`: ``max`` over draws of ``‖M(x+δ) − M(x)‖_F / ‖M(x)‖_F`` (the quantity Captum calls
+  ``sensitivity_max``; with the same perturbation function the two agree to float precision).
+* :func:`drift`: Spearman between this audit's maps and the previous audit's, per image.
+
+Also the rank helpers the other metric files share: :func:`rank` (average ranks for ties, batched),
+:func:`spearman` and :func:`pearson` (per row, with defined values for constant rows), and
+:class:`UndefinedMetricWarning`, the warning every metric emits when it returns a defined value for an
+undefined case.
+
+Conventions (all metrics in this package): maps are ``[N, H, W]``; the rank-based metrics compare ``|M|``
+(signed maps such as input x gradient are read by magnitude); every function returns a float32 tensor
+``[N]`` of per-image values on the inputs' device, never NaN. Noise is drawn from a private, seeded
+:class:`torch.Generator`, so the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "UndefinedMetricWarning",
+    "rank",
+    "spearman",
+    "pearson",
+    "stability",
+    "max_sensitivity",
+    "drift",
+]
+
+Explain = Callable[[Tensor, Tensor], Tensor]
+Perturb = Callable[[Tensor], Tensor]
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric met an undefined case (all-zero map, constant map, single group, ...) and returned the
+    documented defined value instead of NaN."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UndefinedMetricWarning, stacklevel=3)
+
+
+def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [N, H, W], got {type(maps).__name__}")
+    if maps.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape [N, H, W] (one map per image), got {tuple(maps.shape)}; "
+            "squeeze a channel dimension or stack single maps with torch.stack"
+        )
+    return torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def rank(x: Tensor) -> Tensor:
+    """Ranks ``1..L`` along the last dimension, ties get the average of their ranks (batched, float32).
+
+    Example:
+        >>> rank(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).tolist()
+        [[3.5, 1.0, 3.5, 2.0]]
+    """
+    shape = x.shape
+    length = shape[-1] if x.ndim else 1
+    flat = x.reshape(-1, length)
+    values, order = flat.sort(dim=1, stable=True)
+    pos = torch.arange(length, device=x.device).expand_as(order)
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[:, 1:] = values[:, 1:] != values[:, :-1]
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    end = torch.where(last, pos, torch.full_like(pos, length)).flip(1).cummin(dim=1).values.flip(1)
+    avg = (start + end).float() / 2.0 + 1.0
+    return torch.empty_like(avg).scatter_(1, order, avg).reshape(shape)
+
+
+def _is_constant(flat: Tensor) -> Tensor:
+    span = flat.max(dim=1).values - flat.min(dim=1).values
+    scale = flat.abs().max(dim=1).values.clamp_min(1.0)
+    return span <= 1e-12 * scale
+
+
+def pearson(a: Tensor, b: Tensor, *, _name: str = "pearson") -> Tensor:
+    """Pearson correlation per row of ``a`` and ``b`` (``[N, ...]``, flattened after dim 0) -> ``[N]``.
+
+    Undefined cases (a constant row): both rows constant -> 1.0 (nothing distinguishes them), exactly one
+    constant -> 0.0; either way an :class:`UndefinedMetricWarning` names how many rows.
+
+    Example:
+        >>> round(pearson(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0, 4.0, 7.0]])).item(), 3)
+        0.993
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"{_name}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    fa = torch.nan_to_num(a.reshape(a.shape[0], -1).double())
+    fb = torch.nan_to_num(b.reshape(b.shape[0], -1).double())
+    ca = fa - fa.mean(dim=1, keepdim=True)
+    cb = fb - fb.mean(dim=1, keepdim=True)
+    const_a, const_b = _is_constant(fa), _is_constant(fb)
+    denom = ca.norm(dim=1) * cb.norm(dim=1)
+    r = (ca * cb).sum(dim=1) / denom.clamp_min(1e-30)
+    r = r.clamp(-1.0, 1.0).float()
+    both, one = const_a & const_b, const_a ^ const_b
+    if bool((both | one).any()):
+        _warn(
+            f"{_name}: {int(both.sum())} pair(s) of constant maps (defined as correlation 1.0) and "
+            f"{int(one.sum())} pair(s) with one constant map (defined as 0.0); an all-zero map has no ranking"
+        )
+    r = torch.where(both, torch.ones_like(r), r)
+    return torch.where(one, torch.zeros_like(r), r)
+
+
+def spearman(a: Tensor, b: Tensor, *, absolute: bool = True, _name: str = "spearman") -> Tensor:
+    """Spearman rank correlation per image of two map batches ``[N, H, W]`` (or ``[N, L]``) -> ``[N]``.
+
+    ``absolute=True`` ranks ``|M|`` (the package convention for signed maps). Ties get average ranks.
+    A constant map (all-zero included) has no ranking: both constant -> 1.0, one constant -> 0.0, with an
+    :class:`UndefinedMetricWarning`.
+
+    Example:
+        >>> spearman(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[10.0, 20.0, 30.0]])).tolist()
+        [1.0]
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{_name}: map shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}; "
+            "resize with lightning_saliency.maps.resize first"
+        )
+    fa = torch.nan_to_num(a.detach().reshape(a.shape[0], -1).float())
+    fb = torch.nan_to_num(b.detach().reshape(b.shape[0], -1).float())
+    if absolute:
+        fa, fb = fa.abs(), fb.abs()
+    return pearson(rank(fa), rank(fb), _name=_name)
+
+
+def _check_targets(targets: Tensor | None, n: int, name: str) -> Tensor:
+    if targets is None:
+        raise ValueError(
+            f"{name} needs targets (a LongTensor [N]) so the explained class is held fixed under "
+            "perturbation; pass e.g. model(inputs).argmax(1)"
+        )
+    targets = torch.as_tensor(targets).reshape(-1)
+    if targets.shape[0] != n:
+        raise ValueError(f"{name}: {n} inputs but {targets.shape[0]} targets")
+    return targets
+
+
+def _perturbed_maps(
+    explain: Explain,
+    inputs: Tensor,
+    targets: Tensor,
+    n_draws: int,
+    perturb: Perturb,
+    batch_size: int | None,
+) -> Iterator[Tensor]:
+    """Yield maps of perturbed inputs, ``[N, m, H, W]`` per chunk of ``m`` draws.
+
+    Layout as in Captum: each chunk expands the inputs with ``repeat_interleave(m)`` (the ``m`` copies of
+    image ``i`` are contiguous) and calls ``perturb`` once on the whole expanded batch. ``batch_size`` caps
+    the number of images per ``explain`` call (at least one draw of every image).
+    """
+    n = inputs.shape[0]
+    per_chunk = n_draws if batch_size is None else min(max(batch_size // n, 1), n_draws)
+    done = 0
+    while done < n_draws:
+        m = min(per_chunk, n_draws - done)
+        expanded = inputs.repeat_interleave(m, dim=0)
+        perturbed = perturb(expanded)
+        if perturbed.shape != expanded.shape:
+            raise ValueError(
+                f"perturbation function returned shape {tuple(perturbed.shape)} for inputs of shape "
+                f"{tuple(expanded.shape)}; it must return perturbed inputs of the same shape"
+            )
+        maps = explain(perturbed, targets.repeat_interleave(m, dim=0))
+        maps = _check_maps(maps, "explain(...) output")
+        yield maps.reshape(n, m, *maps.shape[1:])
+        done += m
+
+
+def _gaussian_perturb(sigma: float, generator: torch.Generator) -> Perturb:
+    def perturb(x: Tensor) -> Tensor:
+        std = x.detach().float().reshape(x.shape[0], -1).std(dim=1, unbiased=False)
+        std = std.reshape(-1, *([1] * (x.ndim - 1)))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return x + (noise * sigma * std).to(x.dtype)
+
+    return perturb
+
+
+def _uniform_perturb(radius: float, generator: torch.Generator) -> Perturb:
+    def perturb(x: Tensor) -> Tensor:
+        std = x.detach().float().reshape(x.shape[0], -1).std(dim=1, unbiased=False)
+        std = std.reshape(-1, *([1] * (x.ndim - 1)))
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return x + ((2.0 * u - 1.0) * radius * std).to(x.dtype)
+
+    return perturb
+
+
+def _augment_perturb(augment: Callable[[Tensor], Tensor], seed: int) -> Perturb:
+    def perturb(x: Tensor) -> Tensor:
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return augment(x)
+
+    return perturb
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def stability(
+    explain: Explain,
+    inputs: Tensor,
+    targets: Tensor,
+    k: int = 4,
+    sigma: float = 0.1,
+    seed: int = 0,
+    augment: Callable[[Tensor], Tensor] | None = None,
+    maps: Tensor | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Mean Spearman correlation between ``|M(x)|`` and ``|M(x + δ)|`` over ``k`` draws, per image -> ``[N]``.
+
+    Args:
+        explain: ``explain(inputs, targets) -> maps [N, H, W]`` (e.g. a closure over ``attribute``).
+        inputs: ``[N, C, H, W]``; targets: ``[N]`` long, held fixed for every noisy copy.
+        k: number of noisy copies per image. sigma: noise std relative to each image's own std.
+        seed: seeds a private generator (the global RNG is untouched).
+        augment: optional ``augment(x) -> x'`` used instead of the noise (it must keep pixel positions,
+            e.g. colour jitter; it runs under a forked, seeded global RNG).
+        maps: the already computed maps of ``inputs`` (saves one ``explain`` call).
+        batch_size: most images per ``explain`` call (default: all ``N·k`` at once).
+
+    Identical maps give 1.0, unrelated maps about 0. An all-zero or constant map has no ranking: see
+    :func:`spearman` for the defined values (1.0 when both maps are constant, 0.0 when one is).
+
+    Example:
+        >>> explain = lambda x, t: x.mean(1)      # the image itself is the "map"
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> stability(explain, x, torch.zeros(2, dtype=torch.long), sigma=0.0).tolist()
+        [1.0, 1.0]
+    """
+    if k < 1:
+        raise ValueError(f"stability needs k >= 1 noisy copies, got k={k}")
+    targets = _check_targets(targets, inputs.shape[0], "stability")
+    base = _check_maps(explain(inputs, targets) if maps is None else maps)
+    if augment is not None:
+        perturb = _augment_perturb(augment, seed)
+    else:
+        perturb = _gaussian_perturb(sigma, _generator(inputs.device, seed))
+    total = torch.zeros(inputs.shape[0], device=base.device)
+    for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size):
+        m = chunk.shape[1]
+        rho = spearman(
+            base.repeat_interleave(m, dim=0), chunk.reshape(-1, *chunk.shape[2:]), _name="stability"
+        )
+        total += rho.reshape(-1, m).sum(dim=1)
+    return total / k
+
+
+def max_sensitivity(
+    explain: Explain,
+    inputs: Tensor,
+    targets: Tensor,
+    n_perturb: int = 10,
+    radius: float = 0.02,
+    seed: int = 0,
+    perturb: Perturb | None = None,
+    maps: Tensor | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """``max`` over ``n_perturb`` draws of ``‖M(x+δ) − M(x)‖_F / ‖M(x)‖_F`` per image -> ``[N]`` (lower is better).
+
+    Maps are compared as returned (signed, unnormalised), as Captum's ``sensitivity_max`` does.
+
+    Args:
+        explain: ``explain(inputs, targets) -> maps [N, H, W]``.
+        n_perturb: number of draws. radius: the default draw is uniform in the L-inf ball of radius
+            ``radius · std(x)`` (each image's own std).
+        perturb: replaces the default draw: ``perturb(x_expanded) -> perturbed inputs``, called once per
+            chunk on the inputs expanded with ``repeat_interleave`` (Captum's layout, so the same function
+            gives the same draws to both).
+        maps: precomputed ``M(x)``. batch_size: most images per ``explain`` call, with Captum's
+            ``max_examples_per_batch`` semantics.
+
+    Undefined case: ``‖M(x)‖ = 0`` (all-zero map) divides by 1 instead (the absolute change), with an
+    :class:`UndefinedMetricWarning`; Captum does the same.
+
+    Example:
+        >>> explain = lambda x, t: x.sum(1)
+        >>> x = torch.rand(2, 3, 8, 8) + 1
+        >>> bool((max_sensitivity(explain, x, torch.zeros(2, dtype=torch.long)) < 0.1).all())
+        True
+    """
+    if n_perturb < 1:
+        raise ValueError(f"max_sensitivity needs n_perturb >= 1, got {n_perturb}")
+    targets = _check_targets(targets, inputs.shape[0], "max_sensitivity")
+    base = _check_maps(explain(inputs, targets) if maps is None else maps)
+    if perturb is None:
+        perturb = _uniform_perturb(radius, _generator(inputs.device, seed))
+    flat = base.reshape(base.shape[0], -1)
+    norm = flat.norm(dim=1)
+    zero = norm == 0
+    if bool(zero.any()):
+        _warn(f"max_sensitivity: {int(zero.sum())} all-zero map(s); their change is divided by 1 instead")
+    norm = torch.where(zero, torch.ones_like(norm), norm)
+    best = torch.full((base.shape[0],), -math.inf, device=base.device)
+    for chunk in _perturbed_maps(explain, inputs, targets, n_perturb, perturb, batch_size):
+        diff = (chunk.reshape(chunk.shape[0], chunk.shape[1], -1) - flat.unsqueeze(1)).norm(dim=2)
+        best = torch.maximum(best, (diff / norm.unsqueeze(1)).max(dim=1).values)
+    return best
+
+
+def drift(prev_maps: Tensor, maps: Tensor) -> Tensor:
+    """Spearman between each image's map at the previous audit and now (``|M|``, average ranks) -> ``[N]``.
+
+    1.0 means the ranking of pixels did not move. Constant maps: see :func:`spearman`.
+
+    Example:
+        >>> m = torch.rand(2, 4, 4)
+        >>> drift(m, 2 * m).tolist()
+        [1.0, 1.0]
+    """
+    prev_maps, maps = _check_maps(prev_maps, "prev_maps"), _check_maps(maps)
+    if prev_maps.shape[0] != maps.shape[0]:
+        raise ValueError(
+            f"drift: previous audit has {prev_maps.shape[0]} maps, this one {maps.shape[0]}; the probe changed"
+        )
+    if prev_maps.shape != maps.shape:
+        raise ValueError(
+            f"drift: map sizes differ, {tuple(prev_maps.shape)} vs {tuple(maps.shape)}; "
+            "resize with lightning_saliency.maps.resize first"
+        )
+    return spearman(prev_maps.to(maps.device), maps, _name="drift")
