@@ -1,0 +1,598 @@
+"""The CI gate: check an audit report against thresholds and return a verdict (exit 0, 1 or 2).
+
+``lightning-saliency gate REPORT --max KEY=VALUE --min KEY=VALUE`` reads ``report.json`` (or a log dir holding
+``saliency/report.json``), picks one audit, and checks each rule against that audit's metrics:
+
+* ``--max KEY=VALUE`` passes when ``value <= VALUE``; ``--min KEY=VALUE`` passes when ``value >= VALUE``
+  (both inclusive). A metric recorded as ``null`` (the report's spelling of NaN/inf) fails its rule.
+* Exit codes: ``0`` every rule passed; ``1`` at least one rule failed; ``2`` the gate could not decide: the
+  report is missing, unreadable, truncated, of an unknown schema, holds no audits, the requested epoch is not
+  there, a rule's key is absent from the chosen audit (the message lists the available keys and the closest
+  match), or the rules themselves are malformed.
+
+Which audit (``--epoch``, or ``epoch`` in the config file):
+
+* ``last`` (default): the last audit in the report (the most recent one).
+* ``N``: the last audit whose ``epoch`` is ``N``.
+* ``best``: the audit that passes the most rules; a rule whose key is absent from an audit, or whose value is
+  null, counts as not passed; ties go to the latest audit. Use it to gate a checkpoint selected on the
+  audit, not the final weights.
+
+Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Python 3.10)::
+
+    # gate.toml: rules for `lightning-saliency gate REPORT --config gate.toml`
+    epoch = "last"            # optional: "last" (default), "best" or an epoch number
+
+    [max]                     # value <= threshold
+    "gradcam/spurious_mass" = 0.2
+    "gradcam/attention_disparity" = 0.1
+
+    [min]                     # value >= threshold
+    "gradcam/stability" = 0.8
+
+Keys contain ``/`` so they are quoted. Rules from the command line are added to the file's rules; a
+command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2).
+
+Outputs: a plain aligned table (rule, value, threshold, verdict) on stdout; ``--json`` prints one JSON object
+instead; ``--junit FILE`` writes JUnit XML with one test case per rule (a failing rule is a ``<failure>``,
+an undecidable gate a single ``<error>``) so CI systems show each rule as a test.
+
+Example:
+    >>> from lightning_saliency.gate import Rule, parse_rule
+    >>> parse_rule("gradcam/spurious_mass=0.2", "max")
+    Rule(key='gradcam/spurious_mass', mode='max', threshold=0.2)
+    >>> Rule("gradcam/stability", "min", 0.8).check(0.85)
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "EXIT_PASS",
+    "EXIT_FAIL",
+    "EXIT_ERROR",
+    "GateError",
+    "Rule",
+    "RuleResult",
+    "GateResult",
+    "parse_rule",
+    "load_config",
+    "resolve_report_path",
+    "load_report_data",
+    "select_audit",
+    "evaluate",
+    "format_table",
+    "to_json",
+    "to_junit",
+    "run_gate",
+]
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_ERROR = 2
+
+_CONFIG_KEYS = ("epoch", "max", "min")
+
+
+class GateError(Exception):
+    """The gate cannot decide (exit code 2): bad report, unknown key, missing epoch, malformed rule."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One threshold: ``mode="max"`` passes when ``value <= threshold``, ``"min"`` when ``value >= threshold``.
+
+    Example:
+        >>> Rule("gradcam/spurious_mass", "max", 0.2).check(0.3)
+        False
+    """
+
+    key: str
+    mode: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise GateError(f"rule mode must be 'max' or 'min', got {self.mode!r}")
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
+            raise GateError(f"threshold for {self.key!r} must be a number, got {self.threshold!r}")
+        if not math.isfinite(self.threshold):
+            raise GateError(f"threshold for {self.key!r} must be finite, got {self.threshold!r}")
+
+    @property
+    def op(self) -> str:
+        return "<=" if self.mode == "max" else ">="
+
+    @property
+    def label(self) -> str:
+        return f"{self.key} {self.op} {_fmt(self.threshold)}"
+
+    def check(self, value: float | None) -> bool:
+        """True when ``value`` satisfies the rule; ``None`` or a non-finite value never does."""
+        if value is None or not math.isfinite(value):
+            return False
+        return value <= self.threshold if self.mode == "max" else value >= self.threshold
+
+
+@dataclass
+class RuleResult:
+    """A rule, the value it saw in the chosen audit (``None`` when null/NaN) and whether it passed."""
+
+    rule: Rule
+    value: float | None
+    passed: bool
+
+    @property
+    def message(self) -> str:
+        if self.passed:
+            return f"{self.rule.key} = {_fmt(self.value)} (threshold {self.rule.op} {_fmt(self.rule.threshold)})"
+        if self.value is None:
+            return f"{self.rule.key} is null (NaN or not computed in this audit); rule {self.rule.label} fails"
+        return f"{self.rule.key} = {_fmt(self.value)} violates {self.rule.op} {_fmt(self.rule.threshold)}"
+
+
+@dataclass
+class GateResult:
+    """The verdict for one audit: per-rule results plus where they came from."""
+
+    report: str
+    selection: str
+    audit_index: int
+    n_audits: int
+    epoch: Any
+    global_step: Any
+    results: list[RuleResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PASS if self.passed else EXIT_FAIL
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def parse_rule(text: str, mode: str) -> Rule:
+    """Parse ``KEY=VALUE`` (split at the last ``=``) into a :class:`Rule`.
+
+    Example:
+        >>> parse_rule("gradient/stability=0.75", "min").threshold
+        0.75
+    """
+    key, sep, value = text.rpartition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise GateError(f"--{mode} expects KEY=VALUE (e.g. --{mode} gradcam/spurious_mass=0.2), got {text!r}")
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise GateError(f"--{mode} {text!r}: {value!r} is not a number") from None
+    return Rule(key, mode, threshold)
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10 only
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise GateError(
+                f"reading {path} needs tomllib (Python 3.11+) or the 'tomli' package on Python 3.10: "
+                "`pip install tomli`, or pass the rules as --max/--min"
+            ) from None
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise GateError(f"gate config {path} not found") from None
+    except OSError as exc:
+        raise GateError(f"cannot read gate config {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GateError(f"gate config {path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
+    """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "gate.toml"
+        >>> _ = p.write_text('[max]\\n"gradcam/spurious_mass" = 0.2\\n')
+        >>> load_config(p)
+        ([Rule(key='gradcam/spurious_mass', mode='max', threshold=0.2)], None)
+    """
+    path = Path(path)
+    data = _load_toml(path)
+    for name in data:
+        if name not in _CONFIG_KEYS:
+            hint = _closest(name, _CONFIG_KEYS)
+            raise GateError(
+                f"gate config {path}: unknown entry {name!r}; allowed: {', '.join(_CONFIG_KEYS)}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + ". Metric keys go inside the [max] or [min] table, quoted: \"gradcam/spurious_mass\" = 0.2"
+            )
+    rules: list[Rule] = []
+    for mode in ("max", "min"):
+        table = data.get(mode, {})
+        if not isinstance(table, dict):
+            raise GateError(f"gate config {path}: [{mode}] must be a table of \"key\" = number entries")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                raise GateError(
+                    f"gate config {path}: [{mode}] entry {key!r} is a table; quote metric keys that contain "
+                    f"'/' or '.', e.g. \"{key}/...\" = 0.2"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise GateError(f"gate config {path}: [{mode}] {key!r} must be a number, got {value!r}")
+            rules.append(Rule(str(key), mode, float(value)))
+    epoch = data.get("epoch")
+    if epoch is not None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, str)):
+            raise GateError(f"gate config {path}: epoch must be \"last\", \"best\" or an integer, got {epoch!r}")
+        epoch = str(epoch)
+    return rules, epoch
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def resolve_report_path(path: str | os.PathLike) -> Path:
+    """Find ``report.json`` from a file path, a ``saliency`` dir or a log dir; :class:`GateError` if none.
+
+    Example:
+        >>> resolve_report_path("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        GateError: ...
+    """
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / "saliency" / "report.json", p / "report.json"):
+            if candidate.is_file():
+                return candidate
+        found = sorted(str(c) for c in _find_reports(p))
+        hint = ""
+        if found:
+            shown = found[:5]
+            hint = "; found: " + ", ".join(shown) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise GateError(
+            f"no saliency/report.json in {p}{hint}. Pass the report.json path or the run's log dir "
+            "(e.g. lightning_logs/version_0)"
+        )
+    if not p.exists():
+        raise GateError(
+            f"report {p} not found: did the training run with SaliencyMonitor finish an audit? Pass the "
+            "report.json path or the run's log dir"
+        )
+    return p
+
+
+def _find_reports(root: Path, depth: int = 3) -> list[Path]:
+    out: list[Path] = []
+    pattern = "saliency/report.json"
+    for level in range(depth + 1):
+        out.extend(root.glob("/".join(["*"] * level + [pattern])))
+        if len(out) > 50:
+            break
+    return out
+
+
+def load_report_data(path: str | os.PathLike) -> tuple[Path, dict]:
+    """Load and validate a report; return its path and data. Raises :class:`GateError` (exit 2) on any problem.
+
+    Uses :meth:`lightning_saliency.report.AuditReport.load` (schema check, clear errors), then checks that
+    ``audits`` is a list of records with a ``metrics`` mapping.
+    """
+    from lightning_saliency.report import AuditReport, ReportError
+
+    report_path = resolve_report_path(path)
+    try:
+        data = AuditReport.load(report_path).data
+    except ReportError as exc:
+        raise GateError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # defensive: anything the loader did not wrap
+        raise GateError(f"cannot read report {report_path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise GateError(f"report {report_path} is not a JSON object")
+    audits = data.get("audits")
+    if not isinstance(audits, list):
+        raise GateError(f"report {report_path} has no 'audits' list; is it a lightning-saliency report?")
+    for i, audit in enumerate(audits):
+        if not isinstance(audit, dict) or not isinstance(audit.get("metrics"), dict):
+            raise GateError(f"report {report_path}: audit #{i} is malformed (expected an object with 'metrics')")
+    return report_path, data
+
+
+def _value(x: Any) -> float | None:
+    """A metric value as a finite float, or None for null/NaN/inf/non-numbers."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def _closest(key: str, candidates: Any) -> str | None:
+    matches = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) -> str:
+    available = sorted(audit["metrics"])
+    hint = _closest(key, available)
+    msg = f"metric {key!r} is not in {where}"
+    elsewhere = [a.get("epoch") for a in audits if key in a["metrics"]]
+    if elsewhere:
+        shown = ", ".join(str(e) for e in elsewhere[-5:])
+        msg += f" (it is recorded at epoch(s) {shown}; choose one with --epoch)"
+    if hint:
+        msg += f"; closest match: {hint!r}"
+    if available:
+        shown = available[:60]
+        more = f" ... and {len(available) - 60} more" if len(available) > 60 else ""
+        msg += "; available keys: " + ", ".join(shown) + more
+    else:
+        msg += "; that audit recorded no metrics (see its errors with `lightning-saliency show`)"
+    return msg
+
+
+def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule]) -> tuple[int, str]:
+    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``).
+
+    Example:
+        >>> select_audit([{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}}], "0", [])
+        (0, 'epoch 0')
+    """
+    if not audits:
+        raise GateError("the report holds no audits yet: did training reach the first audit epoch?")
+    sel = "last" if epoch is None else str(epoch).strip().lower()
+    if sel == "last":
+        return len(audits) - 1, "last"
+    if sel == "best":
+        for rule in rules:
+            if not any(rule.key in a["metrics"] for a in audits):
+                raise GateError(_missing_key_message(rule.key, audits[-1], audits, "any audit"))
+        best_i, best_score = 0, -1
+        for i, audit in enumerate(audits):
+            score = sum(rule.check(_value(audit["metrics"].get(rule.key))) for rule in rules)
+            if score >= best_score:  # ties -> latest
+                best_i, best_score = i, score
+        return best_i, "best"
+    try:
+        wanted = int(sel)
+    except ValueError:
+        raise GateError(f"--epoch must be 'last', 'best' or an integer, got {epoch!r}") from None
+    for i in range(len(audits) - 1, -1, -1):
+        e = audits[i].get("epoch")
+        if isinstance(e, int) and not isinstance(e, bool) and e == wanted:
+            return i, f"epoch {wanted}"
+    epochs = [a.get("epoch") for a in audits]
+    shown = ", ".join(str(e) for e in epochs[:30]) + (" ..." if len(epochs) > 30 else "")
+    raise GateError(f"no audit at epoch {wanted}; audited epochs: {shown}")
+
+
+def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "") -> GateResult:
+    """Check ``rules`` against the chosen audit of report ``data``; :class:`GateError` when undecidable.
+
+    Example:
+        >>> data = {"audits": [{"epoch": 2, "global_step": 20, "metrics": {"gradcam/spurious_mass": 0.1}}]}
+        >>> evaluate(data, [Rule("gradcam/spurious_mass", "max", 0.2)]).passed
+        True
+    """
+    if not rules:
+        raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
+    audits = data.get("audits") or []
+    index, selection = select_audit(audits, epoch, rules)
+    audit = audits[index]
+    where = f"the {selection} audit (epoch {audit.get('epoch')}, audit {index + 1} of {len(audits)})"
+    results = []
+    for rule in rules:
+        if rule.key not in audit["metrics"]:
+            raise GateError(_missing_key_message(rule.key, audit, audits, where))
+        value = _value(audit["metrics"][rule.key])
+        results.append(RuleResult(rule, value, rule.check(value)))
+    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results)
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(text: Any) -> str:
+    """Text for a terminal: control characters (ANSI escapes included) shown as escapes, not interpreted."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "null"
+    if v == int(v) and abs(v) < 1e15:
+        return str(int(v)) if abs(v) >= 1 or v == 0 else f"{v:g}"
+    return f"{v:.6g}"
+
+
+def format_table(result: GateResult) -> str:
+    """The human verdict: a header line, an aligned rule/value/threshold/verdict table and a summary line."""
+    head = (
+        f"lightning-saliency gate: {_safe(result.report)}\n"
+        f"audit: {result.selection} -> epoch {_safe(result.epoch)}, step {_safe(result.global_step)} "
+        f"(audit {result.audit_index + 1} of {result.n_audits})"
+    )
+    rows = [("rule", "value", "threshold", "verdict")]
+    for r in result.results:
+        rows.append(
+            (_safe(r.rule.key), _fmt(r.value), f"{r.rule.op} {_fmt(r.rule.threshold)}", "PASS" if r.passed else "FAIL")
+        )
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append(
+            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip()
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    failed = [r for r in result.results if not r.passed]
+    if failed:
+        summary = f"FAIL: {len(failed)} of {len(result.results)} rule(s) failed: " + "; ".join(
+            _safe(r.message) for r in failed
+        )
+    else:
+        summary = f"PASS: all {len(result.results)} rule(s) passed"
+    return "\n".join([head, "", *lines, "", summary])
+
+
+def to_json(result: GateResult | None = None, error: str | None = None) -> str:
+    """Machine-readable verdict (strict JSON: null for NaN). ``error`` set: the undecidable case (exit 2).
+
+    Example:
+        >>> import json
+        >>> json.loads(to_json(error="no audits"))["exit_code"]
+        2
+    """
+    if result is None:
+        obj: dict[str, Any] = {"passed": False, "exit_code": EXIT_ERROR, "error": error, "rules": []}
+    else:
+        obj = {
+            "passed": result.passed,
+            "exit_code": result.exit_code,
+            "report": result.report,
+            "selection": result.selection,
+            "audit_index": result.audit_index,
+            "n_audits": result.n_audits,
+            "epoch": result.epoch,
+            "global_step": result.global_step,
+            "rules": [
+                {
+                    "key": r.rule.key,
+                    "mode": r.rule.mode,
+                    "op": r.rule.op,
+                    "threshold": r.rule.threshold,
+                    "value": r.value,
+                    "passed": r.passed,
+                    "message": r.message,
+                }
+                for r in result.results
+            ],
+        }
+    return json.dumps(obj, indent=2, allow_nan=False, default=str)
+
+
+_XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml(text: Any) -> str:
+    """Text safe for XML 1.0 (characters XML cannot hold are replaced by U+FFFD)."""
+    return _XML_INVALID.sub("\ufffd", str(text))
+
+
+def to_junit(result: GateResult | None = None, error: str | None = None) -> bytes:
+    """JUnit XML: one ``<testcase>`` per rule (``<failure>`` when it failed), or one ``<error>`` case.
+
+    Example:
+        >>> import xml.etree.ElementTree as ET
+        >>> ET.fromstring(to_junit(error="missing report")).get("errors")
+        '1'
+    """
+    suites = ET.Element("testsuites", name="lightning-saliency gate")
+    suite = ET.SubElement(suites, "testsuite", name="lightning-saliency gate")
+    cases = failures = errors = 0
+    if result is None:
+        cases, errors = 1, 1
+        case = ET.SubElement(suite, "testcase", classname="lightning_saliency.gate", name="gate")
+        ET.SubElement(case, "error", message=_xml(error), type="GateError").text = _xml(error)
+    else:
+        props = ET.SubElement(suite, "properties")
+        for name, value in (
+            ("report", result.report),
+            ("selection", result.selection),
+            ("epoch", result.epoch),
+            ("global_step", result.global_step),
+        ):
+            ET.SubElement(props, "property", name=name, value=_xml(value))
+        for r in result.results:
+            cases += 1
+            case = ET.SubElement(suite, "testcase", classname="lightning_saliency.gate", name=_xml(r.rule.label))
+            if not r.passed:
+                failures += 1
+                ET.SubElement(case, "failure", message=_xml(r.message), type="ThresholdFailed").text = _xml(
+                    r.message
+                )
+            ET.SubElement(case, "system-out").text = _xml(r.message)
+    for el in (suites, suite):
+        el.set("tests", str(cases))
+        el.set("failures", str(failures))
+        el.set("errors", str(errors))
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+
+
+def _write_junit(path: str, payload: bytes) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, target)
+
+
+def run_gate(
+    report: str | os.PathLike,
+    max_rules: list[str] | None = None,
+    min_rules: list[str] | None = None,
+    config: str | os.PathLike | None = None,
+    epoch: str | None = None,
+    junit: str | None = None,
+    as_json: bool = False,
+    out: Any = None,
+    err: Any = None,
+) -> int:
+    """The ``gate`` command: evaluate, print the table (or JSON), write JUnit; return the exit code.
+
+    Example:
+        >>> run_gate("/nonexistent/report.json", max_rules=["a=1"], err=open(os.devnull, "w"))
+        2
+    """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    result: GateResult | None = None
+    error: str | None = None
+    try:
+        rules: list[Rule] = []
+        if config is not None:
+            file_rules, file_epoch = load_config(config)
+            rules.extend(file_rules)
+            epoch = epoch if epoch is not None else file_epoch
+        rules.extend(parse_rule(t, "max") for t in max_rules or [])
+        rules.extend(parse_rule(t, "min") for t in min_rules or [])
+        if not rules:
+            raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
+        report_path, data = load_report_data(report)
+        result = evaluate(data, rules, epoch, report=str(report_path))
+    except GateError as exc:
+        error = str(exc)
+    code = result.exit_code if result is not None else EXIT_ERROR
+    if junit:
+        try:
+            _write_junit(junit, to_junit(result, error))
+        except OSError as exc:
+            print(f"lightning-saliency gate: cannot write JUnit file {junit}: {exc}", file=err)
+            code = EXIT_ERROR
+    if as_json:
+        print(to_json(result, error), file=out)
+    elif result is not None:
+        print(format_table(result), file=out)
+    if error is not None:
+        print(f"lightning-saliency gate: error: {_safe(error)}", file=err)
+    return code
