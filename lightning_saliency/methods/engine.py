@@ -1,0 +1,550 @@
+"""``attribute()``: every saliency method of DESIGN §4 behind one call, sharing work wherever the maths allows.
+
+How the work is shared (DESIGN §5, invariant 2): per batch of inputs, **one forward** pass runs with a forward
+hook on the target layer, and **one** ``torch.autograd.grad`` call differentiates the class score with respect
+to the layer's activations and/or the input, whichever the requested methods need:
+
+- ``cam`` needs the activations only (and the head's weights), no backward at all;
+- ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam`` need the activation gradient: when only these are asked
+  for, the backward stops at the target layer (cheap, like Captum's ``LayerGradCam``);
+- ``gradient`` and ``input_x_gradient`` need the input gradient: the same backward carries on to the input.
+
+``smoothgrad``, ``integrated_gradients``, ``guided_backprop`` and ``occlusion`` need passes of their own (noisy
+inputs, interpolated inputs, modified ReLU backward, occluded inputs); their rows go through the model in
+batches. ``guided_gradcam`` combines the guided backprop pass with the shared pass's Grad-CAM.
+
+Everything runs inside a :class:`~lightning_saliency.guard.SideEffectGuard`: eval mode, gradients enabled even
+under ``torch.no_grad()``/``torch.inference_mode()``, no ``.backward()`` (parameters' ``.grad`` is never
+touched), every hook removed and every flag and random state restored, also when a method raises.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ...                       nn.Linear(8, 5))
+    >>> maps = attribute(model, torch.rand(2, 3, 16, 16), methods=("gradcam", "gradient"), layer="1")
+    >>> {name: tuple(m.shape) for name, m in maps.items()}
+    {'gradcam': (2, 16, 16), 'gradient': (2, 16, 16)}
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..guard import SideEffectGuard
+from ..maps import resize
+from . import cam as cam_mod
+from .gradients import (
+    IG_METHODS,
+    gradient_map,
+    guided_backprop,
+    guided_gradcam,
+    input_x_gradient_map,
+    integrated_gradients,
+    smoothgrad,
+)
+from .occlusion import occlusion
+from .scoring import Scorer, class_scores
+
+__all__ = ["METHODS", "DEFAULT_OPTIONS", "AttributionInfo", "attribute"]
+
+#: The twelve method names of DESIGN §3, in a stable order.
+METHODS: tuple[str, ...] = (
+    "cam", "gradcam", "gradcam++", "hirescam", "layercam",
+    "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients",
+    "guided_backprop", "guided_gradcam", "occlusion",
+)
+
+_CAM_FORMULAS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradcam": cam_mod.gradcam,
+    "gradcam++": cam_mod.gradcam_plus_plus,
+    "hirescam": cam_mod.hirescam,
+    "layercam": cam_mod.layercam,
+}
+_NEEDS_LAYER = ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "guided_gradcam")
+_SEPARATE = ("smoothgrad", "integrated_gradients", "guided_backprop", "occlusion")
+
+#: Options accepted by :func:`attribute` as keyword arguments, with their defaults.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "smoothgrad_samples": 16,
+    "smoothgrad_sigma": 0.15,
+    "smoothgrad_seed": 0,
+    "ig_steps": 32,
+    "ig_baseline": None,
+    "ig_method": "gausslegendre",
+    "occlusion_patch": 8,
+    "occlusion_stride": 4,
+    "occlusion_baseline": 0.0,
+    "autocast": True,
+    "on_error": "raise",
+    "return_info": False,
+}
+
+
+@dataclass
+class AttributionInfo:
+    """What else the shared forward saw, returned with the maps by ``attribute(..., return_info=True)``.
+
+    Attributes:
+        targets: ``[N]`` long, the classes explained (the predictions when ``targets=None``).
+        predictions: ``[N]`` long, the argmax of the logits.
+        scores: ``[N]`` float32, the explained score ``y^t`` (``y^t - y^q`` with a contrast).
+        forward_dtype: dtype of the model's logits in the shared forward, e.g. ``"float32"``, or ``"bfloat16"``
+            under an active autocast (the maps are float32 either way).
+        layer: dotted name of the target layer used, ``None`` when no layer was needed.
+        forwards, backwards: model forward passes and ``autograd.grad`` calls made (layer resolution excluded).
+        seconds: wall time per stage: ``"shared"`` (the shared pass, including layer resolution) and each method
+            that ran a pass of its own.
+        errors: method -> ``"ExceptionType: message"`` for methods that failed under ``on_error="collect"``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> maps, info = attribute(model, torch.rand(2, 1, 2, 2), methods=("gradient",), return_info=True)
+        >>> info.forwards, info.backwards, info.forward_dtype
+        (1, 1, 'float32')
+    """
+
+    targets: Tensor
+    predictions: Tensor
+    scores: Tensor
+    forward_dtype: str
+    layer: str | None
+    forwards: int = 0
+    backwards: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check_methods(methods: str | Sequence[str]) -> list[str]:
+    if isinstance(methods, str):
+        methods = (methods,)
+    names: list[str] = []
+    for m in methods:
+        if m not in METHODS:
+            close = difflib.get_close_matches(str(m), METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown method {m!r}{hint}; known methods: {', '.join(METHODS)}")
+        if m not in names:
+            names.append(m)
+    if not names:
+        raise ValueError(f"methods is empty; choose one or more of: {', '.join(METHODS)}")
+    return names
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; attribute() accepts: {', '.join(DEFAULT_OPTIONS)}")
+    opts = {**DEFAULT_OPTIONS, **options}
+    for key in ("smoothgrad_samples", "ig_steps"):
+        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
+            raise ValueError(f"{key} must be a positive int, got {opts[key]!r}")
+    if not isinstance(opts["smoothgrad_sigma"], (int, float)) or opts["smoothgrad_sigma"] < 0:
+        raise ValueError(f"smoothgrad_sigma must be a number >= 0, got {opts['smoothgrad_sigma']!r}")
+    if opts["ig_method"] not in IG_METHODS:
+        raise ValueError(f"unknown ig_method {opts['ig_method']!r}; choose one of {', '.join(IG_METHODS)}")
+    for key in ("occlusion_patch", "occlusion_stride"):
+        value = opts[key]
+        pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+            raise ValueError(f"{key} must be a positive int or a pair (h, w) of them, got {value!r}")
+    if opts["on_error"] not in ("raise", "collect"):
+        raise ValueError(f"on_error must be 'raise' or 'collect', got {opts['on_error']!r}")
+    return opts
+
+
+def _check_inputs(inputs: Any) -> Tensor:
+    if not isinstance(inputs, Tensor):
+        raise ValueError(f"inputs must be a float tensor [N, C, H, W], got {type(inputs).__name__}")
+    if inputs.ndim != 4:
+        fix = " (one image? add the batch dimension: inputs.unsqueeze(0))" if inputs.ndim == 3 else ""
+        raise ValueError(f"inputs must be a float tensor [N, C, H, W], got shape {tuple(inputs.shape)}{fix}")
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs must be a float tensor, got {inputs.dtype}: convert with inputs.float()")
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs is empty (N = 0): pass at least one image [N >= 1, C, H, W]")
+    return inputs
+
+
+def _as_classes(value: Any, n: int, name: str, device: torch.device) -> Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be class indices (an int or an int tensor [N]), got a bool")
+    if isinstance(value, int):
+        return torch.full((n,), value, dtype=torch.long, device=device)
+    if isinstance(value, Tensor):
+        t = value.detach()
+    else:
+        try:
+            t = torch.as_tensor(list(value))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be class indices (an int or an int tensor [N]), got "
+                             f"{type(value).__name__}") from err
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices, got dtype {t.dtype}: convert with .long()")
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have one class index per image: expected shape [{n}], got {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.long)
+
+
+def _check_range(t: Tensor | None, num_classes: int, name: str) -> None:
+    if t is None:
+        return
+    bad = ((t < 0) | (t >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range [0, {num_classes}) for a model with "
+                         f"{num_classes} outputs: pass class indices in [0, {num_classes})")
+
+
+def _baseline(value: Any, x: Tensor, name: str) -> Tensor:
+    if value is None:
+        return torch.zeros_like(x)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full_like(x, float(value))
+    if isinstance(value, Tensor):
+        try:
+            return torch.broadcast_to(value.detach().to(device=x.device, dtype=x.dtype), x.shape).clone()
+        except RuntimeError as err:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the inputs "
+                             f"{tuple(x.shape)}: pass a number or a tensor [C, 1, 1], [C, H, W] or [N, C, H, W]"
+                             ) from err
+    raise ValueError(f"{name} must be None, a number or a tensor, got {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ shared pass
+
+
+def _resolve(model: nn.Module, layer: Any, reshape: Any, example: Tensor) -> Any:
+    from ..layers import TargetLayer, resolve_layer
+
+    if isinstance(layer, TargetLayer):
+        return layer if reshape is None else TargetLayer(layer.name, layer.module, reshape)
+    return resolve_layer(model, layer, reshape=reshape, example_input=example)
+
+
+def _as_grid(tensor: Tensor, target: Any) -> Tensor:
+    out = target.reshape(tensor) if target.reshape is not None else tensor
+    if not isinstance(out, Tensor) or out.ndim != 4:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"layer {target.name!r} gives {got} after reshape, not [N, K, h, w]: pass reshape= "
+                         "with a callable that maps this layer's output to [N, K, h, w], or choose another layer")
+    return out
+
+
+class _Capture:
+    """Forward hooks for the shared pass: the target layer's activations and, for CAM, the linear layers."""
+
+    def __init__(self, target: Any, watch_linear: bool):
+        self.target = target
+        self.watch_linear = watch_linear
+        self.reset()
+
+    def reset(self) -> None:
+        self.activation: Tensor | None = None
+        self.linear_calls: list[tuple[nn.Linear, Tensor, Tensor]] = []
+
+    def layer_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not isinstance(output, Tensor):
+            raise ValueError(f"layer {self.target.name!r} returns {type(output).__name__}, not a tensor: choose "
+                             "a layer whose output is one tensor (e.g. the block that contains it)")
+        self.activation = output
+        self.linear_calls = []  # only linear layers that run after the target layer count for CAM
+        # The network continues with a copy: an in-place op downstream (DenseNet's F.relu(inplace=True) on its
+        # features) then cannot change the activations we keep, and the gradient still flows back through them.
+        return output.clone()
+
+    def linear_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.activation is not None and args and isinstance(args[0], Tensor):
+            self.linear_calls.append((module, args[0].detach(), output))
+
+
+def _cam_weights(cap: _Capture, logits: Tensor, A: Tensor, t: Tensor, q: Tensor | None) -> Tensor:
+    hint = ("CAM needs a global-average-pool + linear head after the target layer (like ResNet's avgpool + fc); "
+            "use method 'gradcam' instead")
+    heads = [c for c in cap.linear_calls if c[2] is logits or (c[2].shape == logits.shape and
+                                                                torch.equal(c[2].detach(), logits.detach()))]
+    if not heads:
+        raise ValueError(f"no nn.Linear layer after {cap.target.name!r} produces the logits. {hint}")
+    linear, linear_input, _ = heads[-1]
+    cam_mod.check_gap_linear_head(A, linear, linear_input, cap.target.name)
+    weight = linear.weight.detach().float()
+    rows = weight[t]
+    if q is not None:
+        rows = rows - weight[q]
+    return rows
+
+
+def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | None, q_all: Tensor | None,
+                 target: Any, guard: SideEffectGuard, scorer: Scorer, batch_size: int,
+                 collect: dict[str, str] | None) -> tuple[dict[str, list[Tensor]], Tensor, Tensor, Tensor, str]:
+    N, _, H, W = x.shape
+    cam_like = [m for m in names if m in _CAM_FORMULAS]
+    want_gradcam_up = "guided_gradcam" in names
+    need_act_grad = bool(cam_like) or want_gradcam_up
+    need_input_grad = any(m in ("gradient", "input_x_gradient") for m in names)
+    need_grad = need_act_grad or need_input_grad
+    want_cam = "cam" in names
+    cap = None
+    if target is not None:
+        cap = _Capture(target, want_cam)
+        guard.add_forward_hook(target.module, cap.layer_hook)
+        if want_cam:
+            for m in model.modules():
+                if isinstance(m, nn.Linear):
+                    guard.add_forward_hook(m, cap.linear_hook)
+
+    out: dict[str, list[Tensor]] = {m: [] for m in names if m not in _SEPARATE and m != "guided_gradcam"}
+    if want_gradcam_up:
+        out["_gradcam_up"] = []
+    failed: set[str] = set()
+    targets, preds, scores = [], [], []
+    dtype = "float32"
+
+    def fail(method: str, err: Exception) -> None:
+        if collect is None:
+            raise err
+        collect[method] = f"{type(err).__name__}: {err}"
+        failed.add(method)
+
+    for s in range(0, N, batch_size):
+        xc = x[s : s + batch_size].detach().clone().requires_grad_(need_grad)
+        if cap is not None:
+            cap.reset()
+        with torch.set_grad_enabled(need_grad):
+            logits = scorer.forward(xc)
+        dtype = str(logits.dtype).replace("torch.", "")
+        if s == 0:
+            _check_range(t_all, logits.shape[1], "targets")
+            _check_range(q_all, logits.shape[1], "contrast")
+        pred = logits.detach().argmax(dim=1)
+        t = pred if t_all is None else t_all[s : s + batch_size]
+        q = None if q_all is None else q_all[s : s + batch_size]
+        score = class_scores(logits, t, q)
+        targets.append(t)
+        preds.append(pred)
+        scores.append(score.detach())
+
+        A_raw = None
+        if cap is not None:
+            A_raw = cap.activation
+            if A_raw is None:
+                raise ValueError(f"layer {target.name!r} did not run in the forward pass; choose a layer that the "
+                                 "model's forward uses")
+        wrt: list[Tensor] = []
+        if need_act_grad:
+            wrt.append(A_raw)
+        if need_input_grad:
+            wrt.append(xc)
+        grads: list[Tensor | None] = []
+        if wrt:
+            grads = list(torch.autograd.grad(score.sum(), wrt, allow_unused=True))
+            scorer.backwards += 1
+        g_act = grads.pop(0) if need_act_grad else None
+        g_x = grads.pop(0) if need_input_grad else None
+
+        A = G = None
+        if A_raw is not None:
+            A = _as_grid(A_raw.detach(), target).float()
+        if need_act_grad:
+            if g_act is None:
+                raise ValueError(f"the class score does not depend on layer {target.name!r}'s output (zero "
+                                 "gradient path): choose a layer that feeds the logits")
+            G = _as_grid(g_act, target).float()
+        if g_x is None and need_input_grad:
+            g_x = torch.zeros_like(xc)
+
+        for m in list(out):
+            if m in failed:
+                continue
+            try:
+                if m in _CAM_FORMULAS:
+                    out[m].append(resize(_CAM_FORMULAS[m](A, G), (H, W)))
+                elif m == "_gradcam_up" and "gradcam" in out and "gradcam" not in failed:
+                    out[m].append(out["gradcam"][-1])
+                elif m == "_gradcam_up":
+                    out[m].append(resize(cam_mod.gradcam(A, G), (H, W)))
+                elif m == "cam":
+                    out[m].append(resize(cam_mod.cam(A, _cam_weights(cap, logits, A, t, q)), (H, W)))
+                elif m == "gradient":
+                    out[m].append(gradient_map(g_x))
+                elif m == "input_x_gradient":
+                    out[m].append(input_x_gradient_map(xc.detach(), g_x))
+            except ValueError as err:
+                fail(m, err)
+        del logits, score, A_raw, grads, g_act, g_x, xc
+    if cap is not None:
+        guard.remove()
+    for m in failed:
+        out.pop(m, None)
+    return out, torch.cat(targets), torch.cat(preds), torch.cat(scores), dtype
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def attribute(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | Sequence[int] | int | None = None,
+    methods: str | Sequence[str] = ("gradcam",),
+    layer: str | nn.Module | Any = "auto",
+    batch_size: int | None = None,
+    contrast: Tensor | Sequence[int] | int | None = None,
+    reshape: Callable[[Tensor], Tensor] | None = None,
+    **options: Any,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], AttributionInfo]:
+    """Saliency maps of ``model`` for ``inputs``, one ``[N, H, W]`` float32 map per method.
+
+    Args:
+        model: a classifier whose ``forward(inputs)`` returns logits ``[N, num_classes]``. It is run in eval mode
+            and left exactly as found (training flags, ``requires_grad``, ``.grad``, hooks, random states).
+        inputs: ``[N, C, H, W]`` float tensor; never modified (the engine differentiates a detached copy).
+        targets: the class to explain per image: ``None`` (default) explains the prediction (argmax of the
+            logits of the same forward pass), an int explains that class for every image, an int tensor ``[N]``
+            one class per image.
+        methods: one or more of :data:`METHODS`: ``cam``, ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``,
+            ``gradient``, ``input_x_gradient``, ``smoothgrad``, ``integrated_gradients``, ``guided_backprop``,
+            ``guided_gradcam``, ``occlusion``. Formulas: DESIGN §4 and the docstrings in ``cam.py``,
+            ``gradients.py``, ``occlusion.py``.
+        layer: the target layer of the CAM family (ignored by the others): ``"auto"``, a dotted module name, a
+            module of ``model``, or a :class:`~lightning_saliency.layers.TargetLayer` already resolved. Names and
+            ``"auto"`` are resolved with one extra forward of a single image; pass a ``TargetLayer`` (from
+            :func:`~lightning_saliency.layers.resolve_layer`) when calling repeatedly to skip it.
+        batch_size: the most rows per forward pass. ``None``: the shared pass takes all ``N`` images at once and
+            the multi-pass methods take ``max(N, 32)`` rows per pass.
+        contrast: a second class per image (same forms as ``targets``): explain ``y^target - y^contrast``, i.e.
+            "why the target and not the contrast class".
+        reshape: maps the target layer's output to ``[N, K, h, w]`` (found automatically for ViT/Swin layers).
+        **options: (defaults in :data:`DEFAULT_OPTIONS`; anything else is a ``ValueError``)
+
+            - ``smoothgrad_samples=16``: noisy copies per image; ``smoothgrad_sigma=0.15``: noise standard
+              deviation as a fraction of each image's value range; ``smoothgrad_seed=0``: the noise seed (drawn
+              from a private generator, so maps are reproducible and the global random state is untouched).
+            - ``ig_steps=32``: integration points; ``ig_method="gausslegendre"`` (or ``"riemann_trapezoid"``,
+              ``"riemann_middle"``, ``"riemann_left"``, ``"riemann_right"``; the names Captum uses);
+              ``ig_baseline=None``: the baseline ``x'`` (zeros), a number, or a tensor broadcastable to inputs.
+            - ``occlusion_patch=8``, ``occlusion_stride=4``: patch side and stride in pixels (int or
+              ``(h, w)``); ``occlusion_baseline=0.0``: the fill value (number or broadcastable tensor).
+            - ``autocast=True``: keep the caller's autocast (mixed precision) for the forwards, as the model
+              runs in training; ``False`` runs them in full precision. Maps are computed in float32 either way.
+            - ``on_error="raise"``: a failing method raises. ``"collect"``: it is left out of the result and its
+              error recorded in ``AttributionInfo.errors`` (bad arguments and a failing forward still raise).
+            - ``return_info=False``: ``True`` returns ``(maps, AttributionInfo)`` (targets, predictions,
+              scores, forward dtype, pass counts, timings, errors).
+
+    Returns:
+        ``{method: maps}`` in the order asked, each ``[N, H, W]`` float32, detached, on the inputs' device.
+        CAM-family maps are ReLU'd and upsampled bilinearly; ``input_x_gradient`` and
+        ``integrated_gradients`` are signed (metrics take their absolute value). Not normalised: use
+        :func:`lightning_saliency.maps.normalize` for display.
+
+    Raises:
+        ValueError: with the fix in the message: inputs not ``[N, C, H, W]`` or empty, a target out of
+            ``[0, num_classes)``, an unknown method (the known ones listed) or option, CAM on a model without a
+            global-average-pool + linear head, guided backprop on a model without ``nn.ReLU`` modules.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                       nn.Flatten(), nn.Linear(4, 3))
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> maps, info = attribute(model, x, methods=("cam", "gradcam", "integrated_gradients"), layer="1",
+        ...                        ig_steps=8, return_info=True)
+        >>> [tuple(m.shape) for m in maps.values()], info.forwards
+        ([(2, 8, 8), (2, 8, 8), (2, 8, 8)], 2)
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    opts = _check_options(options)
+    names = _check_methods(methods)
+    _check_inputs(inputs)
+    N, _, H, W = inputs.shape
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    shared_bs = batch_size or N
+    extra_bs = batch_size or max(N, 32)
+    device = inputs.device
+    t_all = _as_classes(targets, N, "targets", device)
+    q_all = _as_classes(contrast, N, "contrast", device)
+    collect: dict[str, str] | None = {} if opts["on_error"] == "collect" else None
+
+    with SideEffectGuard(model) as guard:
+        # inside inference_mode(False): a clone of an inference tensor is an ordinary tensor autograd can use
+        x = inputs.detach().clone()
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        target = None
+        if any(m in _NEEDS_LAYER for m in names):
+            try:
+                target = _resolve(model, layer, reshape, x[:1])
+            except ValueError as err:
+                if collect is None:
+                    raise
+                for m in names:
+                    if m in _NEEDS_LAYER:
+                        collect[m] = f"{type(err).__name__}: {err}"
+                names = [m for m in names if m not in _NEEDS_LAYER]
+        scorer = Scorer(model, targets=torch.zeros(N, dtype=torch.long, device=device), contrast=q_all,
+                        batch_size=extra_bs, autocast_off=not opts["autocast"])
+        shared, t, pred, score, dtype = _shared_pass(model, x, names, t_all, q_all, target, guard, scorer,
+                                                     shared_bs, collect)
+        scorer.targets = t
+        seconds["shared"] = time.perf_counter() - start
+        maps: dict[str, Tensor] = {m: torch.cat(v) for m, v in shared.items()}
+
+        def run(method: str, fn: Callable[[], Tensor]) -> None:
+            begin = time.perf_counter()
+            try:
+                maps[method] = fn()
+            except ValueError as err:
+                if collect is None:
+                    raise
+                collect[method] = f"{type(err).__name__}: {err}"
+            seconds[method] = time.perf_counter() - begin
+
+        if "smoothgrad" in names:
+            run("smoothgrad", lambda: smoothgrad(scorer, x, opts["smoothgrad_samples"], opts["smoothgrad_sigma"],
+                                                 opts["smoothgrad_seed"]))
+        if "integrated_gradients" in names:
+            base = _baseline(opts["ig_baseline"], x, "ig_baseline")
+            run("integrated_gradients", lambda: integrated_gradients(scorer, x, base, opts["ig_steps"],
+                                                                     opts["ig_method"]))
+        if "guided_backprop" in names or "guided_gradcam" in names:
+            run("guided_backprop", lambda: guided_backprop(scorer, x, add_hook=guard.add_forward_hook))
+            if "guided_gradcam" in names:
+                if "guided_backprop" in maps and "_gradcam_up" in maps:
+                    maps["guided_gradcam"] = guided_gradcam(maps["guided_backprop"], maps["_gradcam_up"])
+                elif collect is not None:
+                    collect["guided_gradcam"] = collect.get("guided_backprop") or collect.get("gradcam", "failed")
+        if "occlusion" in names:
+            if isinstance(opts["occlusion_baseline"], Tensor):
+                fill: float | Tensor = _baseline(opts["occlusion_baseline"], x, "occlusion_baseline")
+            else:
+                fill = opts["occlusion_baseline"]
+            run("occlusion", lambda: occlusion(scorer, x, score, opts["occlusion_patch"],
+                                               opts["occlusion_stride"], fill))
+
+    result = {m: maps[m].detach().float().to(device) for m in names if m in maps}
+    if not opts["return_info"]:
+        return result
+    info = AttributionInfo(targets=t.detach(), predictions=pred, scores=score.float(), forward_dtype=dtype,
+                           layer=None if target is None else target.name, forwards=scorer.forwards,
+                           backwards=scorer.backwards, seconds=seconds, errors=dict(collect or {}))
+    return result, info
