@@ -1,0 +1,427 @@
+"""The attribution engine's contracts: one shared pass, batching, targets and contrast, input errors, and no
+side effects on the model (issue 2, points 5, 7, 8; DESIGN §5 invariants 1-3)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_saliency.guard import SideEffectGuard
+from lightning_saliency.layers import TargetLayer, vit_reshape
+from lightning_saliency.methods import METHODS, attribute
+from lightning_saliency.methods import engine as engine_mod
+
+BUNDLE = ("gradcam", "gradcam++", "gradient", "input_x_gradient")
+FAST = {"smoothgrad_samples": 2, "ig_steps": 3, "occlusion_patch": 4, "occlusion_stride": 4}
+
+
+class Net(nn.Module):
+    """Small CNN with BatchNorm, Dropout, in-place nn.ReLU and a GAP + linear head."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.features(self.stem(x)).mean(dim=(2, 3))))
+
+
+def _net(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Net(**kw)
+
+
+def _x(n=5, seed=1, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def _counting(model):
+    """Count model forwards (by batch size) and the backward passes reaching the logits."""
+    calls = {"forward": [], "backward": 0}
+
+    def on_grad(grad):
+        calls["backward"] += 1
+
+    def hook(module, args, output):
+        calls["forward"].append(args[0].shape[0])
+        if output.requires_grad:
+            output.register_hook(on_grad)
+
+    return calls, model.register_forward_hook(hook)
+
+
+# ------------------------------------------------------------------------------------------- shared pass
+
+
+def test_bundle_shares_one_forward_and_one_backward_per_batch(monkeypatch):
+    model = _net()
+    target = TargetLayer("features", model.features, None)
+    grad_calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grad_calls.append(1) or real_grad(*a, **k))
+    calls, handle = _counting(model)
+    x = _x(5)
+    maps, info = attribute(model, x, methods=BUNDLE, layer=target, return_info=True)
+    assert calls["forward"] == [5] and calls["backward"] == 1 and len(grad_calls) == 1
+    assert (info.forwards, info.backwards) == (1, 1)
+
+    calls["forward"].clear()
+    calls["backward"] = 0
+    grad_calls.clear()
+    chunked, info = attribute(model, x, methods=BUNDLE, layer=target, batch_size=2, return_info=True)
+    assert calls["forward"] == [2, 2, 1] and calls["backward"] == 3 and len(grad_calls) == 3
+    assert (info.forwards, info.backwards) == (3, 3)
+    for name in BUNDLE:
+        torch.testing.assert_close(chunked[name], maps[name], atol=1e-5, rtol=1e-4)
+
+    # a layer given by name costs one extra single-image forward (resolution), no extra full-batch pass
+    calls["forward"].clear()
+    attribute(model, x, methods=BUNDLE, layer="features")
+    assert calls["forward"].count(5) == 1 and set(calls["forward"]) <= {1, 5}
+    handle.remove()
+
+
+def test_cam_family_alone_backpropagates_only_to_the_target_layer():
+    model = _net()
+    reached = []
+
+    def watch(module, args, out):
+        out.register_hook(lambda grad: reached.append(1))
+
+    model.stem.register_forward_hook(watch)
+    target = TargetLayer("features", model.features, None)
+    attribute(model, _x(2), methods=("gradcam", "gradcam++", "hirescam", "layercam"), layer=target)
+    assert reached == []
+    attribute(model, _x(2), methods=("gradcam", "gradient"), layer=target)
+    assert reached == [1]
+
+
+def test_multi_pass_methods_batch_rows_and_do_not_depend_on_batch_size():
+    model = _net()
+    x = _x(3)
+    opts = {"smoothgrad_samples": 4, "ig_steps": 5, "occlusion_patch": 8, "occlusion_stride": 8}
+    methods = ("smoothgrad", "integrated_gradients", "occlusion", "guided_backprop")
+    calls, handle = _counting(model)
+    full, info = attribute(model, x, methods=methods, return_info=True, **opts)
+    # shared forward (3) + smoothgrad 12 rows + IG 15 rows + guided 3 rows + occlusion 12 rows, 32 rows a pass
+    assert calls["forward"] == [3, 12, 15, 3, 12]
+    calls["forward"].clear()
+    small = attribute(model, x, methods=methods, batch_size=5, **opts)
+    assert max(calls["forward"]) == 5 and sum(calls["forward"]) == 3 + 12 + 15 + 12 + 3
+    for name in methods:
+        torch.testing.assert_close(small[name], full[name], atol=1e-5, rtol=1e-4)
+    handle.remove()
+
+
+# ------------------------------------------------------------------------------------------- targets
+
+
+def test_targets_none_explains_the_prediction():
+    model = _net()
+    x = _x(4)
+    maps, info = attribute(model, x, methods=("gradcam", "gradient"), layer="features", return_info=True)
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    assert torch.equal(info.targets, pred) and torch.equal(info.predictions, pred)
+    explicit = attribute(model, x, pred, methods=("gradcam", "gradient"), layer="features")
+    for name in maps:
+        torch.testing.assert_close(maps[name], explicit[name])
+
+
+def test_contrast_explains_the_difference_of_two_scores():
+    model = _net()
+    x = _x(3)
+    p, q = torch.tensor([0, 1, 2]), torch.tensor([3, 3, 4])
+    maps, info = attribute(model, x, p, methods=("gradcam", "gradient"), layer="features", contrast=q,
+                           return_info=True)
+    with torch.no_grad():
+        logits = model.eval()(x)
+    torch.testing.assert_close(info.scores, logits[torch.arange(3), p] - logits[torch.arange(3), q])
+    # the gradient of y^P - y^Q is the difference of the two gradients
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    gp = torch.autograd.grad(out[torch.arange(3), p].sum(), xg, retain_graph=True)[0]
+    gq = torch.autograd.grad(out[torch.arange(3), q].sum(), xg)[0]
+    torch.testing.assert_close(maps["gradient"], (gp - gq).abs().amax(1), atol=1e-6, rtol=1e-5)
+    # a class contrasted with itself has nothing to explain
+    same = attribute(model, x, p, methods=("gradcam", "gradient", "occlusion"), layer="features", contrast=p,
+                     occlusion_patch=8, occlusion_stride=8)
+    for name, m in same.items():
+        assert m.abs().max() == 0, name
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"inputs": torch.zeros(3, 16, 16)}, r"\[N, C, H, W\].*unsqueeze\(0\)"),
+        ({"inputs": torch.zeros(2, 3, 16)}, r"\[N, C, H, W\]"),
+        ({"inputs": torch.zeros(0, 3, 16, 16)}, "empty"),
+        ({"inputs": torch.zeros(2, 3, 16, 16, dtype=torch.long)}, r"float\(\)"),
+        ({"inputs": [[1.0]]}, r"\[N, C, H, W\]"),
+        ({"targets": torch.tensor([0, 5])}, r"targets\[1\] = 5 is out of range \[0, 5\)"),
+        ({"targets": torch.tensor([-1, 0])}, r"out of range \[0, 5\)"),
+        ({"targets": 7}, r"out of range \[0, 5\)"),
+        ({"contrast": torch.tensor([0, 9])}, r"contrast\[1\] = 9 is out of range"),
+        ({"targets": torch.tensor([0, 1, 2])}, r"one class index per image: expected shape \[2\]"),
+        ({"targets": torch.tensor([0.0, 1.0])}, r"integer class indices.*\.long\(\)"),
+        ({"methods": ("gradcam", "gradcamm")}, r"unknown method 'gradcamm' \(did you mean 'gradcam'\?\); "
+                                               r"known methods: cam, gradcam, gradcam\+\+"),
+        ({"methods": ()}, "methods is empty"),
+        ({"ig_stepz": 3}, r"unknown option.*ig_steps"),
+        ({"ig_steps": 0}, "ig_steps must be a positive int"),
+        ({"occlusion_patch": (2, 0)}, "occlusion_patch must be"),
+        ({"ig_method": "simpson"}, "gausslegendre"),
+        ({"batch_size": 0}, "batch_size must be a positive int"),
+        ({"methods": "occlusion", "occlusion_patch": 32}, "larger than the image side"),
+        ({"methods": "integrated_gradients", "ig_baseline": torch.zeros(4, 1, 1)}, "does not broadcast"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, match):
+    args = {"model": _net(), "inputs": _x(2), "methods": ("gradcam",), "layer": "features", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        attribute(**args)
+
+
+def test_model_that_does_not_return_logits_is_a_clear_error():
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    with pytest.raises(ValueError, match="wrap the model"):
+        attribute(Dict(), _x(2), methods="gradient")
+
+
+def test_on_error_collect_keeps_the_methods_that_work():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    maps, info = attribute(model, _x(2), methods=("cam", "gradcam", "gradient"), layer="1", on_error="collect",
+                           return_info=True)
+    assert list(maps) == ["gradcam", "gradient"]
+    assert "cam" in info.errors and "gradcam" in info.errors["cam"]
+    with pytest.raises(ValueError, match="gradcam"):
+        attribute(model, _x(2), methods=("cam", "gradcam"), layer="1")
+
+
+# ------------------------------------------------------------------------------------------- side effects
+
+
+def _snapshot(model):
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+                   len(m._backward_pre_hooks)) for m in model.modules()],
+        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
+    }
+
+
+def _assert_same(before, after):
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert all(a is b for a, b in zip(after["grad"], before["grad"]))  # None stays None, tensors the same
+    for a, b in zip(after["grad_values"], before["grad_values"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(after["params"] + after["buffers"], before["params"] + before["buffers"]):
+        assert torch.equal(a, b)
+    assert after["hooks"] == before["hooks"]
+    assert torch.equal(after["rng"][0], before["rng"][0])
+    assert np.array_equal(after["rng"][1], before["rng"][1])
+    assert after["rng"][2] == before["rng"][2]
+
+
+def _prepared_model():
+    model = _net().train()
+    model.stem[1].eval()  # a frozen BatchNorm: mixed training flags must come back as they were
+    model.stem[0].weight.requires_grad_(False)
+    model.fc.weight.grad = torch.ones_like(model.fc.weight)  # an existing gradient must stay untouched
+    model.register_forward_hook(lambda m, a, o: None)
+    model.features[0].register_forward_pre_hook(lambda m, a: None)
+    model.fc.register_full_backward_hook(lambda m, gi, go: None)
+    return model
+
+
+def test_model_and_global_state_left_exactly_as_found():
+    model = _prepared_model()
+    x = _x(3)
+    x_before = x.clone()
+    before = _snapshot(model)
+    maps = attribute(model, x, methods=METHODS, layer="features", **FAST)
+    assert len(maps) == len(METHODS)
+    _assert_same(before, _snapshot(model))
+    assert torch.equal(x, x_before) and not x.requires_grad and x.grad is None
+
+
+class Exploding(Net):
+    """Raises on the ``fail_at``-th forward call."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("boom")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(("fail_at", "methods"), [
+    (1, ("gradcam", "gradient")),                       # inside the shared pass, hooks on the target layer
+    (2, ("cam", "gradcam", "guided_backprop")),         # during guided backprop, ReLU hooks registered
+    (2, ("gradcam", "integrated_gradients")),           # during the IG pass
+    (3, ("smoothgrad", "occlusion")),
+])
+def test_state_restored_when_a_method_raises_midway(fail_at, methods):
+    torch.manual_seed(0)
+    model = Exploding(fail_at)
+    model.train()
+    model.stem[1].eval()
+    target = TargetLayer("features", model.features, None)
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        attribute(model, _x(2), methods=methods, layer=target, batch_size=4, **FAST)
+    _assert_same(before, _snapshot(model))
+
+
+def test_state_restored_when_guided_backprop_finds_no_relu():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    model = Functional().train()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="nn.ReLU"):
+        attribute(model, _x(2), methods=("gradcam", "guided_gradcam"), layer="conv")
+    _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("outer", ["inference_mode", "no_grad"])
+def test_works_under_outer_inference_mode_and_no_grad(outer):
+    model = _net()
+    x = _x(3)
+    reference = attribute(model, x, methods=METHODS, layer="features", **FAST)
+    context = torch.inference_mode() if outer == "inference_mode" else torch.no_grad()
+    with context:
+        inner_x = x.clone()  # an inference tensor under inference_mode
+        maps = attribute(model, inner_x, methods=METHODS, layer="features", **FAST)
+        assert not torch.is_grad_enabled()
+    for name in METHODS:
+        assert torch.equal(maps[name], reference[name]), name
+
+
+def test_deterministic_on_cpu():
+    model = _net()
+    x = _x(3)
+    first = attribute(model, x, methods=METHODS, layer="features", **FAST)
+    torch.manual_seed(123)  # global RNG state must not matter (SmoothGrad has its own generator)
+    second = attribute(model, x, methods=METHODS, layer="features", **FAST)
+    for name in METHODS:
+        assert torch.equal(first[name], second[name]), name
+    other_seed = attribute(model, x, methods="smoothgrad", smoothgrad_seed=1, **FAST)["smoothgrad"]
+    assert not torch.equal(other_seed, first["smoothgrad"])
+
+
+def test_autocast_maps_are_finite_float32_and_report_the_forward_dtype():
+    model = _net()
+    x = _x(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps, info = attribute(model, x, methods=METHODS, layer="features", return_info=True, **FAST)
+        _, full = attribute(model, x, methods=("gradcam",), layer="features", return_info=True, autocast=False)
+    assert info.forward_dtype == "bfloat16" and full.forward_dtype == "float32"
+    for name, m in maps.items():
+        assert m.dtype == torch.float32 and torch.isfinite(m).all(), name
+
+
+def test_activations_protected_from_later_inplace_ops():
+    """DenseNet-style: F.relu(inplace=True) on the target layer's output must not change the activations."""
+
+    class InPlaceAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Conv2d(3, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            a = self.features(x)
+            return self.fc(F.relu(a, inplace=True).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = InPlaceAfter()
+    x = _x(2, size=8)
+    maps = attribute(model, x, torch.tensor([1, 3]), methods=("gradcam", "hirescam"), layer="features")
+    with torch.no_grad():
+        A = model.features(x)  # the layer's own output, negatives included
+    g = model.fc.weight.detach()[[1, 3]][:, :, None, None] * (A > 0) / 64.0
+    expected = torch.relu((g.mean(dim=(2, 3), keepdim=True) * A).sum(1))
+    torch.testing.assert_close(maps["gradcam"], expected, atol=1e-6, rtol=1e-5)
+    assert A.min() < 0  # the check is meaningful: the in-place ReLU would have changed A
+
+
+def test_token_layer_with_reshape():
+    class Tokens(nn.Module):
+        """Patch embedding to [N, 1 + h*w, D] tokens, a block, class-token head."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, stride=4)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+            self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+            self.mix = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            t = torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1)
+            t = self.block(t)
+            t = t + self.mix(t).mean(dim=1, keepdim=True)  # mixes patch tokens into the class token
+            return self.head(t[:, 0])
+
+    torch.manual_seed(0)
+    model = Tokens()
+    maps = attribute(model, _x(2), methods=("gradcam", "layercam"), layer="block", reshape=vit_reshape)
+    for m in maps.values():
+        assert m.shape == (2, 16, 16) and torch.isfinite(m).all() and m.std() > 0
+
+
+def test_guard_restores_on_exception_and_enables_grad():
+    model = _net().train()
+    with torch.inference_mode():
+        with pytest.raises(KeyError):
+            with SideEffectGuard(model) as guard:
+                assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+                assert not model.training
+                guard.add_forward_hook(model.fc, lambda m, a, o: None)
+                torch.rand(3)
+                raise KeyError("x")
+        assert torch.is_inference_mode_enabled()
+    assert model.training and len(model.fc._forward_hooks) == 0
+
+
+def test_engine_lists_the_twelve_methods():
+    assert engine_mod.METHODS == ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "gradient",
+                                  "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop",
+                                  "guided_gradcam", "occlusion")
