@@ -1,0 +1,1 @@
+"""Runnable examples; importable so the tests can reuse the synthetic data and models."""

@@ -1,0 +1,618 @@
+"""Lightning callbacks: :class:`SaliencyMonitor` audits the model on a fixed probe set while it trains,
+:class:`ShortcutAlarm` turns an audited metric into a warning, an early stop or an error.
+
+Orchestration only: the maps come from :mod:`lightning_saliency.methods`, the numbers from
+:mod:`lightning_saliency.metrics` (through :mod:`lightning_saliency.audit`), the pictures from
+:mod:`lightning_saliency.render`, the files from :mod:`lightning_saliency.report` and the dashboards from
+:mod:`lightning_saliency.sinks`.
+
+Both classes inherit from ``pytorch_lightning.Callback`` and, when the ``lightning`` distribution is installed
+too, from ``lightning.pytorch.Callback``: the same object is accepted by either ``Trainer``.
+
+Example:
+    >>> import torch
+    >>> from lightning_saliency import ProbeSet
+    >>> probe = ProbeSet(torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))
+    >>> monitor = SaliencyMonitor(probe, methods=("gradcam", "gradient"))
+    >>> alarm = ShortcutAlarm(metric="gradcam/spurious_mass", threshold=0.35, patience=2, action="stop")
+    >>> # pl.Trainer(callbacks=[monitor, alarm]).fit(model, datamodule)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from .audit import ALL_METRICS, EXPENSIVE_METRICS, AuditSpec, ShardResult, audit_shard, merge, summarize
+from .guard import SideEffectGuard
+from .maps import normalize
+from .probe import ProbeSet
+from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
+
+__all__ = ["SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected"]
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases: list[type] = [pl.Callback]
+    try:
+        import lightning.pytorch as lpt
+
+        if lpt.Callback is not pl.Callback:
+            bases.append(lpt.Callback)
+    except ImportError:  # only pytorch-lightning is installed
+        pass
+    return tuple(bases)
+
+
+_Base = type("_Base", _callback_bases(), {"__doc__": "A callback for both Lightning distributions."})
+
+
+class ShortcutDetected(RuntimeError):
+    """Raised by :class:`ShortcutAlarm` with ``action="raise"``."""
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Run ``torch.compile``-d code eagerly inside the audit, so the hooks on the target layer are honoured."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+def _world(trainer: Any) -> tuple[int, int]:
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
+def _gather(trainer: Any, obj: Any) -> list[Any]:
+    _, world = _world(trainer)
+    if world == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(trainer: Any, obj: Any) -> Any:
+    _, world = _world(trainer)
+    if world == 1:
+        return obj
+    return trainer.strategy.broadcast(obj, src=0)
+
+
+class SaliencyMonitor(_Base):
+    """Audit what the model looks at, on a fixed probe set, every ``every_n_epochs`` training epochs.
+
+    Each audit (at the end of an audited training epoch, after validation; at the end of fit if the last epoch
+    was not audited; at the end of ``trainer.validate``/``trainer.test``; never during the sanity check)
+    computes the maps of ``methods`` on the probe in eval mode with gradients enabled, scores them with
+    ``metrics``, logs overlays and scalars to every logger of the trainer and appends a record to
+    ``<log_dir>/saliency/report.json``. The model, its gradients, its train/eval flags and every random
+    generator are left exactly as found: training with and without the monitor is bit-identical.
+
+    Args:
+        probe: the fixed probe set. ``None`` builds one at the start of fit from the datamodule's (or model's)
+            validation dataloader with ``probe_size`` and ``probe_seed``.
+        methods: attribution methods, e.g. ``("gradcam", "gradient")``; see
+            :data:`lightning_saliency.methods.engine.METHODS`.
+        layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
+        every_n_epochs: audit every n-th training epoch.
+        metrics: metric names (see :mod:`lightning_saliency.audit`); default: every metric, the expensive ones
+            (faithfulness, sanity) only every ``expensive_every_n_audits`` audits.
+        log_images: overlays logged per method and audit (0 disables images).
+        batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
+        on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on)
+            or ``"raise"``.
+        expensive_every_n_audits: how often the expensive metrics run (1 = every audit).
+        target: explain the model's ``"prediction"`` or the probe's ``"label"``.
+        probe_size, probe_seed: used when ``probe`` is None.
+        allow_probe_change: accept resuming from a checkpoint whose probe fingerprint differs.
+        dirpath: where ``report.json``, maps and PNG grids go (default ``<trainer.log_dir>/saliency``).
+        save_maps: keep downsampled float16 maps of every audit under ``<dirpath>/maps`` (for reports).
+        class_names: names for captions (default: class indices).
+        cmap: colormap of the overlays (``"jet"`` or ``"viridis"``, any matplotlib name).
+        method_options: extra options for :func:`~lightning_saliency.attribute` (e.g. ``{"ig_steps": 16}``).
+        stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
+        expensive_images: probe images used by the expensive metrics.
+        seed: seed of the metrics' own random draws (never the global generators).
+
+    Example:
+        >>> import torch
+        >>> from lightning_saliency import ProbeSet
+        >>> probe = ProbeSet(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]))
+        >>> SaliencyMonitor(probe, methods=("gradcam",), every_n_epochs=2).every_n_epochs
+        2
+    """
+
+    def __init__(
+        self,
+        probe: ProbeSet | None = None,
+        methods: Sequence[str] = ("gradcam", "gradient"),
+        layer: str | nn.Module = "auto",
+        every_n_epochs: int = 1,
+        metrics: Sequence[str] | None = None,
+        log_images: int = 16,
+        batch_size: int | None = None,
+        on_error: Literal["warn", "raise"] = "warn",
+        expensive_every_n_audits: int = 5,
+        target: Literal["prediction", "label"] = "prediction",
+        probe_size: int = 64,
+        probe_seed: int = 0,
+        allow_probe_change: bool = False,
+        dirpath: str | None = None,
+        save_maps: bool = True,
+        class_names: Sequence[str] | None = None,
+        cmap: str = "jet",
+        method_options: dict[str, Any] | None = None,
+        stability_images: int | None = 16,
+        expensive_images: int | None = 16,
+        seed: int = 0,
+    ) -> None:
+        if probe is not None and not isinstance(probe, ProbeSet):
+            raise TypeError(f"probe must be a lightning_saliency.ProbeSet (or None to draw one from the validation "
+                            f"data), got {type(probe).__name__}; build one with ProbeSet.from_dataset(...)")
+        if int(every_n_epochs) < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if int(expensive_every_n_audits) < 1:
+            raise ValueError(f"expensive_every_n_audits must be >= 1, got {expensive_every_n_audits}")
+        if int(probe_size) < 1:
+            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+        self.probe = probe
+        self.layer = layer
+        self.every_n_epochs = int(every_n_epochs)
+        self.log_images = int(log_images)
+        self.on_error = on_error
+        self.expensive_every_n_audits = int(expensive_every_n_audits)
+        self.probe_size, self.probe_seed = int(probe_size), int(probe_seed)
+        self.allow_probe_change = bool(allow_probe_change)
+        self.dirpath = dirpath
+        self.save_maps = bool(save_maps)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.cmap = cmap
+        # validated now: an unknown method or metric is a configuration error, not a mid-training surprise
+        self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else ALL_METRICS,
+                              layer="auto", batch_size=batch_size, target=target,
+                              method_options=dict(method_options or {}), stability_images=stability_images,
+                              expensive_images=expensive_images, seed=seed)
+        self.history: list[dict[str, Any]] = []
+        self._alarms: list[ShortcutAlarm] = []
+        self._loaded_fingerprint: str | None = None
+        self._prepared_for: int | None = None
+        self._shard: ProbeSet | None = None
+        self._prev_maps: dict[str, torch.Tensor] | None = None
+        self._report: AuditReport | None = None
+        self._sinks: list[Any] = []
+        self._warned = False
+
+    # -- identity and state ------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self.spec.methods
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=list(self.spec.methods), every_n_epochs=self.every_n_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        fingerprint = self.probe.fingerprint if self.probe is not None else self._loaded_fingerprint
+        return {"fingerprint": fingerprint, "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_fingerprint = state_dict.get("fingerprint")
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self._prepared_for = None  # re-check the probe against the checkpoint's at the next start
+
+    def expected_keys(self) -> list[str]:
+        """The ``<method>/<metric>`` keys this monitor can report (per-group keys add ``/<group>``)."""
+        keys = [f"{m}/{k}" for m in self.spec.methods for k in self.spec.metrics]
+        keys += [f"{m}/{k}_random" for m in self.spec.methods for k in ("deletion_auc", "insertion_auc")
+                 if k in self.spec.metrics]
+        return keys + ["probe/accuracy"]
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The last audit record (``{"epoch", "global_step", "metrics", "errors", ...}``), on every rank."""
+        return self.history[-1] if self.history else None
+
+    # -- setup: every configuration error surfaces here, before the first training step -------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.probe is None and getattr(trainer, "datamodule", None) is None and \
+                not _overrides(pl_module, "val_dataloader"):
+            raise ValueError("SaliencyMonitor has no probe: pass probe=ProbeSet.from_dataset(val_set, size=64), or "
+                             "train with a datamodule (or a model) that defines val_dataloader() to draw one from")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._prepare(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if _stage(trainer) == "validate":
+            self._prepare(trainer, pl_module)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: Any, pl_module: Any) -> None:
+        if self._prepared_for == id(trainer):
+            return
+        if self.probe is None:
+            self.probe = self._probe_from_data(trainer, pl_module)
+        probe = self.probe
+        if self._loaded_fingerprint is not None and self._loaded_fingerprint != probe.fingerprint:
+            if not self.allow_probe_change:
+                raise ValueError(
+                    "the probe set differs from the one in the checkpoint being resumed (fingerprint "
+                    f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
+                    "be comparable. Resume with the same probe, or pass allow_probe_change=True")
+            self.history = []
+        device = pl_module.device
+        example = probe.inputs[:2].to(device)
+        param = next(pl_module.parameters(), None)
+        if param is not None and param.is_floating_point() and example.is_floating_point():
+            example = example.to(param.dtype)
+        # the probe must fit the model: one guarded forward, here rather than at the first audit
+        try:
+            with _eager(), SideEffectGuard(pl_module), torch.no_grad():
+                logits = pl_module(example)
+        except Exception as e:
+            raise ValueError(f"the probe's inputs {tuple(probe.inputs.shape)} do not fit the model "
+                             f"({type(e).__name__}: {e}). Build the probe from the data the model trains on, "
+                             f"e.g. ProbeSet.from_dataset(val_set)") from e
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ValueError("SaliencyMonitor needs the model's forward to return logits [N, num_classes], got "
+                             f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}; wrap the model so "
+                             "that forward(x) returns class scores")
+        if int(probe.targets.max()) >= logits.shape[1]:
+            raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
+                             f"classes; build the probe from the model's own dataset")
+        from .layers import resolve_layer
+
+        try:
+            target = resolve_layer(pl_module, self.layer, example_input=example)
+        except ValueError as e:
+            raise ValueError(f"SaliencyMonitor(layer={self.layer!r}): {e}") from e
+        self.spec.layer = target
+        self.layer_name = target.name
+        rank, world = _world(trainer)
+        self._shard = probe.shard(rank, world) if world > 1 else probe
+        self._prepared_for = id(trainer)
+        self._prev_maps = None
+        if rank == 0:
+            self._open_report(trainer, pl_module)
+
+    def _probe_from_data(self, trainer: Any, pl_module: Any) -> ProbeSet:
+        source = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else pl_module
+        try:
+            loader = source.val_dataloader()
+        except Exception as e:
+            raise ValueError("SaliencyMonitor could not draw a probe from val_dataloader() "
+                             f"({type(e).__name__}: {e}); pass probe=ProbeSet.from_dataset(...)") from e
+        return ProbeSet.from_dataloader(loader, size=self.probe_size, seed=self.probe_seed)
+
+    def _report_dir(self, trainer: Any) -> str:
+        if self.dirpath:
+            return str(self.dirpath)
+        root = trainer.log_dir or trainer.default_root_dir
+        return os.path.join(root, "saliency")
+
+    def _open_report(self, trainer: Any, pl_module: Any) -> None:
+        from .sinks import sinks_for_loggers
+
+        directory = self._report_dir(trainer)
+        os.makedirs(directory, exist_ok=True)
+        report = AuditReport(os.path.join(directory, "report.json"))
+        if os.path.exists(report.path):
+            with contextlib.suppress(Exception):
+                report = AuditReport.load(report.path)
+        report.set_header(
+            run={"log_dir": str(trainer.log_dir or trainer.default_root_dir), "model": type(pl_module).__name__,
+                 "torch": torch.__version__, "lightning": pl.__version__, "precision": str(trainer.precision),
+                 "world_size": _world(trainer)[1]},
+            probe=probe_info(self.probe),
+            config={"methods": list(self.spec.methods), "layer": self.layer_name, "metrics": list(self.spec.metrics),
+                    "every_n_epochs": self.every_n_epochs},
+        )
+        if self.history:  # resumed: the checkpoint's audits are the truth, later ones are replaced
+            report.truncate_after(self.history[-1]["epoch"])
+            for record in self.history:
+                report.append_audit(record)
+        if self.save_maps:
+            save_probe_thumbnails(directory, self.probe)
+        report.write()
+        self._report = report
+        self._sinks = sinks_for_loggers(list(trainer.loggers), directory)
+
+    # -- when to audit ------------------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(trainer, "sanity_checking", False):
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        epoch = max(int(trainer.current_epoch) - 1, 0)
+        if self._prepared_for == id(trainer) and not any(r["epoch"] == epoch for r in self.history):
+            self.audit(trainer, pl_module, epoch=epoch)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
+            self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+
+    # -- one audit ----------------------------------------------------------------------------------------------
+    def audit(self, trainer: Any, pl_module: Any, epoch: int) -> dict[str, Any]:
+        """Audit now and return the record (on every rank). Called by the hooks; callable by hand too."""
+        self._prepare(trainer, pl_module)
+        rank, _ = _world(trainer)
+        started = time.perf_counter()
+        expensive_metrics = set(EXPENSIVE_METRICS) & set(self.spec.metrics)
+        expensive = bool(expensive_metrics) and len(self.history) % self.expensive_every_n_audits == 0
+        result = self._audit_shard(pl_module, expensive)
+        self._prev_maps = result.maps or self._prev_maps
+        gathered = _gather(trainer, result)
+        record = None
+        if rank == 0:
+            record = self._record_and_log(trainer, merge(gathered), epoch, started)
+        record = _broadcast(trainer, record)
+        self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
+        for alarm in self._alarms:
+            alarm.check(trainer, self, record)
+        return record
+
+    def _audit_shard(self, pl_module: Any, expensive: bool) -> ShardResult:
+        shard = self._shard
+        assert shard is not None
+        indices = getattr(shard, "indices", None)
+        indices = torch.as_tensor(indices) if indices is not None else torch.arange(len(shard))
+        if len(shard) == 0:
+            return ShardResult(indices=indices, predictions=torch.zeros(0, dtype=torch.long))
+        device = pl_module.device
+        moved = shard.to(device)
+        param = next(pl_module.parameters(), None)
+        if param is not None and param.is_floating_point() and param.dtype != moved.inputs.dtype:
+            moved = ProbeSet(moved.inputs.to(param.dtype), moved.targets, moved.groups, moved.object_masks,
+                             moved.spurious_masks)
+        try:
+            with _eager(), SideEffectGuard(pl_module):
+                result = audit_shard(pl_module, moved, self.spec, previous_maps=self._prev_maps,
+                                     expensive=expensive, on_error=self.on_error)
+        except Exception as e:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(f"lightning-saliency: the audit failed ({type(e).__name__}: {e}); recorded in the report, "
+                          "training goes on (pass on_error='raise' to stop instead)", RuntimeWarning, stacklevel=2)
+            result = ShardResult(indices=indices, predictions=torch.full((len(shard),), -1),
+                                 errors=[error_record(e)])
+        result.indices = indices
+        return result
+
+    def _record_and_log(self, trainer: Any, result: ShardResult, epoch: int, started: float) -> dict[str, Any]:
+        probe = self.probe
+        assert probe is not None
+        metrics = summarize(result, probe, self.spec) if result.maps else {}
+        record: dict[str, Any] = {
+            "epoch": int(epoch), "global_step": int(trainer.global_step),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": round(time.perf_counter() - started, 4),
+            "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
+        }
+        report = self._report
+        directory = self._report_dir(trainer)
+        if result.maps and self.save_maps:
+            try:
+                record["maps"] = save_maps(directory, epoch, result.maps, result.predictions)
+            except Exception as e:  # disk trouble must not kill training
+                record["errors"].append(error_record(e, method=None))
+        if report is not None:
+            record = report.append_audit(record)
+            report.write()
+        step = int(trainer.global_step)
+        finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        for sink in self._sinks:
+            try:
+                sink.log_metrics(finite, step)
+                if result.maps and self.log_images > 0:
+                    for method, images, captions in self._overlays(result):
+                        sink.log_overlays(method, images, captions, step)
+                    sink.log_table("saliency/probe", *self._table(result, metrics), step)
+                sink.summary(finite)
+            except Exception as e:
+                record["errors"].append(error_record(e, method=None))
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"lightning-saliency: logging to {type(sink).__name__} failed ({e}); the report "
+                                  "on disk is complete", RuntimeWarning, stacklevel=2)
+        if result.errors and not self._warned:
+            self._warned = True
+        return dict(record)
+
+    def _caption(self, i: int, prediction: int) -> str:
+        probe = self.probe
+        assert probe is not None
+        def name(k: int) -> str:
+            return self.class_names[k] if self.class_names and 0 <= k < len(self.class_names) else str(k)
+
+        parts = [name(int(probe.targets[i])), name(int(prediction))]
+        if probe.groups is not None:
+            parts.append(str(probe.groups[i]))
+        return " / ".join(parts)
+
+    def _overlays(self, result: ShardResult) -> Iterator[tuple[str, list[Any], list[str]]]:
+        from .render import overlay, to_image
+
+        probe = self.probe
+        assert probe is not None
+        n = min(self.log_images, len(probe))
+        images = [to_image(probe.inputs[i].float()) for i in range(n)]
+        captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
+        for method, maps in result.maps.items():
+            shown = normalize(maps[:n].abs() if method in ("input_x_gradient", "integrated_gradients") else maps[:n])
+            yield method, [overlay(images[i], shown[i].numpy(), cmap=self.cmap) for i in range(n)], captions
+
+    def _table(self, result: ShardResult, metrics: dict[str, float]) -> tuple[list[str], list[list[Any]]]:
+        probe = self.probe
+        assert probe is not None
+        keys = sorted(result.per_image)
+        columns = ["index", "label", "prediction", "group", *keys]
+        rows = []
+        for i in range(len(probe)):
+            row = [i, int(probe.targets[i]), int(result.predictions[i]),
+                   str(probe.groups[i]) if probe.groups is not None else ""]
+            row += [float(result.per_image[k][i]) for k in keys]
+            rows.append(row)
+        return columns, rows
+
+    # -- alarms -------------------------------------------------------------------------------------------------
+    def _register(self, alarm: ShortcutAlarm) -> None:
+        if alarm not in self._alarms:
+            self._alarms.append(alarm)
+
+    def record_alarm(self, trainer: Any, firing: dict[str, Any]) -> None:
+        """Write an alarm firing into the report and onto the dashboards (rank 0 only)."""
+        if _world(trainer)[0] != 0:
+            return
+        if self._report is not None:
+            self._report.append_alarm(firing)
+            self._report.write()
+        text = (f"{firing['name']}: {firing['metric']} = {firing['value']:.4g} "
+                f"{'>' if firing['mode'] == 'max' else '<'} {firing['threshold']:.4g} at epoch {firing['epoch']} "
+                f"(action: {firing['action']})")
+        for sink in self._sinks:
+            with contextlib.suppress(Exception):
+                sink.log_text("saliency/alarms", text, int(firing["global_step"]))
+                sink.alert("lightning-saliency alarm", text)
+
+
+class ShortcutAlarm(_Base):
+    """Watch one audited metric and act when it crosses a threshold for ``patience`` audits in a row.
+
+    Needs a :class:`SaliencyMonitor` in the same ``Trainer``; it reads each of its audits as soon as it is
+    recorded (the order of the callbacks does not matter). Several alarms may watch different metrics.
+
+    Args:
+        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``.
+        threshold: the limit.
+        mode: ``"max"``: ``threshold`` is the largest acceptable value (fires when the metric is above it);
+            ``"min"``: the smallest acceptable value (fires when below).
+        patience: consecutive violating audits before it fires.
+        action: ``"warn"`` (a warning, the report and the dashboard), ``"stop"`` (also ends training after this
+            epoch, on every rank together) or ``"raise"`` (raises :class:`ShortcutDetected`).
+        min_audits: audits to see before it may fire (lets the first, untrained epochs pass).
+        name: a label for the report (default: ``"<metric> <op> <threshold>"``).
+
+    Example:
+        >>> alarm = ShortcutAlarm(metric="gradcam/spurious_mass", threshold=0.3, patience=2, action="stop")
+        >>> alarm.violated(0.5), alarm.violated(0.1)
+        (True, False)
+    """
+
+    def __init__(
+        self,
+        metric: str = "gradcam/spurious_mass",
+        threshold: float = 0.35,
+        mode: Literal["max", "min"] = "max",
+        patience: int = 1,
+        action: Literal["warn", "stop", "raise"] = "warn",
+        min_audits: int = 1,
+        name: str | None = None,
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' (threshold is the largest acceptable value) or 'min', got {mode!r}")
+        if action not in ("warn", "stop", "raise"):
+            raise ValueError(f"action must be 'warn', 'stop' or 'raise', got {action!r}")
+        if int(patience) < 1 or int(min_audits) < 1:
+            raise ValueError("patience and min_audits must be >= 1")
+        if not isinstance(threshold, (int, float)) or not math.isfinite(float(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        self.metric, self.threshold, self.mode = str(metric), float(threshold), mode
+        self.patience, self.action, self.min_audits = int(patience), action, int(min_audits)
+        self.name = name or f"{self.metric} {'<=' if mode == 'max' else '>='} {self.threshold:g}"
+        self.count = 0
+        self.seen = 0
+        self.firings: list[dict[str, Any]] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(metric=self.metric, threshold=self.threshold, mode=self.mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "seen": self.seen, "firings": [dict(f) for f in self.firings]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.count = int(state_dict.get("count", 0))
+        self.seen = int(state_dict.get("seen", 0))
+        self.firings = [dict(f) for f in state_dict.get("firings", [])]
+
+    def violated(self, value: float | None) -> bool:
+        """Whether ``value`` breaks the rule (a missing or NaN value does not count as a violation)."""
+        if value is None or not math.isfinite(value):
+            return False
+        return value > self.threshold if self.mode == "max" else value < self.threshold
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, SaliencyMonitor)]
+        if not monitors:
+            raise ValueError("ShortcutAlarm needs a SaliencyMonitor in the same Trainer: "
+                             "Trainer(callbacks=[SaliencyMonitor(probe, ...), ShortcutAlarm(...)])")
+        keys = {k for m in monitors for k in m.expected_keys()}
+        owner = [m for m in monitors if self._matches(self.metric, m.expected_keys())]
+        if not owner:
+            close = difflib.get_close_matches(self.metric, sorted(keys), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"ShortcutAlarm(metric={self.metric!r}) watches a key no SaliencyMonitor reports.{hint} "
+                             f"Available: {', '.join(sorted(keys))} (per-group keys add '/<group>')")
+        owner[0]._register(self)
+
+    @staticmethod
+    def _matches(metric: str, keys: Sequence[str]) -> bool:
+        return any(metric == k or metric.startswith(k + "/") for k in keys) or metric.startswith("probe/accuracy")
+
+    def check(self, trainer: Any, monitor: SaliencyMonitor, record: dict[str, Any]) -> None:
+        """Called by the monitor after each audit, on every rank with the same record."""
+        value = record.get("metrics", {}).get(self.metric)
+        self.seen += 1
+        self.count = self.count + 1 if self.violated(value) else 0
+        fire = self.count == self.patience and self.seen >= self.min_audits
+        fire = bool(_broadcast(trainer, fire))
+        if not fire:
+            return
+        firing = {"name": self.name, "metric": self.metric, "threshold": self.threshold, "mode": self.mode,
+                  "epoch": int(record["epoch"]), "global_step": int(record["global_step"]), "value": float(value),
+                  "action": self.action}
+        self.firings.append(firing)
+        monitor.record_alarm(trainer, firing)
+        message = (f"ShortcutAlarm: {self.metric} = {value:.4g} {'>' if self.mode == 'max' else '<'} "
+                   f"{self.threshold:g} for {self.patience} audit(s) (epoch {record['epoch']})")
+        if self.action == "raise":
+            raise ShortcutDetected(message)
+        if self.action == "stop":
+            trainer.should_stop = True
+            message += "; stopping training"
+        if _world(trainer)[0] == 0:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def _overrides(module: Any, name: str) -> bool:
+    fn = getattr(type(module), name, None)
+    base = getattr(pl.LightningModule, name, None)
+    return fn is not None and fn is not base
+
+
+def _stage(trainer: Any) -> str:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return str(getattr(fn, "value", fn))
+
