@@ -353,3 +353,23 @@ def test_vit_reshape_errors_say_to_pass_reshape() -> None:
         vit_reshape(torch.zeros(2, 8))
     with pytest.raises(ValueError, match="reshape="):
         vit_reshape(torch.zeros(1, 1 + 7, 4), prefix=1)  # 7 tokens: no square
+
+
+def test_vit_choice_is_where_patch_tokens_still_carry_gradient() -> None:
+    """After the last block only the class token reaches the head: the chosen norm's patch tokens get
+    gradient, the last block's output patch tokens get exactly none."""
+    torch.manual_seed(0)
+    model = tvm.vit_b_16(weights=None, image_size=32).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises the head
+    x = torch.randn(1, 3, 32, 32)
+    target = resolve_layer(model, example_input=x)
+    last_block = model.encoder.layers[-1]
+    outs = {}
+    h1 = target.module.register_forward_hook(lambda _m, _i, o: outs.__setitem__("chosen", o))
+    h2 = last_block.register_forward_hook(lambda _m, _i, o: outs.__setitem__("last", o))
+    logits = model(x)
+    h1.remove()
+    h2.remove()
+    g_chosen, g_last = torch.autograd.grad(logits[0, 3], [outs["chosen"], outs["last"]])
+    assert g_chosen[0, 1:].abs().sum(-1).min() > 0  # every patch token
+    assert g_last[0, 1:].abs().max() == 0 and g_last[0, 0].abs().max() > 0
