@@ -291,7 +291,7 @@ class ProbeSet:
             h.update(f"|{name}:{str(t.dtype)}:{list(t.shape)}:".encode())
             flat = t.detach().cpu().contiguous().reshape(-1)
             if flat.numel():
-                h.update(flat.view(torch.uint8).numpy().tobytes())
+                h.update(flat.view(torch.uint8).numpy())  # buffer protocol: no copy
         h.update(b"|groups:")
         h.update(json.dumps(self.groups).encode())
         self._fp_key, self._fp = key, h.hexdigest()
