@@ -9,7 +9,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from report_fixtures import make_report_data, make_run, write_report
 
 from lightning_saliency.gate import (
     EXIT_ERROR,
@@ -23,6 +22,7 @@ from lightning_saliency.gate import (
     run_gate,
     select_audit,
 )
+from tests.report_fixtures import make_report_data, make_run, write_report
 
 
 def gate(report, *args: str, **kw) -> tuple[int, str, str]:
