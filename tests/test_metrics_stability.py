@@ -201,3 +201,27 @@ def test_gradient_explain_stability_in_range():
     t = model(x).argmax(1)
     s = stability(explain, x, t, k=3, sigma=0.05)
     assert ((s > 0.5) & (s <= 1.0)).all()
+
+
+def test_dict_explain_scores_every_method_from_the_same_draws():
+    x, t = _inputs(), torch.zeros(4, dtype=torch.long)
+    calls = []
+
+    def one(xi, ti):
+        return xi.mean(1) ** 2
+
+    def two(xi, ti):
+        return xi.amax(1)
+
+    def both(xi, ti):
+        calls.append(xi.shape[0])
+        return {"sq": one(xi, ti), "max": two(xi, ti)}
+
+    s = stability(both, x, t, k=3, sigma=0.3)
+    assert set(s) == {"sq", "max"} and calls == [4, 12]  # clean maps once, then all draws in one call
+    assert torch.equal(s["sq"], stability(one, x, t, k=3, sigma=0.3))
+    assert torch.equal(s["max"], stability(two, x, t, k=3, sigma=0.3))
+    ms = max_sensitivity(both, x, t, n_perturb=4, maps=both(x, t))
+    assert torch.equal(ms["max"], max_sensitivity(two, x, t, n_perturb=4))
+    with pytest.raises(ValueError, match="same methods"):
+        stability(both, x, t, maps={"other": one(x, t)})

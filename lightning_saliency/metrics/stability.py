@@ -36,7 +36,7 @@ __all__ = [
     "drift",
 ]
 
-Explain = Callable[[Tensor, Tensor], Tensor]
+Explain = Callable[[Tensor, Tensor], "Tensor | dict[str, Tensor]"]
 Perturb = Callable[[Tensor], Tensor]
 
 
@@ -160,8 +160,9 @@ def _perturbed_maps(
     n_draws: int,
     perturb: Perturb,
     batch_size: int | None,
-) -> Iterator[Tensor]:
-    """Yield maps of perturbed inputs, ``[N, m, H, W]`` per chunk of ``m`` draws.
+) -> Iterator[dict[str, Tensor]]:
+    """Yield ``{key: maps [N, m, H, W]}`` of perturbed inputs per chunk of ``m`` draws (key ``""`` when
+    ``explain`` returns a single tensor).
 
     Layout as in Captum: each chunk expands the inputs with ``repeat_interleave(m)`` (the ``m`` copies of
     image ``i`` are contiguous) and calls ``perturb`` once on the whole expanded batch. ``batch_size`` caps
@@ -179,10 +180,19 @@ def _perturbed_maps(
                 f"perturbation function returned shape {tuple(perturbed.shape)} for inputs of shape "
                 f"{tuple(expanded.shape)}; it must return perturbed inputs of the same shape"
             )
-        maps = explain(perturbed, targets.repeat_interleave(m, dim=0))
-        maps = _check_maps(maps, "explain(...) output")
-        yield maps.reshape(n, m, *maps.shape[1:])
+        maps = _as_dict(explain(perturbed, targets.repeat_interleave(m, dim=0)), "explain(...) output")
+        yield {key: v.reshape(n, m, *v.shape[1:]) for key, v in maps.items()}
         done += m
+
+
+def _as_dict(maps: Tensor | dict[str, Tensor], name: str = "maps") -> dict[str, Tensor]:
+    if isinstance(maps, dict):
+        return {str(key): _check_maps(v, f"{name}[{key!r}]") for key, v in maps.items()}
+    return {"": _check_maps(maps, name)}
+
+
+def _unwrap(result: dict[str, Tensor], multi: bool) -> Tensor | dict[str, Tensor]:
+    return result if multi else result[""]
 
 
 def _gaussian_perturb(sigma: float, generator: torch.Generator) -> Perturb:
@@ -229,13 +239,15 @@ def stability(
     sigma: float = 0.1,
     seed: int = 0,
     augment: Callable[[Tensor], Tensor] | None = None,
-    maps: Tensor | None = None,
+    maps: Tensor | dict[str, Tensor] | None = None,
     batch_size: int | None = None,
-) -> Tensor:
+) -> Tensor | dict[str, Tensor]:
     """Mean Spearman correlation between ``|M(x)|`` and ``|M(x + δ)|`` over ``k`` draws, per image -> ``[N]``.
 
     Args:
-        explain: ``explain(inputs, targets) -> maps [N, H, W]`` (e.g. a closure over ``attribute``).
+        explain: ``explain(inputs, targets) -> maps [N, H, W]`` (e.g. a closure over ``attribute``), or
+            ``-> {method: maps}``: then every method is scored from the same noisy passes and the result is
+            ``{method: [N]}`` (``maps``, if given, is a dict with the same keys).
         inputs: ``[N, C, H, W]``; targets: ``[N]`` long, held fixed for every noisy copy.
         k: number of noisy copies per image. sigma: noise std relative to each image's own std.
         seed: seeds a private generator (the global RNG is untouched).
@@ -256,19 +268,29 @@ def stability(
     if k < 1:
         raise ValueError(f"stability needs k >= 1 noisy copies, got k={k}")
     targets = _check_targets(targets, inputs.shape[0], "stability")
-    base = _check_maps(explain(inputs, targets) if maps is None else maps)
+    raw = explain(inputs, targets) if maps is None else maps
+    multi, base = isinstance(raw, dict), _as_dict(raw)
     if augment is not None:
         perturb = _augment_perturb(augment, seed)
     else:
         perturb = _gaussian_perturb(sigma, _generator(inputs.device, seed))
-    total = torch.zeros(inputs.shape[0], device=base.device)
+    total = {key: torch.zeros(inputs.shape[0], device=v.device) for key, v in base.items()}
     for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size):
-        m = chunk.shape[1]
-        rho = spearman(
-            base.repeat_interleave(m, dim=0), chunk.reshape(-1, *chunk.shape[2:]), _name="stability"
+        for key, b in base.items():
+            c = _chunk_key(chunk, key)
+            m = c.shape[1]
+            rho = spearman(b.repeat_interleave(m, dim=0), c.reshape(-1, *c.shape[2:]), _name="stability")
+            total[key] += rho.reshape(-1, m).sum(dim=1)
+    return _unwrap({key: v / k for key, v in total.items()}, multi)
+
+
+def _chunk_key(chunk: dict[str, Tensor], key: str) -> Tensor:
+    if key not in chunk:
+        raise ValueError(
+            f"explain(...) on perturbed inputs returned keys {sorted(chunk)}, the clean maps have {key!r}; "
+            "return the same methods every call"
         )
-        total += rho.reshape(-1, m).sum(dim=1)
-    return total / k
+    return chunk[key]
 
 
 def max_sensitivity(
@@ -279,15 +301,16 @@ def max_sensitivity(
     radius: float = 0.02,
     seed: int = 0,
     perturb: Perturb | None = None,
-    maps: Tensor | None = None,
+    maps: Tensor | dict[str, Tensor] | None = None,
     batch_size: int | None = None,
-) -> Tensor:
+) -> Tensor | dict[str, Tensor]:
     """``max`` over ``n_perturb`` draws of ``‖M(x+δ) − M(x)‖_F / ‖M(x)‖_F`` per image -> ``[N]`` (lower is better).
 
     Maps are compared as returned (signed, unnormalised), as Captum's ``sensitivity_max`` does.
 
     Args:
-        explain: ``explain(inputs, targets) -> maps [N, H, W]``.
+        explain: ``explain(inputs, targets) -> maps [N, H, W]``, or ``-> {method: maps}`` (then the result
+            is ``{method: [N]}`` from the same draws, as in :func:`stability`).
         n_perturb: number of draws. radius: the default draw is uniform in the L-inf ball of radius
             ``radius · std(x)`` (each image's own std).
         perturb: replaces the default draw: ``perturb(x_expanded) -> perturbed inputs``, called once per
@@ -308,20 +331,25 @@ def max_sensitivity(
     if n_perturb < 1:
         raise ValueError(f"max_sensitivity needs n_perturb >= 1, got {n_perturb}")
     targets = _check_targets(targets, inputs.shape[0], "max_sensitivity")
-    base = _check_maps(explain(inputs, targets) if maps is None else maps)
+    raw = explain(inputs, targets) if maps is None else maps
+    multi, base = isinstance(raw, dict), _as_dict(raw)
     if perturb is None:
         perturb = _uniform_perturb(radius, _generator(inputs.device, seed))
-    flat = base.reshape(base.shape[0], -1)
-    norm = flat.norm(dim=1)
-    zero = norm == 0
-    if bool(zero.any()):
-        _warn(f"max_sensitivity: {int(zero.sum())} all-zero map(s); their change is divided by 1 instead")
-    norm = torch.where(zero, torch.ones_like(norm), norm)
-    best = torch.full((base.shape[0],), -math.inf, device=base.device)
+    flats, norms, best = {}, {}, {}
+    for key, b in base.items():
+        flats[key] = b.reshape(b.shape[0], -1)
+        norm = flats[key].norm(dim=1)
+        zero = norm == 0
+        if bool(zero.any()):
+            _warn(f"max_sensitivity: {int(zero.sum())} all-zero map(s); their change is divided by 1 instead")
+        norms[key] = torch.where(zero, torch.ones_like(norm), norm)
+        best[key] = torch.full((b.shape[0],), -math.inf, device=b.device)
     for chunk in _perturbed_maps(explain, inputs, targets, n_perturb, perturb, batch_size):
-        diff = (chunk.reshape(chunk.shape[0], chunk.shape[1], -1) - flat.unsqueeze(1)).norm(dim=2)
-        best = torch.maximum(best, (diff / norm.unsqueeze(1)).max(dim=1).values)
-    return best
+        for key, flat in flats.items():
+            c = _chunk_key(chunk, key)
+            diff = (c.reshape(c.shape[0], c.shape[1], -1) - flat.unsqueeze(1)).norm(dim=2)
+            best[key] = torch.maximum(best[key], (diff / norms[key].unsqueeze(1)).max(dim=1).values)
+    return _unwrap(best, multi)
 
 
 def drift(prev_maps: Tensor, maps: Tensor) -> Tensor:
