@@ -163,7 +163,7 @@ def show(report: str, out: Any = None) -> int:
         lines.append("errors: none in the latest audit")
     total_errors = sum(len(a.get("errors") or []) for a in audits)
     if total_errors > len(errors):
-        lines.append(f"({total_errors} errors over all {len(audits)} audits)")
+        lines.append(f"({total_errors} error(s) over all {len(audits)} audits)")
     if alarms:
         lines.append(f"alarm firings ({len(alarms)}):")
         for al in alarms[-10:]:
