@@ -1,0 +1,422 @@
+"""Where the audit's output goes: TensorBoard, Weights & Biases and PNG files, behind one small interface.
+
+A :class:`Sink` receives an audit's scalars, overlay images, per-image tables, text, alerts and final summary,
+and puts them where the user looks. :func:`sinks_for_loggers` builds one sink per logger of a ``Trainer``
+(``trainer.loggers``: every logger is served, not only the first) plus a :class:`PngSink` that always writes the
+overlay grids to disk:
+
+- ``TensorBoardLogger`` (from ``pytorch_lightning.loggers`` or ``lightning.pytorch.loggers``) ->
+  :class:`TensorBoardSink`: one grid image per method under ``saliency/<method>/overlays``, scalars under
+  ``saliency/<method>/<metric>``, a custom-scalars layout that puts every method's value of one metric in one
+  chart, tables and text as markdown text.
+- ``WandbLogger`` (either distribution) -> :class:`WandbSink`: a list of ``wandb.Image`` (with captions) per
+  method under ``saliency/<method>/overlays``, ``wandb.Table`` for tables, scalars; every ``log`` call carries
+  ``trainer/global_step`` and ``saliency/*`` is defined with that step metric, as Lightning does for its own
+  metrics, so nothing conflicts with W&B's internal step. Final metrics go to ``run.summary``; alerts to
+  ``run.alert`` (ignored where unavailable, e.g. offline).
+- Any other logger (CSV, none): nothing beyond the :class:`PngSink` (and the report the callback writes).
+
+Sinks are called on rank 0 only (the callback gathers results first). Errors raised by a logger propagate, except
+from :meth:`Sink.alert`, which never fails.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> sinks = sinks_for_loggers([], save_dir=tempfile.mkdtemp())  # no logger: PNG files only
+    >>> [type(s).__name__ for s in sinks]
+    ['PngSink']
+    >>> sinks[0].log_overlays("gradcam", [np.zeros((8, 8, 3), np.uint8)], ["cat / cat"], step=10, epoch=0).name
+    'epoch_0000.png'
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .render import grid, save_png
+
+__all__ = ["Sink", "TensorBoardSink", "WandbSink", "PngSink", "sinks_for_loggers", "PREFIX"]
+
+PREFIX = "saliency"
+_STEP_KEY = "trainer/global_step"
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _tag(key: str) -> str:
+    key = str(key)
+    return key if key.startswith(PREFIX + "/") else f"{PREFIX}/{key}"
+
+
+class Sink:
+    """Base class: every method is a no-op, so a sink implements only what its backend can show.
+
+    Metric keys are ``"<method>/<metric>[/<group>]"``; sinks publish them under ``"saliency/<key>"``.
+
+    Example:
+        >>> class Printer(Sink):
+        ...     def log_metrics(self, metrics, step):
+        ...         print(step, metrics)
+        >>> Printer().log_metrics({"gradcam/object_mass": 0.7}, step=3)
+        3 {'gradcam/object_mass': 0.7}
+    """
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
+        """Log scalars ``{"<method>/<metric>": value}`` at ``step`` (the trainer's global step)."""
+
+    def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
+                     epoch: int | None = None) -> None:
+        """Log one method's overlays (``uint8 [H, W, 3]`` each) with one caption each.
+
+        ``epoch`` (optional) names files by epoch where a sink writes files (:class:`PngSink`).
+        """
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """Log a table (e.g. one row per probe image: label, prediction, group, metrics)."""
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Log free text (markdown where the backend renders it)."""
+
+    def alert(self, title: str, text: str) -> None:
+        """Raise an alert (an alarm fired). Never raises."""
+
+    def summary(self, metrics: Mapping[str, float | None]) -> None:
+        """Record final metric values (end of fit)."""
+
+    def flush(self) -> None:
+        """Push buffered output to storage (called after each audit; sinks may also flush on their own)."""
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------------------
+def _markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, np.ndarray):
+            v = f"array{tuple(v.shape)}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _split_key(key: str) -> tuple[str, str, str | None]:
+    """``"gradcam/object_mass/siteA"`` -> ``("gradcam", "object_mass", "siteA")``."""
+    parts = str(key).split("/", 2)
+    if len(parts) == 1:
+        return "", parts[0], None
+    if len(parts) == 2:
+        return parts[0], parts[1], None
+    return parts[0], parts[1], parts[2]
+
+
+def custom_scalars_layout(keys: Iterable[str]) -> dict[str, dict[str, list[Any]]]:
+    """The TensorBoard custom-scalars layout for metric keys: one chart per metric, a line per method.
+
+    Per-group keys (``<method>/<metric>/<group>``) get a chart per method and metric, a line per group, in a
+    second category.
+
+    Example:
+        >>> custom_scalars_layout(["gradcam/object_mass", "gradient/object_mass", "gradcam/object_mass/a"])
+        {'saliency': {'object_mass': ['Multiline', ['saliency/gradcam/object_mass', 'saliency/gradient/object_mass']]}, 'saliency per group': {'gradcam/object_mass': ['Multiline', ['saliency/gradcam/object_mass/a']]}}
+    """
+    by_metric: dict[str, list[str]] = {}
+    by_group: dict[str, list[str]] = {}
+    for key in sorted(set(keys)):
+        method, metric, group = _split_key(key)
+        if group is None:
+            by_metric.setdefault(metric, []).append(_tag(key))
+        else:
+            by_group.setdefault(f"{method}/{metric}", []).append(_tag(key))
+    layout: dict[str, dict[str, list[Any]]] = {}
+    if by_metric:
+        layout[PREFIX] = {m: ["Multiline", tags] for m, tags in sorted(by_metric.items())}
+    if by_group:
+        layout[f"{PREFIX} per group"] = {m: ["Multiline", tags] for m, tags in sorted(by_group.items())}
+    return layout
+
+
+class TensorBoardSink(Sink):
+    """Writes to a TensorBoard ``SummaryWriter``: overlay grids, scalars, a custom-scalars layout, text.
+
+    ``target`` is a Lightning ``TensorBoardLogger`` (its ``experiment`` is used, created on first use) or a
+    ``SummaryWriter`` (``torch.utils.tensorboard`` or ``tensorboardX``). Every call flushes the writer, so the
+    dashboard shows an audit as soon as it ends.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> sink = TensorBoardSink(SummaryWriter(tempfile.mkdtemp()))
+        >>> sink.log_metrics({"gradcam/object_mass": 0.7, "gradient/object_mass": 0.5}, step=10)
+        >>> sink.log_overlays("gradcam", [np.zeros((8, 8, 3), np.uint8)] * 4, ["a", "b", "c", "d"], step=10)
+    """
+
+    def __init__(self, target: Any, ncols: int | None = None) -> None:
+        self._target = target
+        self.ncols = ncols
+        self._layout_keys: set[str] = set()
+        self._step = 0
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``."""
+        t = self._target
+        return t.experiment if hasattr(t, "experiment") and not hasattr(t, "add_scalar") else t
+
+    def _update_layout(self, keys: Iterable[str]) -> None:
+        new = set(keys) - self._layout_keys
+        if not new:
+            return
+        self._layout_keys |= new
+        self.writer.add_custom_scalars(custom_scalars_layout(self._layout_keys))
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
+        self._step = int(step)
+        w = self.writer
+        logged = []
+        for key, value in metrics.items():
+            if value is None:  # a value the audit could not compute
+                continue
+            w.add_scalar(_tag(key), float(value), self._step)  # NaN is kept: TensorBoard shows the gap
+            logged.append(str(key))
+        self._update_layout(logged)
+        w.flush()
+
+    def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
+                     epoch: int | None = None) -> None:
+        if not images:
+            return
+        self._step = int(step)
+        picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
+        w = self.writer
+        w.add_image(f"{PREFIX}/{method}/overlays", picture, self._step, dataformats="HWC")
+        w.flush()
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        self._step = int(step)
+        w = self.writer
+        w.add_text(_tag(name), _markdown_table(columns, rows), self._step)
+        w.flush()
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self._step = int(step)
+        w = self.writer
+        w.add_text(_tag(tag), str(text), self._step)
+        w.flush()
+
+    def alert(self, title: str, text: str) -> None:
+        try:
+            w = self.writer
+            w.add_text(f"{PREFIX}/alerts", f"**{title}**\n\n{text}", self._step)
+            w.flush()
+        except Exception:  # an alert must never break training
+            pass
+
+    def summary(self, metrics: Mapping[str, float | None]) -> None:
+        rows = [[k, _finite(v)] for k, v in sorted(metrics.items())]
+        w = self.writer
+        w.add_text(f"{PREFIX}/summary", _markdown_table(["metric", "value"], rows), self._step)
+        w.flush()
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+# -- Weights & Biases -----------------------------------------------------------------------------------------
+class WandbSink(Sink):
+    """Logs to a W&B run: ``wandb.Image`` lists, ``wandb.Table``, scalars, summary and alerts.
+
+    ``target`` is a Lightning ``WandbLogger`` (its ``experiment``, the run, is created on first use) or a
+    ``wandb`` run. Every ``run.log`` call includes ``{"trainer/global_step": step}`` and ``saliency/*`` is
+    defined with ``step_metric="trainer/global_step"``: the audit's points line up with Lightning's own metrics
+    and W&B's monotonic internal step is never passed explicitly, so there are no step conflicts.
+    Table cells that are ``uint8 [H, W, 3]`` arrays become ``wandb.Image``.
+
+    Example (needs a W&B run, so not run here)::
+
+        sink = WandbSink(WandbLogger(project="audit"))
+        sink.log_overlays("gradcam", overlays, ["cat / dog / siteA", ...], step=trainer.global_step)
+    """
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._defined = False
+
+    @property
+    def run(self) -> Any:
+        """The W&B run."""
+        t = self._target
+        run = t.experiment if hasattr(t, "experiment") and not hasattr(t, "log") else t
+        if not self._defined and hasattr(run, "define_metric"):
+            run.define_metric(_STEP_KEY)
+            run.define_metric(f"{PREFIX}/*", step_metric=_STEP_KEY, step_sync=True)
+            self._defined = True
+        return run
+
+    def _log(self, payload: dict[str, Any], step: int) -> None:
+        payload[_STEP_KEY] = int(step)
+        self.run.log(payload)
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
+        payload = {_tag(k): float(v) for k, v in metrics.items() if v is not None}
+        if payload:
+            self._log(payload, step)
+
+    def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
+                     epoch: int | None = None) -> None:
+        import wandb
+
+        if not images:
+            return
+        caps = list(captions) if captions is not None else [None] * len(images)
+        if len(caps) != len(images):
+            raise ValueError(f"got {len(images)} overlays but {len(caps)} captions; pass one caption per image")
+        pics = [wandb.Image(np.ascontiguousarray(im, dtype=np.uint8), caption=c) for im, c in zip(images, caps)]
+        self._log({f"{PREFIX}/{method}/overlays": pics}, step)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        import wandb
+
+        def cell(v: Any) -> Any:
+            if isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 3:
+                return wandb.Image(v)
+            if isinstance(v, np.generic):
+                return v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            return v
+
+        table = wandb.Table(columns=list(columns), data=[[cell(v) for v in row] for row in rows])
+        self._log({_tag(name): table}, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        import wandb
+
+        self._log({_tag(tag): wandb.Html(f"<pre>{html.escape(str(text))}</pre>", inject=False)}, step)
+
+    def alert(self, title: str, text: str) -> None:
+        try:
+            import wandb
+
+            run = self.run
+            if hasattr(run, "alert"):
+                run.alert(title=str(title), text=str(text), level=wandb.AlertLevel.WARN)
+        except Exception:  # offline runs, no network, old wandb: an alert must never break training
+            pass
+
+    def summary(self, metrics: Mapping[str, float | None]) -> None:
+        values = {_tag(k): _finite(v) for k, v in metrics.items()}
+        self.run.summary.update({k: v for k, v in values.items() if v is not None})
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+\-]", "_", str(name)) or "_"
+
+
+class PngSink(Sink):
+    """Writes each method's overlay grid to ``<save_dir>/images/<method>/epoch_XXXX.png``.
+
+    Without an ``epoch`` the file is ``step_XXXXXXXX.png`` (global step). Paths written are kept in
+    :attr:`written`.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> sink = PngSink(tempfile.mkdtemp())
+        >>> p = sink.log_overlays("gradcam++", [np.zeros((8, 8, 3), np.uint8)], ["x"], step=7, epoch=3)
+        >>> p.relative_to(sink.save_dir).as_posix()
+        'images/gradcam++/epoch_0003.png'
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, ncols: int | None = None) -> None:
+        self.save_dir = Path(save_dir)
+        self.ncols = ncols
+        self.written: list[Path] = []
+
+    def path_for(self, method: str, step: int, epoch: int | None = None) -> Path:
+        """Where the grid of ``method`` for this audit goes."""
+        name = f"epoch_{int(epoch):04d}.png" if epoch is not None else f"step_{int(step):08d}.png"
+        return self.save_dir / "images" / _safe_name(method) / name
+
+    def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
+                     epoch: int | None = None) -> Path | None:
+        if not images:
+            return None
+        picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
+        path = save_png(picture, self.path_for(method, step, epoch))
+        self.written.append(path)
+        return path
+
+
+# -- logger dispatch ------------------------------------------------------------------------------------------
+_DISTRIBUTIONS = ("pytorch_lightning", "lightning.pytorch")
+
+
+def _logger_classes(name: str) -> tuple[type, ...]:
+    """``name`` (e.g. ``"TensorBoardLogger"``) from every Lightning distribution already imported.
+
+    A logger of a distribution that was never imported cannot exist, so ``lightning`` is never imported here
+    just to check.
+    """
+    classes = []
+    for dist in _DISTRIBUTIONS:
+        if dist.split(".")[0] not in sys.modules:
+            continue
+        try:
+            mod = importlib.import_module(f"{dist}.loggers")
+        except Exception:  # a broken optional install must not break the audit
+            continue
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    return tuple(classes)
+
+
+def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | None = None) -> list[Sink]:
+    """One sink per supported logger in ``loggers`` (``trainer.loggers``; a single logger or ``None`` work
+    too), followed by a :class:`PngSink` writing to ``save_dir`` (``<log_dir>/saliency``), always.
+
+    TensorBoard and W&B loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` are recognised;
+    any other logger (CSV, MLflow, ...) gets nothing beyond the PNG files and the report.
+
+    Example:
+        >>> import tempfile
+        >>> from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+        >>> d = tempfile.mkdtemp()
+        >>> [type(s).__name__ for s in sinks_for_loggers([TensorBoardLogger(d), CSVLogger(d)], d)]
+        ['TensorBoardSink', 'PngSink']
+    """
+    if loggers is None or loggers is False:
+        loggers = []
+    elif not isinstance(loggers, (list, tuple)):
+        loggers = [loggers]
+    tb_classes = _logger_classes("TensorBoardLogger")
+    wandb_classes = _logger_classes("WandbLogger")
+    sinks: list[Sink] = []
+    seen: set[int] = set()
+    for logger in loggers:
+        if id(logger) in seen:
+            continue
+        seen.add(id(logger))
+        if tb_classes and isinstance(logger, tb_classes):
+            sinks.append(TensorBoardSink(logger, ncols=ncols))
+        elif wandb_classes and isinstance(logger, wandb_classes):
+            sinks.append(WandbSink(logger))
+    sinks.append(PngSink(save_dir, ncols=ncols))
+    return sinks
