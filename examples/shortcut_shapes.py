@@ -106,21 +106,27 @@ class ShapesDataModule(pl.LightningDataModule):
     """Training set with the shortcut (or without, ``shortcut=False``), validation with a random patch."""
 
     def __init__(self, n_train: int = 2400, n_val: int = 480, batch_size: int = 64, shortcut: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, image_size: int = 32, n_probe: int = 256) -> None:
         super().__init__()
         self.n_train, self.n_val, self.batch_size, self.shortcut, self.seed = n_train, n_val, batch_size, shortcut, seed
+        self.config = ShapesConfig(size=image_size)
+        self.n_probe = n_probe
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
-            self.train_set = ShortcutShapes(self.n_train, "label" if self.shortcut else "random", self.seed)
-            self.val_set = ShortcutShapes(self.n_val, "random", self.seed + 1)
-            self.probe_set = ShortcutShapes(256, "mixed", self.seed + 2)
+            cfg = self.config
+            self.train_set = ShortcutShapes(self.n_train, "label" if self.shortcut else "random", self.seed, cfg)
+            self.val_set = ShortcutShapes(self.n_val, "random", self.seed + 1, cfg)
+            self.probe_set = ShortcutShapes(self.n_probe, "mixed", self.seed + 2, cfg)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(ShortcutShapes(self.n_val, "random", self.seed + 3, self.config), batch_size=256)
 
 
 class ShapesNet(pl.LightningModule):

@@ -237,16 +237,41 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
                       f"training goes on (pass on_error='raise' to stop instead)", RuntimeWarning, stacklevel=3)
 
     explain_targets = None if spec.target == "prediction" else labels
-    maps, info = attribute(model, inputs, explain_targets, methods=spec.methods, layer=spec.layer,
-                           reshape=spec.reshape, batch_size=spec.batch_size, return_info=True,
-                           on_error="raise" if on_error == "raise" else "collect", **spec.method_options)
-    for method, message in info.errors.items():
-        kind, _, text = message.partition(": ")
-        errors.append({"method": method, "type": kind or "Error", "message": text or message})
-        warnings.warn(f"lightning-saliency: method {method!r} failed ({message}); recorded in the report, training "
-                      f"goes on (pass on_error='raise' to stop instead)", RuntimeWarning, stacklevel=2)
-    predictions, targets = info.predictions, info.targets
-    dtype = info.forward_dtype
+
+    def explain_with_info(methods: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+        return attribute(model, inputs, explain_targets, methods=tuple(methods), layer=spec.layer,
+                         reshape=spec.reshape, batch_size=spec.batch_size, return_info=True,
+                         on_error="raise" if on_error == "raise" else "collect", **spec.method_options)
+
+    try:
+        maps, info = explain_with_info(spec.methods)
+        for method, message in info.errors.items():
+            kind, _, text = message.partition(": ")
+            fail(RuntimeError(message), method, f"method {method!r}")
+            errors[-1].update(type=kind or "Error", message=text or message)
+    except Exception:  # the shared pass failed (e.g. the layer is gone): keep what does not need it
+        if on_error == "raise":
+            raise
+        maps, info = {}, None
+        for method in spec.methods:
+            try:
+                one, info1 = explain_with_info((method,))
+                maps.update(one)
+                info = info or info1
+            except Exception as e1:
+                fail(e1, method, f"method {method!r}")
+        if info is None:
+            from .guard import SideEffectGuard
+
+            with SideEffectGuard(model), torch.no_grad():
+                logits = model(inputs)
+            predictions = logits.argmax(1)
+            dtype = str(logits.dtype).replace("torch.", "")
+            targets = predictions if explain_targets is None else explain_targets
+        else:
+            predictions, targets, dtype = info.predictions, info.targets, info.forward_dtype
+    else:
+        predictions, targets, dtype = info.predictions, info.targets, info.forward_dtype
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
     wanted = set(spec.metrics)

@@ -191,7 +191,7 @@ class SaliencyMonitor(_Base):
         self.history: list[dict[str, Any]] = []
         self._alarms: list[ShortcutAlarm] = []
         self._loaded_fingerprint: str | None = None
-        self._prepared_for: int | None = None
+        self._prepared_for: tuple[int, int] | None = None
         self._shard: ProbeSet | None = None
         self._prev_maps: dict[str, torch.Tensor] | None = None
         self._report: AuditReport | None = None
@@ -246,7 +246,7 @@ class SaliencyMonitor(_Base):
         self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: Any, pl_module: Any) -> None:
-        if self._prepared_for == id(trainer):
+        if self._prepared_for == (id(trainer), id(pl_module)):
             return
         if self.probe is None:
             self.probe = self._probe_from_data(trainer, pl_module)
@@ -288,7 +288,7 @@ class SaliencyMonitor(_Base):
         self.layer_name = target.name
         rank, world = _world(trainer)
         self._shard = probe.shard(rank, world) if world > 1 else probe
-        self._prepared_for = id(trainer)
+        self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
         if rank == 0:
             self._open_report(trainer, pl_module)
@@ -344,7 +344,7 @@ class SaliencyMonitor(_Base):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = max(int(trainer.current_epoch) - 1, 0)
-        if self._prepared_for == id(trainer) and not any(r["epoch"] == epoch for r in self.history):
+        if self._prepared_for == (id(trainer), id(pl_module)) and not any(r["epoch"] == epoch for r in self.history):
             self.audit(trainer, pl_module, epoch=epoch)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:

@@ -1,0 +1,223 @@
+"""SaliencyMonitor: when it audits, what it writes, and that it never changes training (DESIGN §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_saliency import ProbeSet, SaliencyMonitor
+from lightning_saliency.report import AuditReport, load_maps
+from tests import monitor_utils as U
+
+
+def _report(trainer: pl.Trainer) -> dict:
+    with open(os.path.join(trainer.log_dir, "saliency", "report.json")) as f:
+        return json.load(f)
+
+
+def _cheap(**kw):
+    kw.setdefault("methods", ("gradcam", "gradient"))
+    kw.setdefault("metrics", ("object_mass", "spurious_mass", "pointing_game", "drift", "attention_disparity"))
+    return SaliencyMonitor(U.probe(), **kw)
+
+
+def _state(trainer: pl.Trainer, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"p/{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    for i, opt in enumerate(trainer.optimizers):
+        for pid, st in opt.state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"opt{i}/{pid}/{k}"] = torch.as_tensor(v).clone()
+    return out
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_audit_leaves_training_bit_identical(tmp_path, accumulate):
+    """Invariant 1: BatchNorm + Dropout, same seed, with and without the monitor: identical weights, buffers
+    and optimizer state."""
+    t0, n0 = U.fit([], tmp_path / "a", max_epochs=3, accumulate_grad_batches=accumulate)
+    monitor = SaliencyMonitor(U.probe(), methods=("gradcam", "gradcam++", "gradient", "smoothgrad"),
+                              expensive_every_n_audits=1, method_options={"smoothgrad_samples": 2})
+    t1, n1 = U.fit([monitor], tmp_path / "b", max_epochs=3, accumulate_grad_batches=accumulate)
+    assert len(monitor.history) == 3, "the monitor must actually have audited every epoch"
+    a, b = _state(t0, n0), _state(t1, n1)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"the audit changed training: {different[:5]}"
+
+
+def test_audits_every_n_epochs_and_at_fit_end_never_in_sanity_check(tmp_path):
+    monitor = _cheap(every_n_epochs=2)
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=3, num_sanity_val_steps=2)
+    report = _report(trainer)
+    # epoch 1 by the schedule, epoch 2 (the last) at the end of fit, none at the sanity check
+    assert [a["epoch"] for a in report["audits"]] == [1, 2]
+    assert report["schema"] == "lightning-saliency/report/v1"
+    assert report["probe"]["size"] == 8 and report["probe"]["fingerprint"] == monitor.probe.fingerprint
+    latest = report["audits"][-1]
+    assert latest["global_step"] == trainer.global_step
+    for key in ("gradcam/spurious_mass", "gradient/object_mass", "gradcam/pointing_game",
+                "gradcam/spurious_mass/shortcut_present", "probe/accuracy", "gradcam/drift"):
+        assert key in latest["metrics"], key
+    maps = load_maps(os.path.join(trainer.log_dir, "saliency"), 2)
+    assert maps["gradcam"].shape == (8, 16, 16) and maps["predictions"].shape == (8,)
+
+
+def test_no_hooks_remain_and_flags_restored(tmp_path):
+    monitor = _cheap()
+    net = U.model()
+    hooks_before = {n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
+                    for n, m in net.named_modules()}
+    U.fit([monitor], tmp_path, max_epochs=2, net=net)
+    hooks_after = {n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
+                   for n, m in net.named_modules()}
+    assert hooks_before == hooks_after
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_trainer_validate_and_test_audit_under_inference_mode(tmp_path):
+    monitor = _cheap()
+    dm = U.datamodule()
+    trainer = pl.Trainer(logger=pl.loggers.CSVLogger(str(tmp_path)), callbacks=[monitor], **U.FAST)
+    trainer.validate(U.model(), datamodule=dm)
+    trainer.test(U.model(), datamodule=dm)
+    report = _report(trainer)
+    assert len(report["audits"]) == 1  # same epoch 0: the test audit replaces the validate one
+    maps = load_maps(os.path.join(trainer.log_dir, "saliency"), 0)
+    assert all(torch.isfinite(torch.as_tensor(maps[m])).all() for m in ("gradcam", "gradient"))
+    assert maps["gradient"].max() > 0
+
+
+def test_bf16_mixed_precision_gives_finite_maps_and_records_precision(tmp_path):
+    monitor = _cheap()
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=1, precision="bf16-mixed")
+    report = _report(trainer)
+    assert report["run"]["precision"] == "bf16-mixed"
+    assert report["audits"][-1]["precision"] in ("float32", "bfloat16")
+    values = [v for v in report["audits"][-1]["metrics"].values()]
+    assert values and all(v is not None for v in values)
+
+
+def test_compiled_model_is_audited(tmp_path):
+    monitor = _cheap(methods=("gradcam",))
+    net = U.model()
+    compiled = torch.compile(net, backend="eager")
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=1, net=compiled)
+    audit = _report(trainer)["audits"][-1]
+    assert not audit["errors"]
+    assert audit["metrics"]["gradcam/spurious_mass"] is not None
+
+
+def test_failure_inside_audit_warns_records_and_training_completes(tmp_path):
+    class Vanishing(U.ShapesNet):
+        def on_train_epoch_end(self) -> None:  # the audited layer disappears after setup
+            self.features = torch.nn.Sequential(*list(self.features)[:-1])
+
+    monitor = _cheap(methods=("gradcam", "gradient"), layer="features.10")
+    with pytest.warns(RuntimeWarning, match="recorded in the report"):
+        trainer, _ = U.fit([monitor], tmp_path, max_epochs=2, net=Vanishing(width=4))
+    assert trainer.current_epoch == 2  # training completed
+    audits = _report(trainer)["audits"]
+    assert not audits[0]["errors"] and audits[-1]["errors"]  # the layer vanished after the first audit
+    assert any(e["method"] == "gradcam" for e in audits[-1]["errors"])
+    assert "gradient/spurious_mass" in audits[-1]["metrics"]  # the other method still ran
+
+
+def test_failure_with_on_error_raise_raises(tmp_path):
+    class Vanishing(U.ShapesNet):
+        def on_train_epoch_end(self) -> None:
+            self.features = torch.nn.Sequential(*list(self.features)[:-1])
+
+    monitor = _cheap(methods=("gradcam",), layer="features.10", on_error="raise")
+    with pytest.raises(Exception, match="features.10"):
+        U.fit([monitor], tmp_path, max_epochs=2, net=Vanishing(width=4))
+
+
+class _StepCounter(pl.Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args, **kwargs):
+        type(self).steps += 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("layer", "featurs|closest|Did you mean|features"),
+    ("shape", "do not fit the model"),
+    ("targets", "classes"),
+    ("no_probe", "no probe"),
+])
+def test_bad_configuration_fails_before_the_first_training_step(tmp_path, bad, match):
+    _StepCounter.steps = 0
+    if bad == "layer":
+        monitor = SaliencyMonitor(U.probe(), layer="featurs.10")
+    elif bad == "shape":
+        monitor = SaliencyMonitor(ProbeSet(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)))
+    elif bad == "targets":
+        monitor = SaliencyMonitor(ProbeSet(torch.rand(4, 3, 16, 16), torch.full((4,), 7)))
+    else:
+        monitor = SaliencyMonitor(None)
+    net = U.model()
+    with pytest.raises(ValueError, match=match):
+        if bad == "no_probe":  # no datamodule, no val_dataloader: nothing to draw a probe from
+            trainer = pl.Trainer(max_epochs=1, callbacks=[monitor, _StepCounter()], logger=False, **U.FAST)
+            dm = U.datamodule()
+            dm.setup()
+            trainer.fit(net, train_dataloaders=torch.utils.data.DataLoader(dm.train_set, batch_size=32))
+        else:
+            U.fit([monitor, _StepCounter()], tmp_path, max_epochs=1, net=net)
+    assert _StepCounter.steps == 0
+
+
+def test_unknown_method_or_metric_fails_at_construction():
+    with pytest.raises(ValueError, match="known methods"):
+        SaliencyMonitor(U.probe(), methods=("gradcamm",))
+    with pytest.raises(ValueError, match="Did you mean 'spurious_mass'"):
+        SaliencyMonitor(U.probe(), metrics=("spurius_mass",))
+
+
+def test_probe_drawn_from_validation_data_when_none_given(tmp_path):
+    monitor = SaliencyMonitor(None, probe_size=6, methods=("gradient",), metrics=("drift",))
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=1)
+    assert len(monitor.probe) == 6
+    assert _report(trainer)["probe"]["size"] == 6
+
+
+def test_resume_continues_report_without_duplicates(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="run", version=0)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_epochs=1)
+    U.fit([_cheap(), ckpt], tmp_path, max_epochs=2, logger=logger, enable_checkpointing=True)
+    # the same log dir: the report already holds epochs 0 and 1
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="run", version=0)
+    monitor = _cheap()
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=4, logger=logger, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    epochs = [a["epoch"] for a in _report(trainer)["audits"]]
+    assert epochs == [0, 1, 2, 3]
+    assert [r["epoch"] for r in monitor.history] == [0, 1, 2, 3]
+
+    # a different probe on resume is an error, unless allowed
+    other = SaliencyMonitor(U.probe(seed=1), metrics=("drift",))
+    with pytest.raises(ValueError, match="allow_probe_change"):
+        U.fit([other], tmp_path / "x", max_epochs=3, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    allowed = SaliencyMonitor(U.probe(seed=1), metrics=("drift",), allow_probe_change=True)
+    U.fit([allowed], tmp_path / "y", max_epochs=3, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert [r["epoch"] for r in allowed.history] == [2]
+
+
+def test_report_is_valid_for_the_reader(tmp_path):
+    trainer, _ = U.fit([_cheap()], tmp_path, max_epochs=1)
+    report = AuditReport.load(os.path.join(trainer.log_dir, "saliency", "report.json"))
+    assert report.latest()["epoch"] == 0
+    assert report.data["config"]["layer"] == "features"
+
+
+def test_warns_no_more_than_needed_when_all_is_well(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        U.fit([_cheap()], tmp_path, max_epochs=1)
+    ours = [w for w in caught if "lightning-saliency" in str(w.message) or "lightning_saliency" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
