@@ -61,7 +61,7 @@ class RNGState:
         """Snapshot the generators now. CUDA's are included only when CUDA is already initialised (querying
         them would otherwise initialise CUDA as a side effect)."""
         cuda = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # (is_available() would probe the driver on every call)
             cuda = torch.cuda.get_rng_state_all()
         return cls(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
 
@@ -129,7 +129,9 @@ class SideEffectGuard:
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.enable_grad())
             if self.eval_mode:
-                self.model.eval()
+                for module, flag in self._training:
+                    if flag:
+                        module.training = False
         except BaseException:
             stack.close()
             self._restore()
@@ -153,7 +155,8 @@ class SideEffectGuard:
     def _restore(self) -> None:
         self.remove()
         for module, flag in self._training:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
         for param, requires_grad, grad in self._params:
             if param.requires_grad != requires_grad:
                 param.requires_grad_(requires_grad)
