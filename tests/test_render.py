@@ -143,3 +143,12 @@ def test_save_png_round_trip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(save_png(gray, tmp_path / "g.png"))), gray)
     with pytest.raises(ValueError, match="uint8"):
         save_png(a.astype(np.float32), tmp_path / "bad.png")
+
+
+def test_module_doctests():
+    import doctest
+
+    import lightning_saliency.render as render_mod
+
+    result = doctest.testmod(render_mod)
+    assert result.failed == 0 and result.attempted > 5

@@ -342,3 +342,12 @@ def test_wandb_offline_run_directory(offline_wandb):
         assert json.load(open(summary_json))["saliency/gradcam/object_mass"] == 0.12
     assert any(r.WhichOneof("record_type") == "alert" and r.alert.title == "ShortcutAlarm" for r in records)
     _check_pngs(save_dir, expected)
+
+
+def test_module_doctests():
+    import doctest
+
+    import lightning_saliency.sinks as sinks_mod
+
+    result = doctest.testmod(sinks_mod)
+    assert result.failed == 0 and result.attempted > 5
