@@ -134,11 +134,12 @@ def spearman(a: Tensor, b: Tensor, *, absolute: bool = True, _name: str = "spear
             f"{_name}: map shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}; "
             "resize with lightning_saliency.maps.resize first"
         )
-    fa = torch.nan_to_num(a.detach().reshape(a.shape[0], -1).float())
-    fb = torch.nan_to_num(b.detach().reshape(b.shape[0], -1).float())
-    if absolute:
-        fa, fb = fa.abs(), fb.abs()
-    return pearson(rank(fa), rank(fb), _name=_name)
+    return pearson(_ranks(a, absolute), _ranks(b, absolute), _name=_name)
+
+
+def _ranks(maps: Tensor, absolute: bool = True) -> Tensor:
+    flat = torch.nan_to_num(maps.detach().reshape(maps.shape[0], -1).float())
+    return rank(flat.abs() if absolute else flat)
 
 
 def _check_targets(targets: Tensor | None, n: int, name: str) -> Tensor:
@@ -275,11 +276,14 @@ def stability(
     else:
         perturb = _gaussian_perturb(sigma, _generator(inputs.device, seed))
     total = {key: torch.zeros(inputs.shape[0], device=v.device) for key, v in base.items()}
+    base_ranks = {key: _ranks(v) for key, v in base.items()}  # ranked once, compared with every draw
     for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size):
-        for key, b in base.items():
+        for key, r in base_ranks.items():
             c = _chunk_key(chunk, key)
             m = c.shape[1]
-            rho = spearman(b.repeat_interleave(m, dim=0), c.reshape(-1, *c.shape[2:]), _name="stability")
+            rho = pearson(
+                r.repeat_interleave(m, dim=0), _ranks(c.reshape(-1, *c.shape[2:])), _name="stability"
+            )
             total[key] += rho.reshape(-1, m).sum(dim=1)
     return _unwrap({key: v / k for key, v in total.items()}, multi)
 

@@ -1,0 +1,178 @@
+"""Cost of each audit metric per probe image (issue 4, point 3).
+
+On a small CNN (the size of the shortcut example's model: 3x32x32 inputs, 3 classes) and a probe of ``--images``
+images, it times the maps themselves (``attribute(methods=("gradcam", "gradient"))``, one shared pass) and
+every metric of ``lightning_saliency.metrics`` for both methods, then prints a markdown table: milliseconds
+in all, milliseconds per probe image, and the ratio to the cost of the maps. The last rows add up the
+default metric set of the monitor (region masses, pointing game, stability with k=4, attention disparity,
+group divergence, drift), with stability scoring both methods from the same noisy passes.
+
+Each figure is the median of ``--repeats`` rounds after one warm-up round. CPU by default, on the threads
+torch is given (set ``OMP_NUM_THREADS`` or ``--threads``).
+
+Usage::
+
+    python benchmarks/bench_metrics.py                              # 64 images, 32x32
+    python benchmarks/bench_metrics.py --images 16 --repeats 3      # a quick look
+    python benchmarks/bench_metrics.py --size 64 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_saliency.layers import resolve_layer
+from lightning_saliency.methods import attribute
+from lightning_saliency.metrics import (
+    UndefinedMetricWarning,
+    attention_disparity,
+    completeness_gap,
+    deletion_auc,
+    drift,
+    group_divergence,
+    infidelity,
+    insertion_auc,
+    max_sensitivity,
+    pointing_game,
+    randomization_similarity,
+    region_mass,
+    stability,
+)
+
+METHODS = ("gradcam", "gradient")
+DEFAULT_SET = ("object_mass", "spurious_mass", "pointing_game", "stability", "attention_disparity",
+               "group_divergence", "drift")  # fmt: skip
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks, global average pool, linear head."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def build(images: int, size: int, device: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = SmallCNN().to(device).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(images, 3, size, size, generator=g).to(device)
+    masks = torch.zeros(2, images, size, size, dtype=torch.bool)
+    corners = torch.randint(0, size // 2, (2, images, 2), generator=g)
+    for k in range(2):
+        for i in range(images):
+            r, c = corners[k, i].tolist()
+            masks[k, i, r : r + size // 3, c : c + size // 3] = True
+    groups = ["shortcut_present" if i < images // 2 else "shortcut_absent" for i in range(images)]
+    return model, x, masks[0].to(device), masks[1].to(device), groups
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UndefinedMetricWarning)
+
+    model, x, obj, spur, groups = build(args.images, args.size, args.device)
+    layer = resolve_layer(model, "auto", example_input=x[:1])
+    targets = model(x).argmax(1)
+
+    def explain(inputs: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return attribute(model, inputs, t, methods=METHODS, layer=layer)
+
+    def explain_model(m: nn.Module, name: str) -> Callable:
+        def fn(mm: nn.Module, inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tl = resolve_layer(mm, layer.name)
+            return attribute(mm, inputs, t, methods=(name,), layer=tl)[name]
+
+        return fn
+
+    maps = explain(x, targets)
+    prev = {k: v.roll(1, dims=-1) for k, v in maps.items()}
+    ixg = attribute(model, x, targets, methods=("input_x_gradient",))["input_x_gradient"]
+
+    def each(fn: Callable[[torch.Tensor, str], object]) -> Callable[[], None]:
+        return lambda: [fn(maps[m], m) for m in METHODS]
+
+    work: dict[str, tuple[str, Callable[[], object]]] = {
+        "maps (gradcam + gradient)": ("one shared pass", lambda: explain(x, targets)),
+        "object_mass": ("", each(lambda m, _: region_mass(m, obj))),
+        "spurious_mass": ("", each(lambda m, _: region_mass(m, spur))),
+        "pointing_game": ("", each(lambda m, _: pointing_game(m, obj))),
+        "stability": ("k=4, both methods per pass", lambda: stability(explain, x, targets, k=4, maps=maps)),
+        "attention_disparity": ("", each(lambda m, _: attention_disparity(region_mass(m, spur), groups))),
+        "group_divergence": ("", each(lambda m, _: group_divergence(m, groups))),
+        "drift": ("", each(lambda m, name: drift(prev[name], m))),
+        "max_sensitivity": ("n=10, both methods per pass",
+                            lambda: max_sensitivity(explain, x, targets, n_perturb=10, maps=maps)),
+        "deletion_auc": ("T=16, + random ranking", each(lambda m, _: deletion_auc(model, x, targets, m))),
+        "insertion_auc": ("T=16, + random ranking", each(lambda m, _: insertion_auc(model, x, targets, m))),
+        "infidelity": ("n=10", each(lambda m, _: infidelity(model, x, targets, m, n_perturb=10))),
+        "completeness_gap": ("input_x_gradient", lambda: completeness_gap(model, x, targets, ixg)),
+        "randomization_similarity": ("mode=all", each(
+            lambda m, name: randomization_similarity(model, explain_model(model, name), x, targets, maps=m))),
+        "randomization (cascading)": ("per top-level unit", each(
+            lambda m, name: randomization_similarity(
+                model, explain_model(model, name), x, targets, mode="cascading", maps=m))),
+    }  # fmt: skip
+
+    seconds = {name: timed(fn, args.repeats, args.device) for name, (_, fn) in work.items()}
+    base = seconds["maps (gradcam + gradient)"]
+    n = args.images
+    print(f"# metric cost: {n} images {args.size}x{args.size}, SmallCNN, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")  # fmt: skip
+    print()
+    print("| metric | settings | ms | ms / image | x maps |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, (settings, _) in work.items():
+        s = seconds[name]
+        print(f"| {name} | {settings} | {1e3 * s:.2f} | {1e3 * s / n:.3f} | {s / base:.2f} |")
+    default = sum(seconds[k] for k in DEFAULT_SET)
+    print(f"| **default set** | {', '.join(DEFAULT_SET)} | {1e3 * default:.2f} | {1e3 * default / n:.3f} | "
+          f"{default / base:.2f} |")  # fmt: skip
+    print()
+    print(f"default metric set / maps = {default / base:.2f} (issue 4 asks <= 1.5 on the shortcut example)")
+
+
+if __name__ == "__main__":
+    main()
