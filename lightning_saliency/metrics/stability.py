@@ -181,15 +181,21 @@ def _perturbed_maps(
                 f"perturbation function returned shape {tuple(perturbed.shape)} for inputs of shape "
                 f"{tuple(expanded.shape)}; it must return perturbed inputs of the same shape"
             )
-        maps = _as_dict(explain(perturbed, targets.repeat_interleave(m, dim=0)), "explain(...) output")
+        maps = _as_dict(
+            explain(perturbed, targets.repeat_interleave(m, dim=0)), "explain(...) output", inputs.device
+        )
         yield {key: v.reshape(n, m, *v.shape[1:]) for key, v in maps.items()}
         done += m
 
 
-def _as_dict(maps: Tensor | dict[str, Tensor], name: str = "maps") -> dict[str, Tensor]:
+def _as_dict(
+    maps: Tensor | dict[str, Tensor], name: str = "maps", device: torch.device | None = None
+) -> dict[str, Tensor]:
     if isinstance(maps, dict):
-        return {str(key): _check_maps(v, f"{name}[{key!r}]") for key, v in maps.items()}
-    return {"": _check_maps(maps, name)}
+        out = {str(key): _check_maps(v, f"{name}[{key!r}]") for key, v in maps.items()}
+    else:
+        out = {"": _check_maps(maps, name)}
+    return out if device is None else {key: v.to(device) for key, v in out.items()}
 
 
 def _unwrap(result: dict[str, Tensor], multi: bool) -> Tensor | dict[str, Tensor]:
@@ -270,7 +276,7 @@ def stability(
         raise ValueError(f"stability needs k >= 1 noisy copies, got k={k}")
     targets = _check_targets(targets, inputs.shape[0], "stability")
     raw = explain(inputs, targets) if maps is None else maps
-    multi, base = isinstance(raw, dict), _as_dict(raw)
+    multi, base = isinstance(raw, dict), _as_dict(raw, device=inputs.device)
     if augment is not None:
         perturb = _augment_perturb(augment, seed)
     else:
@@ -336,7 +342,7 @@ def max_sensitivity(
         raise ValueError(f"max_sensitivity needs n_perturb >= 1, got {n_perturb}")
     targets = _check_targets(targets, inputs.shape[0], "max_sensitivity")
     raw = explain(inputs, targets) if maps is None else maps
-    multi, base = isinstance(raw, dict), _as_dict(raw)
+    multi, base = isinstance(raw, dict), _as_dict(raw, device=inputs.device)
     if perturb is None:
         perturb = _uniform_perturb(radius, _generator(inputs.device, seed))
     flats, norms, best = {}, {}, {}
