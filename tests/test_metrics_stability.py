@@ -225,3 +225,17 @@ def test_dict_explain_scores_every_method_from_the_same_draws():
     assert torch.equal(ms["max"], max_sensitivity(two, x, t, n_perturb=4))
     with pytest.raises(ValueError, match="same methods"):
         stability(both, x, t, maps={"other": one(x, t)})
+
+
+def test_augment_draws_differ_between_chunks():
+    x, t = _inputs(n=2), torch.zeros(2, dtype=torch.long)
+    factors = []
+
+    def jitter(z):
+        f = 1 + torch.rand(z.shape[0], 1, 1, 1)
+        factors.append(f.flatten())
+        return z * f
+
+    stability(_linear_explain, x, t, k=3, augment=jitter, batch_size=2)  # one draw per chunk
+    assert len(factors) == 3
+    assert not torch.equal(factors[0], factors[1]) and not torch.equal(factors[1], factors[2])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .faithfulness import _evaluating, _targets
-from .stability import _check_maps, spearman
+from .stability import _check_maps, _seeded_global_rng, spearman
 
 __all__ = ["randomization_similarity"]
 
@@ -40,13 +40,13 @@ def _default_units(model: nn.Module) -> list[str]:
 
 
 def _devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    tensors = [*model.parameters(), *model.buffers()]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 @torch.no_grad()
 def _reinit(unit: nn.Module, seed: int, devices: list[int], own_only: bool = False) -> None:
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with _seeded_global_rng(seed, devices):
         for module in [unit] if own_only else unit.modules():
             own = list(module.parameters(recurse=False))
             if not own_only and callable(getattr(module, "reset_parameters", None)):

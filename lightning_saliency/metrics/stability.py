@@ -19,6 +19,7 @@ Conventions (all metrics in this package): maps are ``[N, H, W]``; the rank-base
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -222,11 +223,27 @@ def _uniform_perturb(radius: float, generator: torch.Generator) -> Perturb:
     return perturb
 
 
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, devices: list[int]) -> Iterator[None]:
+    """Seed the global CPU generator (and those of the CUDA ``devices``) for the block, restoring them after.
+
+    Seeds the generators directly rather than with ``torch.manual_seed``, which would also queue a seed for
+    CUDA devices not initialised yet (a lasting side effect on their random state).
+    """
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
+
+
 def _augment_perturb(augment: Callable[[Tensor], Tensor], seed: int) -> Perturb:
+    calls = [0]
+
     def perturb(x: Tensor) -> Tensor:
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+        with _seeded_global_rng(seed + 7919 * calls[0], devices if x.device.type == "cuda" else []):
+            calls[0] += 1
             return augment(x)
 
     return perturb
