@@ -241,8 +241,10 @@ def _augment_perturb(augment: Callable[[Tensor], Tensor], seed: int) -> Perturb:
     calls = [0]
 
     def perturb(x: Tensor) -> Tensor:
-        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()]
-        with _seeded_global_rng(seed + 7919 * calls[0], devices if x.device.type == "cuda" else []):
+        devices: list[int] = []
+        if x.device.type == "cuda":
+            devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+        with _seeded_global_rng(seed + 7919 * calls[0], devices):
             calls[0] += 1
             return augment(x)
 
