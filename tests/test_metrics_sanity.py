@@ -144,3 +144,24 @@ def test_seeded_and_custom_parameters_are_randomised():
     assert torch.equal(a["all"], b["all"])
     assert torch.equal(seen[0], torch.ones(4)) and not torch.equal(seen[1], torch.ones(4))
     assert torch.equal(model.gain.detach(), torch.ones(4))
+
+
+@pytest.mark.filterwarnings("ignore::lightning_saliency.metrics.UndefinedMetricWarning")
+def test_default_units_look_through_a_lightning_wrapper(trained):
+    import pytorch_lightning as pl
+
+    model, x, y = trained
+
+    class Wrapped(pl.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.model = net
+
+        def forward(self, inp):
+            return self.model(inp)
+
+    wrapped = Wrapped(model).eval()
+    out = randomization_similarity(wrapped, lambda m, xi, ti: _gradcam(m.model, xi, ti), x, y, mode="cascading")
+    assert list(out) == ["cascading/model.head", "cascading/model.features", "all"]
+    direct = randomization_similarity(model, _gradcam, x, y, mode="cascading")
+    assert torch.equal(out["all"], direct["all"])  # same units, same seeds, same weights

@@ -31,12 +31,25 @@ __all__ = ["randomization_similarity"]
 ModelExplain = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
-def _default_units(model: nn.Module) -> list[str]:
-    """Top-level children that hold parameters, from the head (last registered) to the input."""
-    units = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-    if any(True for _ in model.parameters(recurse=False)):
-        units.append("")
-    return list(reversed(units))
+def _default_units(model: nn.Module) -> tuple[list[str], str | None]:
+    """Top-level children that hold parameters, from the head (last registered) to the input.
+
+    A wrapper whose parameters all sit in one child (a LightningModule holding ``self.model``) is looked
+    through, so the units are that child's children.
+    """
+    prefix, root = "", model
+    while True:
+        holders = [(n, c) for n, c in root.named_children() if any(True for _ in c.parameters())]
+        if len(holders) == 1 and not any(True for _ in root.parameters(recurse=False)):
+            prefix, root = f"{prefix}{holders[0][0]}.", holders[0][1]
+            continue
+        break
+    units = [prefix + n for n, _ in holders]
+    own = None
+    if any(True for _ in root.parameters(recurse=False)):
+        own = prefix[:-1]
+        units.append(own)
+    return list(reversed(units)), own
 
 
 def _devices(model: nn.Module) -> list[int]:
@@ -83,13 +96,15 @@ def randomization_similarity(
             the Adebayo cascade), ``"independent"`` (each unit alone, the rest trained).
         maps: the trained model's maps if already computed; otherwise they are computed on a copy.
         layers: the units (dotted module names, in the order to randomise them); default: the model's
-            top-level children that have parameters, from the last registered (the head) to the first.
+            top-level children that have parameters, from the last registered (the head) to the first
+            (a wrapper with a single child holding every parameter is looked through).
         seed: seeds every re-initialisation.
 
     Returns:
         A dict of ``[N]`` tensors: ``"all"`` always (every unit randomised; for ``"cascading"`` it is the
         last cascade step), plus ``"cascading/<unit>"`` (after randomising up to and including ``<unit>``,
-        in cascade order) or ``"independent/<unit>"``. The model's own parameters are unit ``""``. Constant
+        in cascade order) or ``"independent/<unit>"``. Unit ``""`` (the model itself) stands for the parameters
+        registered on the model directly, not its children's. Constant
         maps (e.g. Grad-CAM of a random model is often all zero) follow
         :func:`~lightning_saliency.metrics.stability.spearman`: trained map not constant -> 0.0.
 
@@ -101,7 +116,10 @@ def randomization_similarity(
     """
     if mode not in ("all", "cascading", "independent"):
         raise ValueError(f"unknown mode {mode!r}: use 'all', 'cascading' or 'independent'")
-    names = list(layers) if layers is not None else _default_units(model)
+    if layers is None:
+        names, own_unit = _default_units(model)
+    else:
+        names, own_unit = list(layers), ""
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -109,6 +127,8 @@ def randomization_similarity(
     if not names:
         raise ValueError("randomization_similarity: the model has no parameters to re-initialise")
     index = {n: i for i, n in enumerate(names)}
+    # the unit holding the other units (the model itself, "") stands for its own parameters only
+    own_only = {own_unit} if own_unit in names else set()
     devices = _devices(model)
 
     work = copy.deepcopy(model)
@@ -130,18 +150,18 @@ def randomization_similarity(
         units = units_of(work)
         for n in names:
             saved = {k: v.detach().clone() for k, v in units[n].state_dict().items()}
-            _reinit(units[n], seed + index[n], devices, own_only=n == "")
+            _reinit(units[n], seed + index[n], devices, own_only=n in own_only)
             out[f"independent/{n}"] = score(work)
             units[n].load_state_dict(saved)
     if mode == "cascading":
         units = units_of(work)
         for n in names:
-            _reinit(units[n], seed + index[n], devices, own_only=n == "")
+            _reinit(units[n], seed + index[n], devices, own_only=n in own_only)
             out[f"cascading/{n}"] = score(work)
         out["all"] = out[f"cascading/{names[-1]}"]
     else:
         units = units_of(work)
         for n in names:
-            _reinit(units[n], seed + index[n], devices, own_only=n == "")
+            _reinit(units[n], seed + index[n], devices, own_only=n in own_only)
         out["all"] = score(work)
     return out
