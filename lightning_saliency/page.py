@@ -16,10 +16,10 @@
 * The run's **alarm firings**, **audit errors**, and the run / probe / config header.
 
 Bounds, so that a long run stays a reasonable page: at most ``max_images`` images per method per epoch
-(default 16), at most ``max_epochs`` audited epochs with maps (default 50, evenly subsampled, first and last
-always kept), each curve reduced to at most ``2 * MAX_POINTS`` points (per bucket of audits the minimum and
-maximum are kept, so spikes survive), at most ``MAX_SERIES`` curves, and the most recent ``MAX_ROWS`` errors and
-alarm firings (the count of the others is shown).
+(default 16) and ``MAX_METHODS`` methods; at most ``max_epochs`` audited epochs with maps (default 50, evenly
+subsampled, first and last always kept); each curve reduced to at most ``2 * MAX_POINTS`` points (per bucket
+of audits the minimum and maximum are kept, so spikes survive); at most ``MAX_SERIES`` curves; the most
+recent ``MAX_ROWS`` errors and alarm firings (the count of the others is shown).
 
 Safety: every string that comes from the report (keys, messages, names, paths) goes through
 :func:`html.escape`; no report data is placed inside the script. Non-finite or non-numeric values are shown as
@@ -54,6 +54,9 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 MAX_POINTS = 300
 MAX_SERIES = 200
 MAX_ROWS = 200
+MAX_METHODS = 24
+CHART_ORDER = ("spurious_mass", "object_mass", "attention_disparity", "pointing_game", "group_divergence",
+               "stability", "drift")
 MAX_TEXT = 2000
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -265,15 +268,17 @@ def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[floa
 
 
 def _chart(title: str, series: list[tuple[str, list[tuple[float, float | None]]]],
-           thresholds: list[tuple[str, float, str]], firings: list[tuple[float, float]]) -> str:
-    """One SVG line chart. ``series``: (label, [(x, y or None)]); ``thresholds``: (label, y, mode)."""
+           thresholds: list[tuple[str, float, str]], firings: list[tuple[float, float]],
+           x_range: tuple[float, float] | None = None) -> str:
+    """One SVG line chart. ``series``: (label, [(x, y or None)]); ``thresholds``: (label, y, mode);
+    ``x_range``: the epoch axis shared by every chart (default: this chart's data)."""
     W, H, L, R, T, B = 350, 200, 44, 10, 24, 36
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts if y is not None] + [t[1] for t in thresholds]
     ys += [v for _, v in firings]
     if not xs:
         return ""
-    x_lo, x_hi = min(xs), max(xs)
+    x_lo, x_hi = x_range if x_range is not None else (min(xs), max(xs))
     if ys:
         y_lo, y_hi = min(ys), max(ys)
     else:
@@ -387,8 +392,8 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
             if k == "predictions":
                 if a.ndim == 1:
                     preds_list = a[:max_images].tolist()
-            elif a.ndim == 3:
-                arrays[k] = a[:max_images]
+            elif a.ndim == 3 and (k in methods or len(methods) < MAX_METHODS):
+                arrays[k] = a[:max_images].copy()  # a copy: the full array is freed now
                 if k not in methods:
                     methods.append(k)
         per_epoch.append((audit.get("epoch"), arrays, preds_list, problem))
@@ -464,8 +469,12 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
     def has_alarm(item: tuple[str, list[str]]) -> bool:
         return any(a == k or a.startswith(k + "/") for k in item[1] for a in alarmed)
 
-    # charts watched by an alarm first (stable: then by metric name)
-    by_metric = OrderedDict(sorted(by_metric.items(), key=lambda item: not has_alarm(item)))
+    # charts watched by an alarm first, then the headline metrics, then the rest by name
+    def rank(item: tuple[str, list[str]]) -> tuple[bool, int]:
+        order = CHART_ORDER.index(item[0]) if item[0] in CHART_ORDER else len(CHART_ORDER)
+        return not has_alarm(item), order
+
+    by_metric = OrderedDict(sorted(by_metric.items(), key=rank))
     thresholds: dict[str, set[tuple[float, str]]] = {}
     firings: dict[str, list[tuple[float, float]]] = {}
     for al in alarms:
@@ -484,8 +493,8 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
             pts = [(xs[i], _num(a["metrics"].get(k))) for i, a in enumerate(audits) if k in a["metrics"]]
             series.append((_split_key(k)[0] or k, _reduce(pts)))
         thr = [(k, t, mode) for k in ks for t, mode in sorted(thresholds.get(k, ()))]
-        fire = [f for k in ks for f in firings.get(k, [])]
-        charts.append(_chart(metric, series, thr, fire))
+        fire = [f for k in ks for f in firings.get(k, []) if min(xs) <= f[0] <= max(xs)]
+        charts.append(_chart(metric, series, thr, fire, (min(xs), max(xs))))
     note = (
         f'<p class="note">{len(audits)} audits; dashed lines: alarm thresholds, red circles: alarm firings'
         + (f"; each curve reduced to at most {2 * MAX_POINTS} points (bucket minimum and maximum)"
