@@ -142,3 +142,18 @@ def test_doctests_of_the_metrics_package_pass():
     for module in (metrics_pkg, *(importlib.import_module(f"lightning_saliency.metrics.{n}") for n in names)):
         failed, _ = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
         assert failed == 0, module.__name__
+
+
+def test_metrics_never_import_lightning():
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(metrics_pkg.__file__).parent
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            assert not any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names), path
