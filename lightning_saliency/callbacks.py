@@ -407,7 +407,7 @@ class SaliencyMonitor(_Base):
         metrics = summarize(result, probe, self.spec) if result.maps else {}
         record: dict[str, Any] = {
             "epoch": int(epoch), "global_step": int(trainer.global_step),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": round(time.perf_counter() - started, 4),
+            "duration_s": round(time.perf_counter() - started, 4),
             "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
         }
         report = self._report
@@ -427,7 +427,7 @@ class SaliencyMonitor(_Base):
                 sink.log_metrics(finite, step)
                 if result.maps and self.log_images > 0:
                     for method, images, captions in self._overlays(result):
-                        sink.log_overlays(method, images, captions, step)
+                        sink.log_overlays(method, images, captions, step, epoch=epoch)
                     sink.log_table("saliency/probe", *self._table(result, metrics), step)
                 sink.summary(finite)
             except Exception as e:
@@ -541,8 +541,9 @@ class ShortcutAlarm(_Base):
         self.metric, self.threshold, self.mode = str(metric), float(threshold), mode
         self.patience, self.action, self.min_audits = int(patience), action, int(min_audits)
         self.name = name or f"{self.metric} {'<=' if mode == 'max' else '>='} {self.threshold:g}"
-        self.count = 0
-        self.seen = 0
+        self.count = 0  # consecutive violating audits
+        self.seen = 0  # audits seen
+        self.fired_in_streak = False  # fires once per run of consecutive violations
         self.firings: list[dict[str, Any]] = []
 
     @property
@@ -550,11 +551,13 @@ class ShortcutAlarm(_Base):
         return self._generate_state_key(metric=self.metric, threshold=self.threshold, mode=self.mode)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "seen": self.seen, "firings": [dict(f) for f in self.firings]}
+        return {"count": self.count, "seen": self.seen, "fired_in_streak": self.fired_in_streak,
+                "firings": [dict(f) for f in self.firings]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.count = int(state_dict.get("count", 0))
         self.seen = int(state_dict.get("seen", 0))
+        self.fired_in_streak = bool(state_dict.get("fired_in_streak", False))
         self.firings = [dict(f) for f in state_dict.get("firings", [])]
 
     def violated(self, value: float | None) -> bool:
@@ -586,10 +589,13 @@ class ShortcutAlarm(_Base):
         value = record.get("metrics", {}).get(self.metric)
         self.seen += 1
         self.count = self.count + 1 if self.violated(value) else 0
-        fire = self.count == self.patience and self.seen >= self.min_audits
+        if self.count == 0:
+            self.fired_in_streak = False
+        fire = self.count >= self.patience and self.seen >= self.min_audits and not self.fired_in_streak
         fire = bool(_broadcast(trainer, fire))
         if not fire:
             return
+        self.fired_in_streak = True
         firing = {"name": self.name, "metric": self.metric, "threshold": self.threshold, "mode": self.mode,
                   "epoch": int(record["epoch"]), "global_step": int(record["global_step"]), "value": float(value),
                   "action": self.action}
