@@ -152,8 +152,9 @@ class ShapesNet(pl.LightningModule):
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"])
         acc = (logits.argmax(1) == batch["label"]).float().mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
-        self.log(f"{stage}_acc", acc, prog_bar=True)
+        n = len(batch["label"])
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", batch_size=n)
+        self.log(f"{stage}_acc", acc, prog_bar=True, batch_size=n)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    action=args.alarm_action)]
     trainer = pl.Trainer(max_epochs=args.epochs, logger=loggers, callbacks=callbacks, accelerator="cpu",
                          devices=1, deterministic=True, enable_checkpointing=False,
-                         enable_progress_bar=not args.quiet, enable_model_summary=False)
+                         enable_progress_bar=not args.quiet, enable_model_summary=False, log_every_n_steps=10)
     trainer.fit(model, datamodule=dm)
     log_dir = loggers[0].log_dir
     result = {"log_dir": log_dir, "val_acc": float(trainer.callback_metrics.get("val_acc", math.nan))}
