@@ -80,8 +80,10 @@ class Browser:
             "--hide-scrollbars", f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
             f"--window-size={self.width},{self.height}", "about:blank",
         ]
+        # stderr to a file, not a pipe: chromium's chatter must never block it on a full pipe
+        self._log = open(Path(self.profile) / "chromium.log", "wb")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(args, preexec_fn=wire, pass_fds=(3, 4), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=self._log)
         os.close(to_child_r)
         os.close(from_child_w)
         try:
@@ -115,8 +117,7 @@ class Browser:
                     os.close(fd)
                 except OSError:
                     pass
-            if self.proc.stderr:
-                self.proc.stderr.close()
+            self._log.close()
             shutil.rmtree(self.profile, ignore_errors=True)
 
     # -- protocol ----------------------------------------------------------------------------------------
@@ -137,7 +138,8 @@ class Browser:
             if ready:
                 chunk = os.read(self._r, 1 << 20)
                 if not chunk:
-                    err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
+                    log = Path(self.profile) / "chromium.log"
+                    err = log.read_bytes()[-2000:].decode(errors="replace") if log.exists() else ""
                     raise BrowserError(f"chromium closed the DevTools pipe: {err}")
                 self._buf += chunk
         raw, self._buf = self._buf.split(b"\0", 1)
