@@ -425,3 +425,15 @@ def test_engine_lists_the_twelve_methods():
     assert engine_mod.METHODS == ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "gradient",
                                   "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop",
                                   "guided_gradcam", "occlusion")
+
+
+def test_compiled_model_is_explained_through_its_original_module():
+    model = _net()
+    x = _x(2)
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)  # (in train mode: updates BatchNorm statistics, so the reference comes after)
+    reference = attribute(model, x, methods=("gradcam", "gradient"), layer="features")
+    for layer in ("features", "_orig_mod.features"):
+        maps = attribute(compiled, x, methods=("gradcam", "gradient"), layer=layer)
+        for name in maps:
+            torch.testing.assert_close(maps[name], reference[name])

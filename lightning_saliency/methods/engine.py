@@ -229,6 +229,17 @@ def _baseline(value: Any, x: Tensor, name: str) -> Tensor:
 # ------------------------------------------------------------------------------------------------ shared pass
 
 
+def _uncompiled(model: nn.Module, layer: Any) -> tuple[nn.Module, Any]:
+    """A ``torch.compile``d model is explained through its original module (the same parameters, run eagerly):
+    hooks on the submodules of a compiled graph do not see its activations, and new hooks would recompile it."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        if isinstance(layer, str) and layer.startswith("_orig_mod."):
+            layer = layer[len("_orig_mod."):]
+        return inner, layer
+    return model, layer
+
+
 def _resolve(model: nn.Module, layer: Any, reshape: Any, example: Tensor) -> Any:
     from ..layers import TargetLayer, resolve_layer
 
@@ -412,7 +423,8 @@ def attribute(
 
     Args:
         model: a classifier whose ``forward(inputs)`` returns logits ``[N, num_classes]``. It is run in eval mode
-            and left exactly as found (training flags, ``requires_grad``, ``.grad``, hooks, random states).
+            and left exactly as found (training flags, ``requires_grad``, ``.grad``, hooks, random states). A
+            ``torch.compile``d model is explained through its original module, run eagerly.
         inputs: ``[N, C, H, W]`` float tensor; never modified (the engine differentiates a detached copy).
         targets: the class to explain per image: ``None`` (default) explains the prediction (argmax of the
             logits of the same forward pass), an int explains that class for every image, an int tensor ``[N]``
@@ -471,6 +483,7 @@ def attribute(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, layer = _uncompiled(model, layer)
     opts = _check_options(options)
     names = _check_methods(methods)
     _check_inputs(inputs)
