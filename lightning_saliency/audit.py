@@ -77,7 +77,7 @@ CHEAP_METRICS = ("object_mass", "spurious_mass", "pointing_game", "stability", "
 EXPENSIVE_METRICS = ("deletion_auc", "insertion_auc", "infidelity", "max_sensitivity", "completeness_gap",
                      "randomization_similarity")
 ALL_METRICS = CHEAP_METRICS + EXPENSIVE_METRICS
-DEFAULT_METRICS = ALL_METRICS  # the expensive ones run every ``expensive_every_n_audits`` audits only
+DEFAULT_METRICS = CHEAP_METRICS  # the expensive ones are opt-in, and then run every few audits only
 _COMPLETE_METHODS = ("integrated_gradients", "input_x_gradient")
 
 
@@ -115,8 +115,9 @@ class AuditSpec:
         target: explain the model's ``"prediction"`` (default) or the probe's ``"label"``.
         method_options: extra keyword options for :func:`~lightning_saliency.attribute`.
         stability_k, stability_sigma, stability_images: stability's draws, noise scale (relative to each
-            image's std) and the number of probe images it uses (the first ones; ``None`` = all).
-        expensive_images: images used by the expensive metrics (``None`` = all).
+            image's std) and the number of probe images it uses (the first ones of the whole probe, also when
+            it is sharded; ``None`` = all).
+        expensive_images: images used by the expensive metrics (the first ones; ``None`` = all).
         seed: seed of every random draw the metrics make (they never touch the global generators).
     """
 
@@ -173,37 +174,17 @@ class ShardResult:
     dtype: str = "float32"
 
 
-class _Memo:
-    """Compute all methods once per distinct input batch and hand each method its map (stability calls its
-    ``explain`` once per method with the same perturbed inputs: this turns that into one pass)."""
-
-    def __init__(self, spec: AuditSpec, model: nn.Module, methods: Sequence[str]) -> None:
-        self.spec, self.model, self.methods = spec, model, tuple(methods)
-        self._cache: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
-
-    def explainer(self, method: str) -> Callable[[Tensor, Tensor], Tensor]:
-        def explain(x: Tensor, t: Tensor) -> Tensor:
-            for cx, ct, maps in self._cache:
-                if cx.shape == x.shape and torch.equal(cx, x) and torch.equal(ct, t):
-                    return maps[method]
-            maps = self.spec.explain(self.model, x, t, self.methods)
-            self._cache = [*self._cache[-7:], (x.detach().clone(), t.detach().clone(), maps)]
-            return maps[method]
-
-        return explain
-
-
-def _first(n: int | None, total: int) -> int:
-    return total if n is None else max(0, min(int(n), total))
-
-
 def _nan(n: int) -> Tensor:
     return torch.full((n,), math.nan)
 
 
-def _padded(values: Tensor, n: int) -> Tensor:
+def _padded(values: Tensor, n: int, where: Tensor | None = None) -> Tensor:
+    """``[n]`` values with NaN where a metric did not cover an image; ``where`` are the covered positions."""
     out = _nan(n)
-    out[: len(values)] = values.detach().float().cpu()
+    if where is None:
+        out[: len(values)] = values.detach().float().cpu()
+    else:
+        out[where] = values.detach().float().cpu()
     return out
 
 
@@ -275,16 +256,31 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
     wanted = set(spec.metrics)
-    memo = _Memo(spec, model, methods)
 
-    def run(method: str, metric: str, fn: Callable[[], Tensor]) -> None:
+    def explain_all(x: Tensor, t: Tensor) -> dict[str, Tensor]:  # one pass serves every method's noisy maps
+        return spec.explain(model, x, t, methods)
+
+    # subsets are chosen by position in the whole probe, so a sharded (DDP) audit scores the same images
+    positions = getattr(probe, "indices", None)
+    positions = torch.as_tensor(positions).cpu() if positions is not None else torch.arange(n)
+    stab = (positions < (spec.stability_images if spec.stability_images is not None else n + 1)).nonzero()[:, 0]
+    exp = (positions < (spec.expensive_images if spec.expensive_images is not None else n + 1)).nonzero()[:, 0]
+
+    def run(method: str, metric: str, fn: Callable[[], Tensor], where: Tensor | None = None) -> None:
         try:
-            per_image[f"{method}/{metric}"] = _padded(fn(), n)
+            per_image[f"{method}/{metric}"] = _padded(fn(), n, where)
         except Exception as e:
             fail(e, method, f"metric {metric!r} of {method!r}")
 
-    k_stab = _first(spec.stability_images, n)
-    k_exp = _first(spec.expensive_images, n)
+    def run_multi(metric: str, fn: Callable[[], dict[str, Tensor]], where: Tensor) -> None:
+        try:
+            for method, values in fn().items():
+                per_image[f"{method}/{metric}"] = _padded(values, n, where)
+        except Exception as e:
+            fail(e, None, f"metric {metric!r}")
+
+    dev = inputs.device
+    stab_d, exp_d = stab.to(dev), exp.to(dev)
     for method in methods:
         m = maps[method].abs() if method in _COMPLETE_METHODS else maps[method]
         if "object_mass" in wanted and probe.object_masks is not None:
@@ -297,40 +293,44 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             prev = previous_maps[method].to(m.device)
             if prev.shape == m.shape:
                 run(method, "drift", lambda m=m, prev=prev: M.drift(prev, m))
-        if "stability" in wanted and k_stab:
-            run(method, "stability", lambda method=method: M.stability(
-                memo.explainer(method), inputs[:k_stab], targets[:k_stab], k=spec.stability_k,
-                sigma=spec.stability_sigma, seed=spec.seed, maps=maps[method][:k_stab],
-                batch_size=spec.batch_size))
-    if expensive and k_exp:
-        xs, ts = inputs[:k_exp], targets[:k_exp]
+    if "stability" in wanted and len(stab) and methods:
+        run_multi("stability", lambda: M.stability(
+            explain_all, inputs[stab_d], targets[stab_d], k=spec.stability_k, sigma=spec.stability_sigma,
+            seed=spec.seed, maps={m: maps[m][stab_d] for m in methods}, batch_size=spec.batch_size), stab)
+    if expensive and len(exp) and methods and "max_sensitivity" in wanted:
+        run_multi("max_sensitivity", lambda: M.max_sensitivity(
+            explain_all, inputs[exp_d], targets[exp_d], seed=spec.seed,
+            maps={m: maps[m][exp_d] for m in methods}, batch_size=spec.batch_size), exp)
+    if expensive and len(exp):
+        xs, ts = inputs[exp_d], targets[exp_d]
+        ig_baseline = spec.method_options.get("ig_baseline")
         for method in methods:
-            m = maps[method][:k_exp]
+            m = maps[method][exp_d]
             if "deletion_auc" in wanted or "insertion_auc" in wanted:
                 for name, fn in (("deletion_auc", M.deletion_auc), ("insertion_auc", M.insertion_auc)):
                     if name not in wanted:
                         continue
                     try:
                         out = fn(model, xs, ts, m.abs(), seed=spec.seed, batch_size=spec.batch_size or 64)
-                        per_image[f"{method}/{name}"] = _padded(out["auc"], n)
+                        per_image[f"{method}/{name}"] = _padded(out["auc"], n, exp)
                         if "random_auc" in out:
-                            per_image[f"{method}/{name}_random"] = _padded(out["random_auc"], n)
+                            per_image[f"{method}/{name}_random"] = _padded(out["random_auc"], n, exp)
                     except Exception as e:
                         fail(e, method, f"metric {name!r} of {method!r}")
             if "infidelity" in wanted:
                 run(method, "infidelity", lambda m=m: M.infidelity(model, xs, ts, m, seed=spec.seed,
-                                                                    batch_size=spec.batch_size))
-            if "max_sensitivity" in wanted:
-                run(method, "max_sensitivity", lambda method=method: M.max_sensitivity(
-                    memo.explainer(method), xs, ts, seed=spec.seed, maps=maps[method][:k_exp],
-                    batch_size=spec.batch_size))
+                                                                    batch_size=spec.batch_size), exp)
             if "completeness_gap" in wanted and method in _COMPLETE_METHODS:
-                run(method, "completeness_gap", lambda m=m: M.completeness_gap(model, xs, ts, m,
-                                                                                batch_size=spec.batch_size))
+                # IG is complete with respect to its own baseline; input x gradient to zero
+                base = ig_baseline if method == "integrated_gradients" and ig_baseline is not None else 0.0
+                if isinstance(base, Tensor) and base.shape[:1] == inputs.shape[:1]:
+                    base = base[exp_d]
+                run(method, "completeness_gap", lambda m=m, base=base: M.completeness_gap(
+                    model, xs, ts, m, baseline=base, batch_size=spec.batch_size), exp)
             if "randomization_similarity" in wanted:
-                run(method, "randomization_similarity", lambda method=method: M.randomization_similarity(
+                run(method, "randomization_similarity", lambda method=method, m=m: M.randomization_similarity(
                     model, lambda mdl, x, t, method=method: spec.explain(mdl, x, t, (method,))[method],
-                    xs, ts, maps=maps[method][:k_exp], seed=spec.seed)["all"])
+                    xs, ts, maps=m, seed=spec.seed)["all"], exp)
     return ShardResult(
         indices=getattr(probe, "indices", None) if getattr(probe, "indices", None) is not None
         else torch.arange(n),

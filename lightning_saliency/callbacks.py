@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from .audit import ALL_METRICS, EXPENSIVE_METRICS, AuditSpec, ShardResult, audit_shard, merge, summarize
+from .audit import DEFAULT_METRICS, EXPENSIVE_METRICS, AuditSpec, ShardResult, audit_shard, merge, summarize
 from .guard import SideEffectGuard
 from .maps import normalize
 from .probe import ProbeSet
@@ -109,8 +109,9 @@ class SaliencyMonitor(_Base):
             :data:`lightning_saliency.methods.engine.METHODS`.
         layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
         every_n_epochs: audit every n-th training epoch.
-        metrics: metric names (see :mod:`lightning_saliency.audit`); default: every metric, the expensive ones
-            (faithfulness, sanity) only every ``expensive_every_n_audits`` audits.
+        metrics: metric names (see :mod:`lightning_saliency.audit`); default: the cheap ones (region masses,
+            pointing game, stability, drift, attention disparity, group divergence). The expensive ones
+            (faithfulness, sanity), when listed, run every ``expensive_every_n_audits`` audits.
         log_images: overlays logged per method and audit (0 disables images).
         batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
         on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on)
@@ -184,7 +185,7 @@ class SaliencyMonitor(_Base):
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap = cmap
         # validated now: an unknown method or metric is a configuration error, not a mid-training surprise
-        self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else ALL_METRICS,
+        self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
                               layer="auto", batch_size=batch_size, target=target,
                               method_options=dict(method_options or {}), stability_images=stability_images,
                               expensive_images=expensive_images, seed=seed)
@@ -290,6 +291,9 @@ class SaliencyMonitor(_Base):
         self._shard = probe.shard(rank, world) if world > 1 else probe
         self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
+        # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank asks, here
+        self._directory = self._report_dir(trainer)
+        self._log_dir = str(trainer.log_dir or trainer.default_root_dir)
         if rank == 0:
             self._open_report(trainer, pl_module)
 
@@ -311,14 +315,14 @@ class SaliencyMonitor(_Base):
     def _open_report(self, trainer: Any, pl_module: Any) -> None:
         from .sinks import sinks_for_loggers
 
-        directory = self._report_dir(trainer)
+        directory = self._directory
         os.makedirs(directory, exist_ok=True)
         report = AuditReport(os.path.join(directory, "report.json"))
         if os.path.exists(report.path):
             with contextlib.suppress(Exception):
                 report = AuditReport.load(report.path)
         report.set_header(
-            run={"log_dir": str(trainer.log_dir or trainer.default_root_dir), "model": type(pl_module).__name__,
+            run={"log_dir": self._log_dir, "model": type(pl_module).__name__,
                  "torch": torch.__version__, "lightning": pl.__version__, "precision": str(trainer.precision),
                  "world_size": _world(trainer)[1]},
             probe=probe_info(self.probe),
@@ -386,7 +390,7 @@ class SaliencyMonitor(_Base):
         param = next(pl_module.parameters(), None)
         if param is not None and param.is_floating_point() and param.dtype != moved.inputs.dtype:
             moved = ProbeSet(moved.inputs.to(param.dtype), moved.targets, moved.groups, moved.object_masks,
-                             moved.spurious_masks)
+                             moved.spurious_masks, indices=moved.indices)  # positions pick the metric subsets
         try:
             with _eager(), SideEffectGuard(pl_module):
                 result = audit_shard(pl_module, moved, self.spec, previous_maps=self._prev_maps,
@@ -411,7 +415,7 @@ class SaliencyMonitor(_Base):
             "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
         }
         report = self._report
-        directory = self._report_dir(trainer)
+        directory = self._directory
         if result.maps and self.save_maps:
             try:
                 record["maps"] = save_maps(directory, epoch, result.maps, result.predictions)
