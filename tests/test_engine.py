@@ -216,6 +216,13 @@ def test_on_error_collect_keeps_the_methods_that_work():
     assert "cam" in info.errors and "gradcam" in info.errors["cam"]
     with pytest.raises(ValueError, match="gradcam"):
         attribute(model, _x(2), methods=("cam", "gradcam"), layer="1")
+    # nn.ReLU is there, but a model whose forward fails in one method's pass only loses that method
+    exploding = Exploding(fail_at=2)  # forward 1: the shared pass; forward 2: guided backprop
+    maps, info = attribute(exploding, _x(2), methods=("gradcam", "guided_gradcam", "occlusion"),
+                           layer=TargetLayer("features", exploding.features, None), on_error="collect",
+                           return_info=True, **FAST)
+    assert list(maps) == ["gradcam", "occlusion"]
+    assert list(info.errors) == ["guided_gradcam"] and "boom" in info.errors["guided_gradcam"]
 
 
 # ------------------------------------------------------------------------------------------- side effects

@@ -455,7 +455,8 @@ def attribute(
             - ``autocast=True``: keep the caller's autocast (mixed precision) for the forwards, as the model
               runs in training; ``False`` runs them in full precision. Maps are computed in float32 either way.
             - ``on_error="raise"``: a failing method raises. ``"collect"``: it is left out of the result and its
-              error recorded in ``AttributionInfo.errors`` (bad arguments and a failing forward still raise).
+              error recorded in ``AttributionInfo.errors``; bad arguments and a failing shared forward still
+              raise.
             - ``return_info=False``: ``True`` returns ``(maps, AttributionInfo)`` (targets, predictions,
               scores, forward dtype, pass counts, timings, errors).
 
@@ -526,7 +527,7 @@ def attribute(
             begin = time.perf_counter()
             try:
                 maps[method] = fn()
-            except ValueError as err:
+            except Exception as err:  # noqa: BLE001 - under "collect" any failure of one method is recorded
                 if collect is None:
                     raise
                 collect[method] = f"{type(err).__name__}: {err}"
@@ -545,7 +546,9 @@ def attribute(
                 if "guided_backprop" in maps and "_gradcam_up" in maps:
                     maps["guided_gradcam"] = guided_gradcam(maps["guided_backprop"], maps["_gradcam_up"])
                 elif collect is not None:
-                    collect["guided_gradcam"] = collect.get("guided_backprop") or collect.get("gradcam", "failed")
+                    collect["guided_gradcam"] = collect.get("guided_backprop") or "Grad-CAM failed"
+            if collect is not None and "guided_backprop" not in names:
+                collect.pop("guided_backprop", None)
         if "occlusion" in names:
             if isinstance(opts["occlusion_baseline"], Tensor):
                 fill: float | Tensor = _baseline(opts["occlusion_baseline"], x, "occlusion_baseline")
