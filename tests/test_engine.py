@@ -444,3 +444,12 @@ def test_compiled_model_is_explained_through_its_original_module():
         maps = attribute(compiled, x, methods=("gradcam", "gradient"), layer=layer)
         for name in maps:
             torch.testing.assert_close(maps[name], reference[name])
+
+
+def test_layer_auto_picks_the_last_spatial_block():
+    model = _net()
+    maps, info = attribute(model, _x(2), methods=("gradcam", "cam"), return_info=True)
+    assert info.layer == "features"
+    named = attribute(model, _x(2), methods=("gradcam", "cam"), layer="features")
+    for name in maps:
+        torch.testing.assert_close(maps[name], named[name])
