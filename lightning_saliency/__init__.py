@@ -3,12 +3,42 @@
 The public API (DESIGN §3): :func:`attribute` computes saliency maps, :class:`ProbeSet` is the fixed set of
 images an audit explains, :class:`SaliencyMonitor` and :class:`ShortcutAlarm` are the Lightning callbacks, and
 :mod:`lightning_saliency.metrics` scores maps.
+
+The names are imported on first use, so that ``lightning-saliency gate`` (which only reads a JSON report) does not
+pay for importing Lightning.
 """
 
-from lightning_saliency.callbacks import SaliencyMonitor, ShortcutAlarm, ShortcutDetected
-from lightning_saliency.methods.engine import METHODS, attribute
-from lightning_saliency.probe import ProbeSet
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "attribute": "lightning_saliency.methods.engine",
+    "METHODS": "lightning_saliency.methods.engine",
+    "ProbeSet": "lightning_saliency.probe",
+    "SaliencyMonitor": "lightning_saliency.callbacks",
+    "ShortcutAlarm": "lightning_saliency.callbacks",
+    "ShortcutDetected": "lightning_saliency.callbacks",
+}
+
 __all__ = ["METHODS", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute"]
+
+if TYPE_CHECKING:
+    from lightning_saliency.callbacks import SaliencyMonitor, ShortcutAlarm, ShortcutDetected
+    from lightning_saliency.methods.engine import METHODS, attribute
+    from lightning_saliency.probe import ProbeSet
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_saliency' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
