@@ -453,3 +453,27 @@ def test_layer_auto_picks_the_last_spatial_block():
     named = attribute(model, _x(2), methods=("gradcam", "cam"), layer="features")
     for name in maps:
         torch.testing.assert_close(maps[name], named[name])
+
+
+def test_on_error_collect_when_the_layer_does_not_reach_the_logits():
+    class SideBranch(Net):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Conv2d(3, 3, 1)  # never called
+            self.probe = nn.Conv2d(3, 3, 1)  # called, output discarded
+
+        def forward(self, x):
+            self.probe(x)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = SideBranch()
+    for name, message in [("unused", "did not run"), ("probe", "does not depend on layer")]:
+        layer = TargetLayer(name, getattr(model, name), None)
+        maps, info = attribute(model, _x(2), methods=("gradcam", "guided_gradcam", "gradient"), layer=layer,
+                               on_error="collect", return_info=True)
+        assert list(maps) == ["gradient"]
+        assert set(info.errors) == {"gradcam", "guided_gradcam"}
+        assert message in info.errors["gradcam"] and message in info.errors["guided_gradcam"]
+        with pytest.raises(ValueError, match=message):
+            attribute(model, _x(2), methods=("gradcam", "gradient"), layer=layer)

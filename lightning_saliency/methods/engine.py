@@ -350,14 +350,14 @@ def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | 
         preds.append(pred)
         scores.append(score.detach())
 
-        A_raw = None
-        if cap is not None:
-            A_raw = cap.activation
-            if A_raw is None:
-                raise ValueError(f"layer {target.name!r} did not run in the forward pass; choose a layer that the "
-                                 "model's forward uses")
+        A_raw = cap.activation if cap is not None else None
+        layer_error: ValueError | None = None
+        if cap is not None and A_raw is None:
+            layer_error = ValueError(f"layer {target.name!r} did not run in the forward pass; choose a layer that "
+                                     "the model's forward uses")
+        act_grad = need_act_grad and layer_error is None
         wrt: list[Tensor] = []
-        if need_act_grad:
+        if act_grad:
             wrt.append(A_raw)
         if need_input_grad:
             wrt.append(xc)
@@ -365,17 +365,24 @@ def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | 
         if wrt:
             grads = list(torch.autograd.grad(score.sum(), wrt, allow_unused=True))
             scorer.backwards += 1
-        g_act = grads.pop(0) if need_act_grad else None
+        g_act = grads.pop(0) if act_grad else None
         g_x = grads.pop(0) if need_input_grad else None
 
         A = G = None
-        if A_raw is not None:
-            A = _as_grid(A_raw.detach(), target).float()
-        if need_act_grad:
-            if g_act is None:
-                raise ValueError(f"the class score does not depend on layer {target.name!r}'s output (zero "
-                                 "gradient path): choose a layer that feeds the logits")
-            G = _as_grid(g_act, target).float()
+        try:
+            if layer_error is not None:
+                raise layer_error
+            if A_raw is not None:
+                A = _as_grid(A_raw.detach(), target).float()
+            if act_grad:
+                if g_act is None:
+                    raise ValueError(f"the class score does not depend on layer {target.name!r}'s output (no "
+                                     "gradient path): choose a layer that feeds the logits")
+                G = _as_grid(g_act, target).float()
+        except ValueError as err:  # every layer-based method fails alike; the input-gradient ones carry on
+            for m in out:
+                if (m in _NEEDS_LAYER or m == "_gradcam_up") and m not in failed:
+                    fail(m, err)
         if g_x is None and need_input_grad:
             g_x = torch.zeros_like(xc)
 
@@ -486,7 +493,7 @@ def attribute(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, layer = _uncompiled(model, layer)
     opts = _check_options(options)
-    names = _check_methods(methods)
+    names = requested = _check_methods(methods)
     _check_inputs(inputs)
     N, _, H, W = inputs.shape
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
@@ -546,9 +553,8 @@ def attribute(
                 if "guided_backprop" in maps and "_gradcam_up" in maps:
                     maps["guided_gradcam"] = guided_gradcam(maps["guided_backprop"], maps["_gradcam_up"])
                 elif collect is not None:
-                    collect["guided_gradcam"] = collect.get("guided_backprop") or "Grad-CAM failed"
-            if collect is not None and "guided_backprop" not in names:
-                collect.pop("guided_backprop", None)
+                    collect["guided_gradcam"] = (collect.get("guided_backprop") or collect.get("_gradcam_up")
+                                                 or "Grad-CAM failed")
         if "occlusion" in names:
             if isinstance(opts["occlusion_baseline"], Tensor):
                 fill: float | Tensor = _baseline(opts["occlusion_baseline"], x, "occlusion_baseline")
@@ -562,5 +568,6 @@ def attribute(
         return result
     info = AttributionInfo(targets=t.detach(), predictions=pred, scores=score.float(), forward_dtype=dtype,
                            layer=None if target is None else target.name, forwards=scorer.forwards,
-                           backwards=scorer.backwards, seconds=seconds, errors=dict(collect or {}))
+                           backwards=scorer.backwards, seconds=seconds,
+                           errors={m: e for m, e in (collect or {}).items() if m in requested})
     return result, info
