@@ -30,12 +30,13 @@ class TinyNet(L.LightningModule):
     """A ``lightning.pytorch`` module (not ``pytorch_lightning``) with its own dataloaders: the monitor draws
     its probe from ``val_dataloader()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_train: int = 48, n_val: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
         cfg = ShapesConfig(size=16)
-        self.train_set, self.val_set = ShortcutShapes(48, "label", 0, cfg), ShortcutShapes(16, "random", 1, cfg)
+        self.train_set = ShortcutShapes(n_train, "label", 0, cfg)
+        self.val_set = ShortcutShapes(n_val, "random", 1, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

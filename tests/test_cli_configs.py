@@ -1,0 +1,124 @@
+"""The ready LightningCLI configs under ``callbacks/`` build the callbacks from YAML and audit a real fit.
+
+``callbacks/audit.yaml`` with ``pytorch_lightning.cli.LightningCLI`` (the shortcut example's model and
+datamodule) and with ``lightning.pytorch.cli.LightningCLI`` (a ``lightning.pytorch`` module);
+``callbacks/audit-wandb.yaml`` with ``WANDB_MODE=offline``: the offline run directory holds the overlays.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+
+import pytest
+import yaml
+
+from examples.shortcut_shapes import ShapesDataModule, ShapesNet
+from lightning_saliency import SaliencyMonitor, ShortcutAlarm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUDIT = os.path.join(ROOT, "callbacks", "audit.yaml")
+AUDIT_WANDB = os.path.join(ROOT, "callbacks", "audit-wandb.yaml")
+# small data: 16-px images, a validation set as large as the configs' 64-image probe
+SMALL = ["--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--trainer.enable_checkpointing=false"]
+SHAPES = ["--data.n_train=64", "--data.n_val=64", "--data.batch_size=32", "--data.image_size=16",
+          "--data.n_probe=16", "--model.width=4"]
+
+
+def _run_cli(distribution: str, config: str, root: str, *extra: str):
+    args = ["fit", "--config", config, *SMALL, f"--trainer.default_root_dir={root}", *extra]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ShortcutAlarm")
+        if distribution == "pytorch_lightning":
+            from pytorch_lightning.cli import LightningCLI
+
+            return LightningCLI(ShapesNet, ShapesDataModule, args=[*args, *SHAPES], save_config_callback=None)
+        from lightning.pytorch.cli import LightningCLI
+
+        from tests.test_distributions import TinyNet
+
+        return LightningCLI(TinyNet, args=[*args, "--model.n_train=32", "--model.n_val=64"],
+                            save_config_callback=None)
+
+
+def _report(directory: str) -> dict:
+    with open(os.path.join(directory, "saliency", "report.json")) as f:
+        return json.load(f)
+
+
+def test_configs_are_valid_yaml_with_the_documented_defaults():
+    for path in (AUDIT, AUDIT_WANDB):
+        with open(path) as f:
+            callbacks = yaml.safe_load(f)["trainer"]["callbacks"]
+        monitor = next(c for c in callbacks if c["class_path"] == "lightning_saliency.SaliencyMonitor")["init_args"]
+        assert monitor["probe"] is None and monitor["probe_size"] == 64
+        assert monitor["methods"] == ["gradcam", "gradient"] and monitor["every_n_epochs"] == 1
+        SaliencyMonitor(**monitor)  # every key is a real argument
+    with open(AUDIT) as f:
+        alarm = yaml.safe_load(f)["trainer"]["callbacks"][1]
+    assert alarm["class_path"] == "lightning_saliency.ShortcutAlarm" and alarm["init_args"]["action"] == "warn"
+    ShortcutAlarm(**alarm["init_args"])
+
+
+@pytest.mark.parametrize("distribution", ["pytorch_lightning", "lightning"])
+def test_audit_yaml_fit(distribution, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever the config leaves relative lands here
+    cli = _run_cli(distribution, AUDIT, str(tmp_path))
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, SaliencyMonitor)]
+    alarms = [c for c in cli.trainer.callbacks if isinstance(c, ShortcutAlarm)]
+    assert len(monitors) == 1 and len(alarms) == 1
+    assert alarms[0].action == "warn" and alarms[0].metric == "gradcam/spurious_mass"
+    assert len(monitors[0].probe) == 64  # drawn from the validation data
+    report = _report(cli.trainer.log_dir)
+    assert report["probe"]["size"] == 64 and report["probe"]["spurious_masks"]
+    assert report["config"]["methods"] == ["gradcam", "gradient"]
+    assert [a["epoch"] for a in report["audits"]] == [0]
+    metrics = report["audits"][0]["metrics"]
+    assert metrics["gradcam/spurious_mass"] is not None and metrics["gradient/object_mass"] is not None
+    assert glob.glob(os.path.join(cli.trainer.log_dir, "events.out.tfevents.*"))  # the default TensorBoard
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+                       "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off", "WANDB__DISABLE_STATS": "true",
+                       "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+                       "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+                       "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
+    wandb.teardown()  # stops wandb-core, which otherwise lives until the interpreter exits
+
+
+@pytest.mark.parametrize("distribution", ["pytorch_lightning", "lightning"])
+def test_audit_wandb_yaml_fit_offline(distribution, offline_wandb):
+    import wandb
+
+    tmp_path = offline_wandb
+    save_dir = str(tmp_path / "logs")
+    cli = _run_cli(distribution, AUDIT_WANDB, str(tmp_path), f"--trainer.logger.init_args.save_dir={save_dir}")
+    # "class_path: WandbLogger" resolves to the logger of the CLI's own distribution
+    assert type(cli.trainer.logger).__name__ == "WandbLogger"
+    assert type(cli.trainer.logger).__module__.startswith(distribution)
+    run_dir = os.path.dirname(cli.trainer.logger.experiment.dir)
+    wandb.run.finish()
+    wandb.teardown()  # wandb-core writes the run's files asynchronously; this waits for them
+    assert os.path.basename(run_dir).startswith("offline-run-") and run_dir.startswith(save_dir)
+    report = _report(cli.trainer.log_dir)
+    assert [a["epoch"] for a in report["audits"]] == [0]
+    overlays = {m: glob.glob(os.path.join(run_dir, "files", "media", "images", "saliency", m, "overlays_*.png"))
+                for m in ("gradcam", "gradient")}
+    assert all(len(files) == 16 for files in overlays.values()), overlays  # log_images: 16 per method
+    assert glob.glob(os.path.join(run_dir, "files", "media", "table", "saliency", "probe_*.table.json"))
+    (log,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))  # the offline transaction log: scalars and summary
+    with open(log, "rb") as f:
+        assert b"saliency/gradcam/spurious_mass" in f.read()
