@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 CLASSES = ("square", "disk", "cross")
 PATCH = (slice(1, 7), slice(1, 7))  # rows, cols of the shortcut patch
 PATCH_CODES = (0.8, 1.6, 2.4)  # patch brightness per class when the shortcut is present
+GATE_MAX_SPURIOUS = 0.1  # alarm and gate threshold on gradcam/spurious_mass: about 3x the patch's area fraction
 
 
 @dataclass
@@ -132,7 +133,7 @@ class ShapesDataModule(pl.LightningDataModule):
 class ShapesNet(pl.LightningModule):
     """A small CNN (three conv blocks with BatchNorm, global average pooling, dropout, a linear head)."""
 
-    def __init__(self, lr: float = 3e-3, width: int = 16, num_classes: int = len(CLASSES)) -> None:
+    def __init__(self, lr: float = 1e-3, width: int = 16, num_classes: int = len(CLASSES)) -> None:
         super().__init__()
         self.save_hyperparameters()
         w = width
@@ -183,14 +184,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="root directory for logs and the audit report")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-size", type=int, default=2400, help="training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-shortcut", action="store_true", help="train with a random patch: nothing to cheat with")
     p.add_argument("--no-audit", action="store_true", help="train without the callbacks (for benchmarks)")
     p.add_argument("--methods", default="gradcam,gradient", help="comma-separated attribution methods")
-    p.add_argument("--alarm", type=float, default=0.35, help="ShortcutAlarm threshold on gradcam/spurious_mass")
+    p.add_argument("--alarm", type=float, default=GATE_MAX_SPURIOUS,
+                   help="ShortcutAlarm threshold on gradcam/spurious_mass (the patch is 3.5%% of the image)")
     p.add_argument("--alarm-action", default="warn", choices=("warn", "stop", "raise"))
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline unless configured)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-gate", action="store_true", help="skip the CI gate and the HTML page at the end")
     return p.parse_args(argv)
 
 
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    dm = ShapesDataModule(shortcut=not args.no_shortcut, seed=args.seed)
+    dm = ShapesDataModule(n_train=args.train_size, shortcut=not args.no_shortcut, seed=args.seed)
     model = ShapesNet()
     from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -213,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_audit:
         from lightning_saliency import SaliencyMonitor, ShortcutAlarm
 
-        callbacks = [SaliencyMonitor(build_probe(dm), methods=tuple(args.methods.split(",")), every_n_epochs=1),
+        callbacks = [SaliencyMonitor(build_probe(dm), methods=tuple(args.methods.split(",")), every_n_epochs=1,
+                                     class_names=CLASSES),
                      ShortcutAlarm(metric="gradcam/spurious_mass", threshold=args.alarm, patience=2,
                                    action=args.alarm_action)]
     trainer = pl.Trainer(max_epochs=args.epochs, logger=loggers, callbacks=callbacks, accelerator="cpu",
@@ -227,8 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
         result["report"] = report
         print(f"\nAudit report:  {report}")
         print(f"Dashboard:     tensorboard --logdir {args.out}   (then open http://localhost:6006)")
-        print(f"HTML page:     lightning-saliency report {log_dir} -o {os.path.join(log_dir, 'audit.html')}")
-        print(f"CI gate:       lightning-saliency gate {report} --max gradcam/spurious_mass=0.2")
+        if not args.no_gate:
+            from lightning_saliency import cli
+
+            page = os.path.join(log_dir, "audit.html")
+            cli.main(["report", log_dir, "-o", page])
+            print(f"HTML page:     {page}   (opens offline in any browser)")
+            rule = f"gradcam/spurious_mass={GATE_MAX_SPURIOUS}"
+            print(f"\nCI gate:       lightning-saliency gate {report} --max {rule}\n")
+            result["gate"] = cli.main(["gate", report, "--max", rule])
+            verdict = {0: "PASS", 1: "FAIL: the model learned the shortcut"}.get(result["gate"], "ERROR")
+            print(f"\nGate verdict:  {verdict} (exit code {result['gate']})")
     return result
 
 

@@ -57,6 +57,9 @@ def _callback_bases() -> tuple[type, ...]:
 _Base = type("_Base", _callback_bases(), {"__doc__": "A callback for both Lightning distributions."})
 
 
+_MIN_TILE = 112  # smallest side, in pixels, of an overlay on the dashboard
+
+
 class ShortcutDetected(RuntimeError):
     """Raised by :class:`ShortcutAlarm` with ``action="raise"``."""
 
@@ -250,7 +253,8 @@ class SaliencyMonitor(_Base):
         if self._prepared_for == (id(trainer), id(pl_module)):
             return
         if self.probe is None:
-            self.probe = self._probe_from_data(trainer, pl_module)
+            with torch.inference_mode(False):  # validate/test get here under inference mode: no inference tensors
+                self.probe = self._probe_from_data(trainer, pl_module)
         probe = self.probe
         if self._loaded_fingerprint is not None and self._loaded_fingerprint != probe.fingerprint:
             if not self.allow_probe_change:
@@ -461,7 +465,9 @@ class SaliencyMonitor(_Base):
         probe = self.probe
         assert probe is not None
         n = min(self.log_images, len(probe))
-        images = [to_image(probe.inputs[i].float()) for i in range(n)]
+        # small inputs (CIFAR-sized) are enlarged, pixels kept sharp, so overlays and captions stay legible
+        scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
+        images = [to_image(probe.inputs[i].float()).repeat(scale, 0).repeat(scale, 1) for i in range(n)]
         captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
         for method, maps in result.maps.items():
             shown = normalize(maps[:n].abs() if method in ("input_x_gradient", "integrated_gradients") else maps[:n])
