@@ -92,17 +92,22 @@ def test_bundle_shares_one_forward_and_one_backward_per_batch(monkeypatch):
 
 def test_cam_family_alone_backpropagates_only_to_the_target_layer():
     model = _net()
-    reached = []
+    reached, recorded = [], []
 
     def watch(module, args, out):
-        out.register_hook(lambda grad: reached.append(1))
+        recorded.append(out.requires_grad)
+        if out.requires_grad:
+            out.register_hook(lambda grad: reached.append(1))
 
     model.stem.register_forward_hook(watch)
     target = TargetLayer("features", model.features, None)
-    attribute(model, _x(2), methods=("gradcam", "gradcam++", "hirescam", "layercam"), layer=target)
-    assert reached == []
-    attribute(model, _x(2), methods=("gradcam", "gradient"), layer=target)
-    assert reached == [1]
+    maps = attribute(model, _x(2), methods=("gradcam", "gradcam++", "hirescam", "layercam"), layer=target)
+    assert recorded == [False] and reached == []  # nothing before the layer recorded, nothing back-propagated
+    both = attribute(model, _x(2), methods=("gradcam", "gradcam++", "hirescam", "layercam", "gradient"),
+                     layer=target)
+    assert recorded == [False, True] and reached == [1]
+    for name in maps:  # the same maps either way
+        torch.testing.assert_close(maps[name], both[name])
 
 
 def test_multi_pass_methods_batch_rows_and_do_not_depend_on_batch_size():

@@ -6,7 +6,8 @@ to the layer's activations and/or the input, whichever the requested methods nee
 
 - ``cam`` needs the activations only (and the head's weights), no backward at all;
 - ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam`` need the activation gradient: when only these are asked
-  for, the backward stops at the target layer (cheap, like Captum's ``LayerGradCam``);
+  for, autograd starts recording at the target layer (the forward hook switches it on) and the backward stops
+  there, so the layers before it cost a plain inference forward;
 - ``gradient`` and ``input_x_gradient`` need the input gradient: the same backward carries on to the input.
 
 ``smoothgrad``, ``integrated_gradients``, ``guided_backprop`` and ``occlusion`` need passes of their own (noisy
@@ -260,9 +261,13 @@ def _as_grid(tensor: Tensor, target: Any) -> Tensor:
 class _Capture:
     """Forward hooks for the shared pass: the target layer's activations and, for CAM, the linear layers."""
 
-    def __init__(self, target: Any, watch_linear: bool):
+    def __init__(self, target: Any, watch_linear: bool, grad_from_here: bool = False):
         self.target = target
         self.watch_linear = watch_linear
+        # True when the forward runs without autograd up to the target layer (only the activation gradient is
+        # wanted): the hook turns autograd on for the rest of the network, so nothing before the layer is
+        # recorded or kept for a backward that will never reach it.
+        self.grad_from_here = grad_from_here
         self.reset()
 
     def reset(self) -> None:
@@ -273,6 +278,9 @@ class _Capture:
         if not isinstance(output, Tensor):
             raise ValueError(f"layer {self.target.name!r} returns {type(output).__name__}, not a tensor: choose "
                              "a layer whose output is one tensor (e.g. the block that contains it)")
+        if self.grad_from_here:
+            output = output.detach().requires_grad_(True)
+            torch.set_grad_enabled(True)  # for the rest of this forward; the caller's `with` block restores it
         self.activation = output
         self.linear_calls = []  # only linear layers that run after the target layer count for CAM
         # The network continues with a copy: an in-place op downstream (DenseNet's F.relu(inplace=True) on its
@@ -308,11 +316,12 @@ def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | 
     want_gradcam_up = "guided_gradcam" in names
     need_act_grad = bool(cam_like) or want_gradcam_up
     need_input_grad = any(m in ("gradient", "input_x_gradient") for m in names)
-    need_grad = need_act_grad or need_input_grad
     want_cam = "cam" in names
+    # only the activation gradient wanted: no autograd before the target layer (less time and memory)
+    grad_from_layer = need_act_grad and not need_input_grad
     cap = None
     if target is not None:
-        cap = _Capture(target, want_cam)
+        cap = _Capture(target, want_cam, grad_from_here=grad_from_layer)
         guard.add_forward_hook(target.module, cap.layer_hook)
         if want_cam:
             for m in model.modules():
@@ -333,10 +342,10 @@ def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | 
         failed.add(method)
 
     for s in range(0, N, batch_size):
-        xc = x[s : s + batch_size].detach().clone().requires_grad_(need_grad)
+        xc = x[s : s + batch_size].detach().clone().requires_grad_(need_input_grad)
         if cap is not None:
             cap.reset()
-        with torch.set_grad_enabled(need_grad):
+        with torch.set_grad_enabled(need_input_grad):
             logits = scorer.forward(xc)
         dtype = str(logits.dtype).replace("torch.", "")
         if s == 0:
