@@ -125,3 +125,39 @@ def test_alarm_without_monitor_is_a_setup_error_in_both(trainer_cls, tmp_path):
     kwargs = {"datamodule": U.datamodule()} if trainer_cls is pl.Trainer else {}
     with pytest.raises(ValueError, match="needs a SaliencyMonitor"):
         trainer.fit(module, **kwargs)
+
+
+class _TrainOnly(L.LightningModule):
+    """No val_dataloader (lightning.pytorch's default hook): nothing to draw a probe from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.net.training_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.net.train_dataloader()
+
+
+@pytest.mark.parametrize("distribution", ["pytorch_lightning", "lightning"])
+def test_no_probe_source_is_a_setup_error_in_both(distribution, tmp_path):
+    monitor, _ = _callbacks(None)
+    if distribution == "pytorch_lightning":
+        trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, **U.FAST)
+        dm = U.datamodule()
+        dm.setup()
+        fit = lambda: trainer.fit(U.model(), train_dataloaders=DataLoader(dm.train_set, batch_size=32))  # noqa: E731
+    else:
+        trainer = L.Trainer(max_epochs=1, callbacks=[monitor], logger=False, **U.FAST)
+        fit = lambda: trainer.fit(_TrainOnly())  # noqa: E731
+    with pytest.raises(ValueError, match="no probe"):
+        fit()
+    assert trainer.global_step == 0

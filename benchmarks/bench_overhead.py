@@ -1,0 +1,207 @@
+"""What the default audit costs the shortcut example (issue 3, point 8; DESIGN §6: at most 10%).
+
+Runs ``examples/shortcut_shapes.py``'s ``main()`` in this process with the same arguments, once with
+``--no-audit`` and once with the default SaliencyMonitor + ShortcutAlarm, ``--repeats`` times, alternating which
+goes first so that a drift of the machine's load hits both alike. Each run is timed end to end (the dataset
+generation and the fit; ``--no-gate``: the gate and the HTML page that the example runs after training are not
+training time). It prints a table of the runs, the medians and their ratio, then where the audit time went:
+
+- per audit, the record's own ``duration_s`` from ``report.json`` (attribution + metrics, before logging),
+- an inclusive breakdown from timing wrappers put around the library's functions for the audited runs only
+  (the probe draw, ``_prepare``, the attribution pass, stability's noisy passes, the other metrics, the
+  summary, the maps file, the report write, overlay rendering and each sink's methods).
+
+Usage::
+
+    python benchmarks/bench_overhead.py                 # the example's defaults (8 epochs, 2400 images), 3 x 2 runs
+    python benchmarks/bench_overhead.py --epochs 2 --train-size 600 --repeats 1   # a quick look
+
+Timings on a shared machine are noisy: compare the ratio, and rerun when the load changed during the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TARGET = 1.10
+
+
+class Timings:
+    """Inclusive wall time and call counts per label."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.depth: dict[str, int] = defaultdict(int)
+
+    def wrap(self, owner: Any, name: str, label: str | Callable[[], str]) -> Callable[[], None]:
+        """Replace ``owner.name`` by a timed version; returns the function that restores it."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            key = label() if callable(label) else label
+            self.depth[key] += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth[key] -= 1
+                if self.depth[key] == 0:  # recursion / nesting of the same label counts once
+                    self.seconds[key] += time.perf_counter() - start
+                    self.calls[key] += 1
+
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def instrumented(timings: Timings) -> Iterator[None]:
+    """Timing wrappers around the library's audit path (the library itself is not modified)."""
+    import examples.shortcut_shapes as example
+    import lightning_saliency.audit as audit
+    import lightning_saliency.callbacks as callbacks
+    import lightning_saliency.metrics as metrics
+    import lightning_saliency.render as render
+    import lightning_saliency.report as report
+    import lightning_saliency.sinks as sinks
+
+    def attribute_label() -> str:
+        return "attribute: stability's noisy passes" if timings.depth["stability (incl. its passes)"] else \
+            "attribute: the main pass"
+
+    restore = [
+        timings.wrap(example, "build_probe", "probe draw (build_probe, before fit)"),
+        timings.wrap(callbacks.SaliencyMonitor, "_prepare", "_prepare (all calls; the first does the work)"),
+        timings.wrap(callbacks.SaliencyMonitor, "audit", "audit (total)"),
+        timings.wrap(callbacks, "audit_shard", "audit_shard (maps + metrics)"),
+        timings.wrap(audit, "attribute", attribute_label),
+        timings.wrap(metrics, "stability", "stability (incl. its passes)"),
+        timings.wrap(callbacks.SaliencyMonitor, "_record_and_log", "_record_and_log (summary, files, sinks)"),
+        timings.wrap(callbacks, "summarize", "summarize"),
+        timings.wrap(callbacks, "save_maps", "save_maps (npz)"),
+        timings.wrap(report.AuditReport, "write", "report.json write"),
+        timings.wrap(render, "overlay", "render: overlay"),
+        timings.wrap(render, "to_image", "render: to_image"),
+    ]
+    for cls in (sinks.TensorBoardSink, sinks.PngSink):
+        for method in ("log_metrics", "log_overlays", "log_table", "summary", "log_text"):
+            if method in vars(cls):
+                restore.append(timings.wrap(cls, method, f"sink {cls.__name__}.{method}"))
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def run_once(audit: bool, args: argparse.Namespace, out: str, timings: Timings | None) -> tuple[float, dict]:
+    from examples.shortcut_shapes import main
+
+    argv = ["--out", out, "--quiet", "--no-gate", "--epochs", str(args.epochs), "--train-size",
+            str(args.train_size), "--seed", str(args.seed)]
+    if not audit:
+        argv.append("--no-audit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with instrumented(timings) if timings is not None else contextlib.nullcontext():
+            start = time.perf_counter()
+            result = main(argv)
+            elapsed = time.perf_counter() - start
+    return elapsed, result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=8, help="the example's default")
+    p.add_argument("--train-size", type=int, default=2400, help="the example's default")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the untimed 1-epoch run of each kind that absorbs imports and lazy initialisation")
+    p.add_argument("--out", default=None, help="where the runs' logs go (default: a temporary directory)")
+    args = p.parse_args(argv)
+
+    import pytorch_lightning as pl
+    import torch
+
+    out = args.out or tempfile.mkdtemp(prefix="bench_overhead_")
+    print(f"# bench_overhead: the shortcut example, {args.epochs} epochs, {args.train_size} training images, "
+          f"{args.repeats} x 2 runs\n")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, pytorch-lightning {pl.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+          f"{min(2, os.cpu_count() or 1)}, load average before {os.getloadavg()[0]:.2f}\n")
+    if args.warmup:  # imports and lazy initialisation, paid once per process, out of the timed runs
+        warm = argparse.Namespace(**{**vars(args), "epochs": 1, "train_size": 128})
+        for audit in (False, True):
+            run_once(audit, warm, os.path.join(out, f"warmup_{'audit' if audit else 'plain'}"), None)
+    plain: list[float] = []
+    audited: list[float] = []
+    timings = Timings()
+    reports: list[str] = []
+    rows = []
+    for i in range(args.repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        times = {}
+        for audit in order:
+            elapsed, result = run_once(audit, args, os.path.join(out, f"run{i}_{'audit' if audit else 'plain'}"),
+                                       timings if audit else None)
+            times[audit] = elapsed
+            (audited if audit else plain).append(elapsed)
+            if audit:
+                reports.append(result["report"])
+        rows.append((i, "plain, audit" if order[0] is False else "audit, plain", times[False], times[True],
+                     os.getloadavg()[0]))
+
+    print("| repeat | order | no audit (s) | default audit (s) | ratio | load avg after |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for i, order, t0, t1, load in rows:
+        print(f"| {i} | {order} | {t0:.2f} | {t1:.2f} | {t1 / t0:.3f} | {load:.2f} |")
+    m0, m1 = statistics.median(plain), statistics.median(audited)
+    ratio = m1 / m0
+    verdict = "meets" if ratio <= TARGET else "misses"
+    print(f"\nmedian: no audit {m0:.2f} s, default audit {m1:.2f} s, ratio {ratio:.3f} "
+          f"({verdict} the target <= {TARGET:.2f}; overhead {m1 - m0:+.2f} s per fit)\n")
+
+    # where the audit time goes
+    durations = []
+    for path in reports:
+        with open(path) as f:
+            durations.append([a["duration_s"] for a in json.load(f)["audits"]])
+    per_run = [sum(d) for d in durations]
+    n_audits = len(durations[0]) if durations else 0
+    print(f"report.json duration_s (attribution + metrics per audit, {n_audits} audits per fit): per fit "
+          f"{statistics.median(per_run):.2f} s (median), per audit {statistics.median(sum(durations, [])):.3f} s "
+          f"(median), first audit {statistics.median(d[0] for d in durations):.3f} s\n")
+    runs = max(len(reports), 1)
+    print(f"| where (inclusive, per audited fit: the mean of {runs}) | seconds | calls | share of the overhead |")
+    print("| --- | ---: | ---: | ---: |")
+    overhead = max(m1 - m0, 1e-9)
+    for key in sorted(timings.seconds, key=lambda k: -timings.seconds[k]):
+        s = timings.seconds[key] / runs
+        print(f"| {key} | {s:.3f} | {timings.calls[key] // runs} | {100 * s / overhead:.0f}% |")
+    print("\nNested labels are inclusive: audit (total) contains audit_shard and _record_and_log; audit_shard "
+          "contains the attribute passes and stability; stability contains its noisy passes.")
+    return {"plain": plain, "audited": audited, "ratio": ratio, "durations": durations,
+            "timings": {k: v / runs for k, v in timings.seconds.items()}}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
