@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alarm-threshold", type=float, default=0.0,
                    help="ShortcutAlarm(action='stop') threshold on gradcam/spurious_mass (max mode)")
     p.add_argument("--probe-size", type=int, default=48)
+    p.add_argument("--no-val", action="store_true", help="no validation loop (limit_val_batches=0)")
     return p.parse_args(argv)
 
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         logger=pl.loggers.CSVLogger(os.path.join(args.out, "logs"), name="run"),
         default_root_dir=os.path.join(args.out, "root"), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
+        limit_val_batches=0 if args.no_val else None,
     )
     trainer.fit(net, datamodule=datamodule())
     rank = trainer.global_rank
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         "shard_len": len(shard) if shard is not None else None,
         "shard_indices": shard.indices.tolist() if shard is not None else None,
         "history": mon.history, "alarm_firings": alarm.firings, "log_dir": trainer.log_dir,
+        "buffer_sums": [float(b.double().sum()) for b in net.buffers()],
     }
     if rank == 0:
         torch.save(net.state_dict(), os.path.join(args.out, "weights.pt"))

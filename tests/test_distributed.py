@@ -7,10 +7,13 @@ first audit. The run is shared by the tests below (module-scoped fixture) to kee
 How the reports are compared like with like: the alarm stops training right after the epoch-0 audit, so
 the weights rank 0 saves at the end of fit are exactly the weights that audit explained (no training step
 happens after it). The single-process reference loads those weights into a fresh model and audits them with
-``trainer.validate`` and a SaliencyMonitor of the same configuration (same probe, methods, metrics; first
-audit of each, so both run the expensive metrics and neither has drift). BatchNorm is audited in eval mode
-with the running statistics; under DDP the ranks' statistics are rank 0's (DDP broadcasts buffers from rank 0
-at each forward, validation included), which is what the saved weights hold.
+``trainer.validate`` and a SaliencyMonitor of the same configuration (same probe, methods, every metric; first
+audit of each, so both run the expensive metrics and neither has drift).
+
+BatchNorm: the fit has no validation loop, so at the audit each rank's running statistics are the ones it
+updated in its own last training step (a validation forward through DDP would have broadcast rank 0's). The
+monitor audits every shard with rank 0's buffers, the model the checkpoint holds, and gives each rank its own
+back afterwards: without that, rank 1's shard was explained by a different model (metrics off by up to 0.04).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _run_ddp(out: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    done = _run_ddp(out, "--devices", "2", "--max-epochs", "3", "--alarm-threshold", "0.0")
+    done = _run_ddp(out, "--devices", "2", "--max-epochs", "3", "--alarm-threshold", "0.0", "--no-val")
     assert done.returncode == 0, done.stdout[-4000:]
     ranks = []
     for r in (0, 1):
@@ -101,6 +104,14 @@ def test_probe_is_sharded_and_gathered(ddp_run):
     # every rank holds the same history (the record is broadcast from rank 0)
     assert ranks[0]["history"] == ranks[1]["history"]
     assert [a["epoch"] for a in report["audits"]] == [0]
+
+
+def test_each_rank_keeps_its_own_buffers_after_the_audit(ddp_run):
+    """The audit lends rank 0's BatchNorm statistics to rank 1 and gives rank 1 its own back: with no step
+    after the audit, the ranks end with the different statistics of their own last batches."""
+    _, ranks = ddp_run
+    assert len(ranks[0]["buffer_sums"]) == len(ranks[1]["buffer_sums"]) > 0
+    assert ranks[0]["buffer_sums"] != ranks[1]["buffer_sums"]
 
 
 def test_rank_zero_alone_writes(ddp_run):
