@@ -362,9 +362,10 @@ def merge(results: Sequence[ShardResult]) -> ShardResult:
         if all(key in r.maps for r in results):
             maps[key] = torch.cat([r.maps[key] for r in results])[order]
     per_image = {}
-    for key in results[0].per_image:
-        if all(key in r.per_image for r in results):
-            per_image[key] = torch.cat([r.per_image[key] for r in results])[order]
+    # a shard may hold none of a subset metric's images (stability_images, expensive_images): NaN there
+    for key in dict.fromkeys(k for r in results for k in r.per_image):
+        per_image[key] = torch.cat([r.per_image[key] if key in r.per_image else _nan(len(r.indices.reshape(-1)))
+                                    for r in results])[order]
     errors: list[dict[str, Any]] = []
     for r in results:
         errors.extend(e for e in r.errors if e not in errors)

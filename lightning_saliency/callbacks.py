@@ -95,6 +95,28 @@ def _broadcast(trainer: Any, obj: Any) -> Any:
     return trainer.strategy.broadcast(obj, src=0)
 
 
+@contextlib.contextmanager
+def _rank0_buffers(trainer: Any, module: nn.Module) -> Iterator[None]:
+    """Under DDP, audit every shard with rank 0's buffers (BatchNorm statistics, the model a checkpoint holds):
+    each rank updated its own in its last training step. The rank's own buffers are restored afterwards."""
+    _, world = _world(trainer)
+    buffers = list(module.buffers())
+    if world == 1 or not buffers or not torch.distributed.is_available() or \
+            not torch.distributed.is_initialized():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        saved = [b.detach().clone() for b in buffers]
+        for b in buffers:
+            torch.distributed.broadcast(b, src=0)
+    try:
+        yield
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
 class SaliencyMonitor(_Base):
     """Audit what the model looks at, on a fixed probe set, every ``every_n_epochs`` training epochs.
 
@@ -370,7 +392,8 @@ class SaliencyMonitor(_Base):
         started = time.perf_counter()
         expensive_metrics = set(EXPENSIVE_METRICS) & set(self.spec.metrics)
         expensive = bool(expensive_metrics) and len(self.history) % self.expensive_every_n_audits == 0
-        result = self._audit_shard(pl_module, expensive)
+        with _rank0_buffers(trainer, pl_module):
+            result = self._audit_shard(pl_module, expensive)
         self._prev_maps = result.maps or self._prev_maps
         gathered = _gather(trainer, result)
         record = None
@@ -430,20 +453,32 @@ class SaliencyMonitor(_Base):
             report.write()
         step = int(trainer.global_step)
         finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        overlays = []
+        if result.maps and self.log_images > 0 and self._sinks:
+            from .render import grid
+
+            # drawn once per audit, whatever the number of sinks
+            overlays = [(method, images, captions, grid(images, captions))
+                        for method, images, captions in self._overlays(result)]
+        logging_errors = len(record["errors"])
         for sink in self._sinks:
             try:
                 sink.log_metrics(finite, step)
-                if result.maps and self.log_images > 0:
-                    for method, images, captions in self._overlays(result):
-                        sink.log_overlays(method, images, captions, step, epoch=epoch)
+                for method, images, captions, picture in overlays:
+                    sink.log_overlays(method, images, captions, step, epoch=epoch, picture=picture)
+                if overlays:
                     sink.log_table("saliency/probe", *self._table(result, metrics), step)
                 sink.summary(finite)
+                sink.flush()
             except Exception as e:
                 record["errors"].append(error_record(e, method=None))
                 if not self._warned:
                     self._warned = True
                     warnings.warn(f"lightning-saliency: logging to {type(sink).__name__} failed ({e}); the report "
                                   "on disk is complete", RuntimeWarning, stacklevel=2)
+        if report is not None and len(record["errors"]) > logging_errors:  # keep the logging failure on disk too
+            record = report.append_audit(record)
+            report.write()
         if result.errors and not self._warned:
             self._warned = True
         return dict(record)
@@ -624,8 +659,12 @@ class ShortcutAlarm(_Base):
 
 def _overrides(module: Any, name: str) -> bool:
     fn = getattr(type(module), name, None)
-    base = getattr(pl.LightningModule, name, None)
-    return fn is not None and fn is not base
+    bases = [getattr(pl.LightningModule, name, None)]
+    with contextlib.suppress(ImportError):  # a lightning.pytorch module inherits that distribution's default hook
+        import lightning.pytorch as lpt
+
+        bases.append(getattr(lpt.LightningModule, name, None))
+    return fn is not None and all(fn is not base for base in bases)
 
 
 def _stage(trainer: Any) -> str:

@@ -156,6 +156,7 @@ def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+@lru_cache(maxsize=1)
 def _font() -> Any:
     from PIL import ImageFont
 
@@ -184,9 +185,14 @@ def _wrap(font: Any, text: str, width: int, max_lines: int) -> list[str]:
     cut: list[str] = []
     for line in lines:
         while len(line) > 1 and _text_width(font, line) > width:
-            n = len(line) - 1
-            while n > 1 and _text_width(font, line[:n]) > width:
-                n -= 1
+            lo, hi = 1, len(line) - 1  # the longest prefix that fits (at least one character), by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if _text_width(font, line[:mid]) <= width:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            n = lo
             cut.append(line[:n])
             line = line[n:]
         cut.append(line)

@@ -80,10 +80,12 @@ class Sink:
         """Log scalars ``{"<method>/<metric>": value}`` at ``step`` (the trainer's global step)."""
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None) -> None:
+                     epoch: int | None = None, picture: np.ndarray | None = None) -> None:
         """Log one method's overlays (``uint8 [H, W, 3]`` each) with one caption each.
 
-        ``epoch`` (optional) names files by epoch where a sink writes files (:class:`PngSink`).
+        ``epoch`` (optional) names files by epoch where a sink writes files (:class:`PngSink`). ``picture``
+        (optional) is :func:`~lightning_saliency.render.grid` of these overlays and captions, when the caller
+        already drew it (the monitor draws it once per audit for all sinks).
         """
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
@@ -156,8 +158,9 @@ class TensorBoardSink(Sink):
     """Writes to a TensorBoard ``SummaryWriter``: overlay grids, scalars, a custom-scalars layout, text.
 
     ``target`` is a Lightning ``TensorBoardLogger`` (its ``experiment`` is used, created on first use) or a
-    ``SummaryWriter`` (``torch.utils.tensorboard`` or ``tensorboardX``). Every call flushes the writer, so the
-    dashboard shows an audit as soon as it ends.
+    ``SummaryWriter`` (``torch.utils.tensorboard`` or ``tensorboardX``). Text and alerts flush at once; the rest
+    is flushed by :meth:`flush`, which the monitor calls at the end of every audit, so the dashboard shows an
+    audit as soon as it ends.
 
     Example:
         >>> import numpy as np, tempfile
@@ -196,23 +199,20 @@ class TensorBoardSink(Sink):
             w.add_scalar(_tag(key), float(value), self._step)  # NaN is kept: TensorBoard shows the gap
             logged.append(str(key))
         self._update_layout(logged)
-        w.flush()
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None) -> None:
+                     epoch: int | None = None, picture: np.ndarray | None = None) -> None:
         if not images:
             return
         self._step = int(step)
-        picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
-        w = self.writer
-        w.add_image(f"{PREFIX}/{method}/overlays", picture, self._step, dataformats="HWC")
-        w.flush()
+        if picture is None:
+            picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
+        self.writer.add_image(f"{PREFIX}/{method}/overlays", picture, self._step, dataformats="HWC")
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         self._step = int(step)
         w = self.writer
         w.add_text(_tag(name), _markdown_table(columns, rows), self._step)
-        w.flush()
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         self._step = int(step)
@@ -232,7 +232,6 @@ class TensorBoardSink(Sink):
         rows = [[k, _finite(v)] for k, v in sorted(metrics.items())]
         w = self.writer
         w.add_text(f"{PREFIX}/summary", _markdown_table(["metric", "value"], rows), self._step)
-        w.flush()
 
     def flush(self) -> None:
         self.writer.flush()
@@ -279,7 +278,7 @@ class WandbSink(Sink):
             self._log(payload, step)
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None) -> None:
+                     epoch: int | None = None, picture: np.ndarray | None = None) -> None:
         import wandb
 
         if not images:
@@ -355,10 +354,11 @@ class PngSink(Sink):
         return self.save_dir / "images" / _safe_name(method) / name
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None) -> Path | None:
+                     epoch: int | None = None, picture: np.ndarray | None = None) -> Path | None:
         if not images:
             return None
-        picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
+        if picture is None:
+            picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
         path = save_png(picture, self.path_for(method, step, epoch))
         self.written.append(path)
         return path
