@@ -314,12 +314,13 @@ class SaliencyMonitor(_Base):
         self.spec.layer = target
         self.layer_name = target.name
         rank, world = _world(trainer)
-        self._shard = probe.shard(rank, world) if world > 1 else probe
+        # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
+        self._shard = probe.shard(rank, world)
         self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank asks, here
-        self._directory = self._report_dir(trainer)
-        self._log_dir = str(trainer.log_dir or trainer.default_root_dir)
+        self._log_dir = self._run_dir(trainer)
+        self._directory = str(self.dirpath) if self.dirpath else os.path.join(self._log_dir, "saliency")
         if rank == 0:
             self._open_report(trainer, pl_module)
 
@@ -332,11 +333,20 @@ class SaliencyMonitor(_Base):
                              f"({type(e).__name__}: {e}); pass probe=ProbeSet.from_dataset(...)") from e
         return ProbeSet.from_dataloader(loader, size=self.probe_size, seed=self.probe_seed)
 
-    def _report_dir(self, trainer: Any) -> str:
-        if self.dirpath:
-            return str(self.dirpath)
+    @staticmethod
+    def _run_dir(trainer: Any) -> str:
+        """The run's own folder: the first logger's ``log_dir`` (TensorBoard, CSV); for loggers without one
+        (W&B) ``<save_dir>/<name>/<version>`` as checkpoints use, so that runs never share a report."""
         root = trainer.log_dir or trainer.default_root_dir
-        return os.path.join(root, "saliency")
+        loggers = list(getattr(trainer, "loggers", []) or [])
+        if loggers and getattr(loggers[0], "log_dir", None) is None and loggers[0].save_dir:
+            path = None
+            if _world(trainer)[0] == 0:
+                logger = loggers[0]
+                version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+                path = os.path.join(str(logger.save_dir), str(logger.name), version)
+            root = _broadcast(trainer, path)
+        return str(root)
 
     def _open_report(self, trainer: Any, pl_module: Any) -> None:
         from .sinks import sinks_for_loggers
@@ -455,10 +465,10 @@ class SaliencyMonitor(_Base):
         finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
         overlays = []
         if result.maps and self.log_images > 0 and self._sinks:
-            from .render import grid
+            from .render import Picture, grid
 
-            # drawn once per audit, whatever the number of sinks
-            overlays = [(method, images, captions, grid(images, captions))
+            # drawn and encoded once per audit, whatever the number of sinks
+            overlays = [(method, images, captions, Picture(grid(images, captions)))
                         for method, images, captions in self._overlays(result)]
         logging_errors = len(record["errors"])
         for sink in self._sinks:

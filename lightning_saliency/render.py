@@ -287,8 +287,42 @@ def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, nco
     return canvas
 
 
-def save_png(array: ArrayLike, path: str | os.PathLike) -> Path:
-    """Write a ``uint8 [H, W, 3]`` (or ``[H, W]``) array to ``path`` as PNG, creating parent folders.
+class Picture:
+    """An image to log, with its PNG encoding made once however many sinks write it.
+
+    Example:
+        >>> import numpy as np
+        >>> pic = Picture(np.zeros((4, 6, 3), np.uint8))
+        >>> pic.png[:4], pic.png is pic.png
+        (b'\\x89PNG', True)
+    """
+
+    def __init__(self, array: ArrayLike) -> None:
+        a = _to_numpy(array)
+        if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3))):
+            raise ValueError(f"a picture is a uint8 array [H, W, 3] or [H, W], got {a.dtype} {tuple(a.shape)}; "
+                             "convert with to_image() or overlay() first")
+        self.array = np.ascontiguousarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+        self._png: bytes | None = None
+
+    @property
+    def png(self) -> bytes:
+        """PNG bytes (zlib level 1: these are dashboards' pictures, written every audit)."""
+        if self._png is None:
+            import io
+
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            Image.fromarray(self.array, "RGB" if self.array.ndim == 3 else "L").save(buffer, format="PNG",
+                                                                                      compress_level=1)
+            self._png = buffer.getvalue()
+        return self._png
+
+
+def save_png(array: ArrayLike | Picture, path: str | os.PathLike) -> Path:
+    """Write a ``uint8 [H, W, 3]`` (or ``[H, W]``) array, or a :class:`Picture`, to ``path`` as PNG, creating
+    parent folders.
 
     The file is written to a temporary name in the same folder and renamed, so a reader never sees half a PNG.
 
@@ -298,20 +332,13 @@ def save_png(array: ArrayLike, path: str | os.PathLike) -> Path:
         >>> p.name
         'a.png'
     """
-    from PIL import Image
-
-    a = _to_numpy(array)
-    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3))):
-        raise ValueError(f"save_png expects a uint8 array [H, W, 3] or [H, W], got {a.dtype} "
-                         f"{tuple(a.shape)}; convert with to_image() or overlay() first")
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
+    pic = array if isinstance(array, Picture) else Picture(array)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(a), "RGB" if a.ndim == 3 else "L").save(f, format="PNG")
+            f.write(pic.png)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .render import grid, save_png
+from .render import Picture, grid, save_png
 
 __all__ = ["Sink", "TensorBoardSink", "WandbSink", "PngSink", "sinks_for_loggers", "PREFIX"]
 
@@ -80,7 +80,7 @@ class Sink:
         """Log scalars ``{"<method>/<metric>": value}`` at ``step`` (the trainer's global step)."""
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None, picture: np.ndarray | None = None) -> None:
+                     epoch: int | None = None, picture: np.ndarray | Picture | None = None) -> None:
         """Log one method's overlays (``uint8 [H, W, 3]`` each) with one caption each.
 
         ``epoch`` (optional) names files by epoch where a sink writes files (:class:`PngSink`). ``picture``
@@ -201,13 +201,26 @@ class TensorBoardSink(Sink):
         self._update_layout(logged)
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None, picture: np.ndarray | None = None) -> None:
+                     epoch: int | None = None, picture: np.ndarray | Picture | None = None) -> None:
         if not images:
             return
         self._step = int(step)
         if picture is None:
             picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
-        self.writer.add_image(f"{PREFIX}/{method}/overlays", picture, self._step, dataformats="HWC")
+        self._add_png(f"{PREFIX}/{method}/overlays", picture if isinstance(picture, Picture) else Picture(picture))
+
+    def _add_png(self, tag: str, picture: Picture) -> None:
+        """An image summary from already-encoded PNG bytes (``add_image`` would encode it again)."""
+        file_writer = getattr(self.writer, "_get_file_writer", None)
+        if file_writer is None:  # not a torch / tensorboardX SummaryWriter: let it encode
+            self.writer.add_image(tag, picture.array, self._step, dataformats="HWC")
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        h, w = picture.array.shape[:2]
+        image = Summary.Image(height=h, width=w, colorspace=3 if picture.array.ndim == 3 else 1,
+                              encoded_image_string=picture.png)
+        file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), self._step)
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         self._step = int(step)
@@ -278,7 +291,7 @@ class WandbSink(Sink):
             self._log(payload, step)
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None, picture: np.ndarray | None = None) -> None:
+                     epoch: int | None = None, picture: np.ndarray | Picture | None = None) -> None:
         import wandb
 
         if not images:
@@ -354,12 +367,12 @@ class PngSink(Sink):
         return self.save_dir / "images" / _safe_name(method) / name
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
-                     epoch: int | None = None, picture: np.ndarray | None = None) -> Path | None:
+                     epoch: int | None = None, picture: np.ndarray | Picture | None = None) -> Path | None:
         if not images:
             return None
         if picture is None:
             picture = grid(list(images), list(captions) if captions is not None else None, ncols=self.ncols)
-        path = save_png(picture, self.path_for(method, step, epoch))
+        path = save_png(picture if isinstance(picture, Picture) else Picture(picture), self.path_for(method, step, epoch))
         self.written.append(path)
         return path
 

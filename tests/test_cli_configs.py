@@ -113,7 +113,9 @@ def test_audit_wandb_yaml_fit_offline(distribution, offline_wandb):
     wandb.run.finish()
     wandb.teardown()  # wandb-core writes the run's files asynchronously; this waits for them
     assert os.path.basename(run_dir).startswith("offline-run-") and run_dir.startswith(save_dir)
-    report = _report(cli.trainer.log_dir)
+    # W&B has no log_dir: the report goes to <save_dir>/<name>/<version>, as checkpoints do, never shared by runs
+    logger = cli.trainer.logger
+    report = _report(os.path.join(save_dir, str(logger.name), str(logger.version)))
     assert [a["epoch"] for a in report["audits"]] == [0]
     overlays = {m: glob.glob(os.path.join(run_dir, "files", "media", "images", "saliency", m, "overlays_*.png"))
                 for m in ("gradcam", "gradient")}
