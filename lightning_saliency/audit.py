@@ -130,7 +130,7 @@ class AuditSpec:
     method_options: dict[str, Any] = field(default_factory=dict)
     stability_k: int = 4
     stability_sigma: float = 0.1
-    stability_images: int | None = 16
+    stability_images: int | None = 8
     expensive_images: int | None = 16
     seed: int = 0
 

@@ -57,7 +57,7 @@ def _callback_bases() -> tuple[type, ...]:
 _Base = type("_Base", _callback_bases(), {"__doc__": "A callback for both Lightning distributions."})
 
 
-_MIN_TILE = 112  # smallest side, in pixels, of an overlay on the dashboard
+_MIN_TILE = 96  # smallest side, in pixels, of an overlay on the dashboard
 
 
 class ShortcutDetected(RuntimeError):
@@ -182,7 +182,7 @@ class SaliencyMonitor(_Base):
         class_names: Sequence[str] | None = None,
         cmap: str = "jet",
         method_options: dict[str, Any] | None = None,
-        stability_images: int | None = 16,
+        stability_images: int | None = 8,
         expensive_images: int | None = 16,
         seed: int = 0,
     ) -> None:

@@ -221,3 +221,19 @@ def test_warns_no_more_than_needed_when_all_is_well(tmp_path):
         U.fit([_cheap()], tmp_path, max_epochs=1)
     ours = [w for w in caught if "lightning-saliency" in str(w.message) or "lightning_saliency" in w.filename]
     assert not ours, [str(w.message) for w in ours]
+
+
+def test_logging_failure_on_the_image_thread_is_recorded_and_training_goes_on(tmp_path, monkeypatch):
+    from lightning_saliency import sinks
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sinks.PngSink, "log_overlays", broken)
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        trainer, _ = U.fit([_cheap()], tmp_path, max_epochs=2)
+    assert trainer.current_epoch == 2
+    audits = _report(trainer)["audits"]
+    assert all(any(e["message"] == "disk full" for e in a["errors"]) for a in audits)
+    # the TensorBoard-free run still has its metrics
+    assert all(a["metrics"]["gradcam/spurious_mass"] is not None for a in audits)
