@@ -386,13 +386,23 @@ class SaliencyMonitor(_Base):
         epoch = max(int(trainer.current_epoch) - 1, 0)
         if self._prepared_for == (id(trainer), id(pl_module)) and not any(r["epoch"] == epoch for r in self.history):
             self.audit(trainer, pl_module, epoch=epoch)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule
+        (TensorBoard: its writer thread, every ``flush_secs``), off the training thread."""
+        for sink in self._sinks:
+            with contextlib.suppress(Exception):
+                sink.flush()
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
             self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+            self._flush()
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+        self._flush()
 
     # -- one audit ----------------------------------------------------------------------------------------------
     def audit(self, trainer: Any, pl_module: Any, epoch: int) -> dict[str, Any]:
@@ -471,15 +481,15 @@ class SaliencyMonitor(_Base):
             overlays = [(method, images, captions, Picture(grid(images, captions)))
                         for method, images, captions in self._overlays(result)]
         logging_errors = len(record["errors"])
+        table = self._table(result) if overlays else None
         for sink in self._sinks:
             try:
                 sink.log_metrics(finite, step)
                 for method, images, captions, picture in overlays:
                     sink.log_overlays(method, images, captions, step, epoch=epoch, picture=picture)
-                if overlays:
-                    sink.log_table("saliency/probe", *self._table(result, metrics), step)
+                if table is not None:
+                    sink.log_table("saliency/probe", *table, step)
                 sink.summary(finite)
-                sink.flush()
             except Exception as e:
                 record["errors"].append(error_record(e, method=None))
                 if not self._warned:
@@ -518,18 +528,17 @@ class SaliencyMonitor(_Base):
             shown = normalize(maps[:n].abs() if method in ("input_x_gradient", "integrated_gradients") else maps[:n])
             yield method, [overlay(images[i], shown[i].numpy(), cmap=self.cmap) for i in range(n)], captions
 
-    def _table(self, result: ShardResult, metrics: dict[str, float]) -> tuple[list[str], list[list[Any]]]:
+    def _table(self, result: ShardResult) -> tuple[list[str], list[list[Any]]]:
+        """One row per probe image: index, label, prediction, group and its per-image metric values."""
         probe = self.probe
         assert probe is not None
         keys = sorted(result.per_image)
-        columns = ["index", "label", "prediction", "group", *keys]
-        rows = []
-        for i in range(len(probe)):
-            row = [i, int(probe.targets[i]), int(result.predictions[i]),
-                   str(probe.groups[i]) if probe.groups is not None else ""]
-            row += [float(result.per_image[k][i]) for k in keys]
-            rows.append(row)
-        return columns, rows
+        values = [result.per_image[k].tolist() for k in keys]
+        labels, predictions = probe.targets.tolist(), result.predictions.tolist()
+        groups = probe.groups if probe.groups is not None else [""] * len(probe)
+        rows = [[i, labels[i], predictions[i], str(groups[i]), *(column[i] for column in values)]
+                for i in range(len(probe))]
+        return ["index", "label", "prediction", "group", *keys], rows
 
     # -- alarms -------------------------------------------------------------------------------------------------
     def _register(self, alarm: ShortcutAlarm) -> None:

@@ -158,9 +158,9 @@ class TensorBoardSink(Sink):
     """Writes to a TensorBoard ``SummaryWriter``: overlay grids, scalars, a custom-scalars layout, text.
 
     ``target`` is a Lightning ``TensorBoardLogger`` (its ``experiment`` is used, created on first use) or a
-    ``SummaryWriter`` (``torch.utils.tensorboard`` or ``tensorboardX``). Text and alerts flush at once; the rest
-    is flushed by :meth:`flush`, which the monitor calls at the end of every audit, so the dashboard shows an
-    audit as soon as it ends.
+    ``SummaryWriter`` (``torch.utils.tensorboard`` or ``tensorboardX``). Text and alerts (alarm firings) flush
+    at once; the rest goes through the writer's own thread, which flushes every ``flush_secs``, and
+    :meth:`flush`, which the monitor calls when fit, validate or test ends.
 
     Example:
         >>> import numpy as np, tempfile
