@@ -241,7 +241,7 @@ def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[floa
 
     Example:
         >>> _ticks(0.0, 7.0, 6, integer=True)
-        [0.0, 2.0, 4.0, 6.0]
+        [0, 2, 4, 6]
     """
     span = hi / 2 - lo / 2  # half the span: finite for any finite lo, hi
     if not (span > 0 and math.isfinite(span)):
