@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stability-images", type=int, default=8,
+                        help="probe images stability scores (the monitor's default: the first 8)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         return fn
 
     maps = explain(x, targets)
+    ks = min(args.stability_images, args.images)
     prev = {k: v.roll(1, dims=-1) for k, v in maps.items()}
     ixg = attribute(model, x, targets, methods=("input_x_gradient",))["input_x_gradient"]
 
@@ -139,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         "object_mass": ("", each(lambda m, _: region_mass(m, obj))),
         "spurious_mass": ("", each(lambda m, _: region_mass(m, spur))),
         "pointing_game": ("", each(lambda m, _: pointing_game(m, obj))),
-        "stability": ("k=4, both methods per pass", lambda: stability(explain, x, targets, k=4, maps=maps)),
+        "stability": (f"k=4, both methods per pass, first {ks} images",
+                      lambda: stability(explain, x[:ks], targets[:ks], k=4,
+                                        maps={m: v[:ks] for m, v in maps.items()})),
         "attention_disparity": ("", each(lambda m, _: attention_disparity(region_mass(m, spur), groups))),
         "group_divergence": ("", each(lambda m, _: group_divergence(m, groups))),
         "drift": ("", each(lambda m, name: drift(prev[name], m))),

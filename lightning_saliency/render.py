@@ -168,7 +168,8 @@ def _text_width(font: Any, text: str) -> int:
     return int(math.ceil(right - left))
 
 
-def _wrap(font: Any, text: str, width: int, max_lines: int) -> list[str]:
+@lru_cache(maxsize=4096)  # captions repeat from audit to audit and method to method
+def _wrap(font: Any, text: str, width: int, max_lines: int) -> tuple[str, ...]:
     """Split ``text`` into at most ``max_lines`` lines no wider than ``width`` px (words first, then characters)."""
     lines: list[str] = []
     for paragraph in str(text).splitlines() or [""]:
@@ -202,7 +203,7 @@ def _wrap(font: Any, text: str, width: int, max_lines: int) -> list[str]:
         while last and _text_width(font, last + "…") > width:
             last = last[:-1]
         cut[-1] = last + "…"
-    return cut
+    return tuple(cut)
 
 
 def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, ncols: int | None = None,
@@ -249,7 +250,7 @@ def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, nco
     h = max(t.shape[0] for t in tiles)
     w = max(t.shape[1] for t in tiles)
 
-    wrapped: list[list[str]] = []
+    wrapped: list[tuple[str, ...]] = []
     caption_h = 0
     font = None
     line_h = 0

@@ -401,19 +401,23 @@ def _logger_classes(name: str) -> tuple[type, ...]:
     return tuple(classes)
 
 
-def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | None = None) -> list[Sink]:
+def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | None = None,
+                      always_png: bool = False) -> list[Sink]:
     """One sink per supported logger in ``loggers`` (``trainer.loggers``; a single logger or ``None`` work
-    too), followed by a :class:`PngSink` writing to ``save_dir`` (``<log_dir>/saliency``), always.
+    too); when none of them is a dashboard, a :class:`PngSink` writing to ``save_dir`` (``<log_dir>/saliency``).
 
-    TensorBoard and W&B loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` are recognised;
-    any other logger (CSV, MLflow, ...) gets nothing beyond the PNG files and the report.
+    TensorBoard and W&B loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` are recognised; with any
+    other logger (CSV, MLflow, ...) or none, the overlays go to PNG files beside the report.
+    ``always_png=True`` writes the PNG files even beside a dashboard.
 
     Example:
         >>> import tempfile
         >>> from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
         >>> d = tempfile.mkdtemp()
         >>> [type(s).__name__ for s in sinks_for_loggers([TensorBoardLogger(d), CSVLogger(d)], d)]
-        ['TensorBoardSink', 'PngSink']
+        ['TensorBoardSink']
+        >>> [type(s).__name__ for s in sinks_for_loggers([CSVLogger(d)], d)]
+        ['PngSink']
     """
     if loggers is None or loggers is False:
         loggers = []
@@ -431,5 +435,6 @@ def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | No
             sinks.append(TensorBoardSink(logger, ncols=ncols))
         elif wandb_classes and isinstance(logger, wandb_classes):
             sinks.append(WandbSink(logger))
-    sinks.append(PngSink(save_dir, ncols=ncols))
+    if always_png or not sinks:
+        sinks.append(PngSink(save_dir, ncols=ncols))
     return sinks

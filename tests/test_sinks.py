@@ -120,7 +120,8 @@ def test_tensorboard_pytorch_lightning_logger(tmp_path):
     tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
     csv = CSVLogger(save_dir=str(tmp_path), name="csv")
     save_dir = tmp_path / "tb" / "version_0" / "saliency"
-    sinks = sinks_for_loggers([csv, tb], save_dir)
+    assert [type(s) for s in sinks_for_loggers([csv, tb], save_dir)] == [TensorBoardSink]  # PNGs: no dashboard only
+    sinks = sinks_for_loggers([csv, tb], save_dir, always_png=True)
     assert [type(s) for s in sinks] == [TensorBoardSink, PngSink]
     expected = _log_two_audits(sinks)
     _check_tensorboard(tb.log_dir, expected)
@@ -131,7 +132,7 @@ def test_tensorboard_lightning_pytorch_logger(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
-    sinks = sinks_for_loggers([tb, CSVLogger(save_dir=str(tmp_path))], tmp_path / "saliency")
+    sinks = sinks_for_loggers([tb, CSVLogger(save_dir=str(tmp_path))], tmp_path / "saliency", always_png=True)
     assert [type(s) for s in sinks] == [TensorBoardSink, PngSink]
     expected = _log_two_audits(sinks)
     _check_tensorboard(tb.log_dir, expected)
@@ -153,9 +154,10 @@ def test_dispatch_for_every_kind_of_logger(tmp_path):
     wb1 = PL.WandbLogger(offline=True, save_dir=str(tmp_path))
     wb2 = L.WandbLogger(offline=True, save_dir=str(tmp_path))
     sinks = sinks_for_loggers([tb1, wb1, tb2, wb2, tb1], save)
-    assert [type(s) for s in sinks] == [TensorBoardSink, WandbSink, TensorBoardSink, WandbSink, PngSink]
+    assert [type(s) for s in sinks] == [TensorBoardSink, WandbSink, TensorBoardSink, WandbSink]
     assert wb1._experiment is None and wb2._experiment is None
-    assert sinks[-1].save_dir == save
+    with_png = sinks_for_loggers([tb1], save, always_png=True)
+    assert [type(s) for s in with_png] == [TensorBoardSink, PngSink] and with_png[-1].save_dir == save
 
 
 def test_dispatch_never_imports_a_distribution_that_is_not_loaded(monkeypatch):
@@ -299,7 +301,7 @@ def test_wandb_offline_run_directory(offline_wandb):
     tmp_path = offline_wandb
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="saliency-test")
     save_dir = tmp_path / "saliency"
-    sinks = sinks_for_loggers([logger], save_dir)
+    sinks = sinks_for_loggers([logger], save_dir, always_png=True)
     assert [type(s) for s in sinks] == [WandbSink, PngSink]
     expected = _log_two_audits(sinks)
     logger.log_metrics({"train/loss": 0.7}, step=12)  # Lightning's own logging on the same run: no conflict
