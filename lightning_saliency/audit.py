@@ -78,7 +78,7 @@ EXPENSIVE_METRICS = ("deletion_auc", "insertion_auc", "infidelity", "max_sensiti
                      "randomization_similarity")
 ALL_METRICS = CHEAP_METRICS + EXPENSIVE_METRICS
 DEFAULT_METRICS = CHEAP_METRICS  # the expensive ones are opt-in, and then run every few audits only
-_COMPLETE_METHODS = ("integrated_gradients", "input_x_gradient")
+SIGNED_METHODS = ("integrated_gradients", "input_x_gradient")  # signed maps: metrics and pictures use |M|
 
 
 def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -282,7 +282,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     dev = inputs.device
     stab_d, exp_d = stab.to(dev), exp.to(dev)
     for method in methods:
-        m = maps[method].abs() if method in _COMPLETE_METHODS else maps[method]
+        m = maps[method].abs() if method in SIGNED_METHODS else maps[method]
         if "object_mass" in wanted and probe.object_masks is not None:
             run(method, "object_mass", lambda m=m: M.region_mass(m, probe.object_masks))
         if "spurious_mass" in wanted and probe.spurious_masks is not None:
@@ -320,7 +320,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             if "infidelity" in wanted:
                 run(method, "infidelity", lambda m=m: M.infidelity(model, xs, ts, m, seed=spec.seed,
                                                                     batch_size=spec.batch_size), exp)
-            if "completeness_gap" in wanted and method in _COMPLETE_METHODS:
+            if "completeness_gap" in wanted and method in SIGNED_METHODS:
                 # IG is complete with respect to its own baseline; input x gradient to zero
                 base = ig_baseline if method == "integrated_gradients" and ig_baseline is not None else 0.0
                 if isinstance(base, Tensor) and base.shape[:1] == inputs.shape[:1]:

@@ -33,7 +33,16 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from .audit import DEFAULT_METRICS, EXPENSIVE_METRICS, AuditSpec, ShardResult, audit_shard, merge, summarize
+from .audit import (
+    DEFAULT_METRICS,
+    EXPENSIVE_METRICS,
+    SIGNED_METHODS,
+    AuditSpec,
+    ShardResult,
+    audit_shard,
+    merge,
+    summarize,
+)
 from .guard import SideEffectGuard
 from .maps import normalize
 from .probe import ProbeSet
@@ -525,7 +534,7 @@ class SaliencyMonitor(_Base):
         images = [to_image(probe.inputs[i].float()).repeat(scale, 0).repeat(scale, 1) for i in range(n)]
         captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
         for method, maps in result.maps.items():
-            shown = normalize(maps[:n].abs() if method in ("input_x_gradient", "integrated_gradients") else maps[:n])
+            shown = normalize(maps[:n].abs() if method in SIGNED_METHODS else maps[:n])
             yield method, [overlay(images[i], shown[i].numpy(), cmap=self.cmap) for i in range(n)], captions
 
     def _table(self, result: ShardResult) -> tuple[list[str], list[list[Any]]]:
