@@ -158,6 +158,8 @@ class SaliencyMonitor(_Base):
         save_maps: keep downsampled float16 maps of every audit under ``<dirpath>/maps`` (for reports).
         class_names: names for captions (default: class indices).
         cmap: colormap of the overlays (``"jet"`` or ``"viridis"``, any matplotlib name).
+        image_colors: colours of the overlay grids' PNG palette (256: the eye sees no difference and the
+            file is less than half; ``None``: full-colour PNG).
         method_options: extra options for :func:`~lightning_saliency.attribute` (e.g. ``{"ig_steps": 16}``).
         stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
         expensive_images: probe images used by the expensive metrics.
@@ -190,6 +192,7 @@ class SaliencyMonitor(_Base):
         save_maps: bool = True,
         class_names: Sequence[str] | None = None,
         cmap: str = "jet",
+        image_colors: int | None = 256,
         method_options: dict[str, Any] | None = None,
         stability_images: int | None = 8,
         expensive_images: int | None = 16,
@@ -218,6 +221,9 @@ class SaliencyMonitor(_Base):
         self.save_maps = bool(save_maps)
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap = cmap
+        if image_colors is not None and not 2 <= int(image_colors) <= 256:
+            raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
+        self.image_colors = None if image_colors is None else int(image_colors)
         # validated now: an unknown method or metric is a configuration error, not a mid-training surprise
         self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
                               layer="auto", batch_size=batch_size, target=target,
@@ -228,6 +234,7 @@ class SaliencyMonitor(_Base):
         self._loaded_fingerprint: str | None = None
         self._prepared_for: tuple[int, int] | None = None
         self._shard: ProbeSet | None = None
+        self._moved: tuple[Any, ProbeSet] | None = None  # the shard on the module's device and dtype
         self._prev_maps: dict[str, torch.Tensor] | None = None
         self._report: AuditReport | None = None
         self._sinks: list[Any] = []
@@ -325,6 +332,7 @@ class SaliencyMonitor(_Base):
         rank, world = _world(trainer)
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)
+        self._moved = None
         self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank asks, here
@@ -442,11 +450,15 @@ class SaliencyMonitor(_Base):
         if len(shard) == 0:
             return ShardResult(indices=indices, predictions=torch.zeros(0, dtype=torch.long))
         device = pl_module.device
-        moved = shard.to(device)
         param = next(pl_module.parameters(), None)
-        if param is not None and param.is_floating_point() and param.dtype != moved.inputs.dtype:
-            moved = ProbeSet(moved.inputs.to(param.dtype), moved.targets, moved.groups, moved.object_masks,
-                             moved.spurious_masks, indices=moved.indices)  # positions pick the metric subsets
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        if self._moved is None or self._moved[0] != (device, dtype):  # moved once, reused audit after audit
+            moved = shard.to(device)
+            if dtype is not None and dtype != moved.inputs.dtype:
+                moved = ProbeSet(moved.inputs.to(dtype), moved.targets, moved.groups, moved.object_masks,
+                                 moved.spurious_masks, indices=moved.indices)  # positions pick the metric subsets
+            self._moved = ((device, dtype), moved)
+        moved = self._moved[1]
         try:
             with _eager(), SideEffectGuard(pl_module):
                 result = audit_shard(pl_module, moved, self.spec, previous_maps=self._prev_maps,
@@ -487,7 +499,7 @@ class SaliencyMonitor(_Base):
             from .render import Picture, grid
 
             # drawn and encoded once per audit, whatever the number of sinks
-            overlays = [(method, images, captions, Picture(grid(images, captions)))
+            overlays = [(method, images, captions, Picture(grid(images, captions), colors=self.image_colors))
                         for method, images, captions in self._overlays(result)]
         logging_errors = len(record["errors"])
         table = self._table(result) if overlays else None
@@ -529,13 +541,18 @@ class SaliencyMonitor(_Base):
         probe = self.probe
         assert probe is not None
         n = min(self.log_images, len(probe))
-        # small inputs (CIFAR-sized) are enlarged, pixels kept sharp, so overlays and captions stay legible
+        # small inputs (CIFAR-sized) are blended at their own size, then enlarged with pixels kept sharp, so
+        # overlays and captions stay legible; blocks of equal pixels also keep the PNG small (3x smaller here)
         scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
-        images = [to_image(probe.inputs[i].float()).repeat(scale, 0).repeat(scale, 1) for i in range(n)]
+        images = [to_image(probe.inputs[i].float()) for i in range(n)]
         captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
+
+        def enlarge(a: Any) -> Any:
+            return a.repeat(scale, 0).repeat(scale, 1) if scale > 1 else a
+
         for method, maps in result.maps.items():
             shown = normalize(maps[:n].abs() if method in SIGNED_METHODS else maps[:n])
-            yield method, [overlay(images[i], shown[i].numpy(), cmap=self.cmap) for i in range(n)], captions
+            yield method, [enlarge(overlay(images[i], shown[i].numpy(), cmap=self.cmap)) for i in range(n)], captions
 
     def _table(self, result: ShardResult) -> tuple[list[str], list[list[Any]]]:
         """One row per probe image: index, label, prediction, group and its per-image metric values."""

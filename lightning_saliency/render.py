@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from .files import atomic_write
 
 __all__ = ["to_image", "colorize", "overlay", "grid", "save_png", "get_cmap"]
 
@@ -206,6 +207,21 @@ def _wrap(font: Any, text: str, width: int, max_lines: int) -> tuple[str, ...]:
     return tuple(cut)
 
 
+@lru_cache(maxsize=1024)  # one caption is drawn once, then pasted under every method's tile, audit after audit
+def _caption_block(font: Any, lines: tuple[str, ...], width: int, line_h: int, top: int,
+                   background: tuple[int, ...], text_color: tuple[int, ...]) -> np.ndarray:
+    """A read-only ``uint8 [len(lines) * line_h + 2, width, 3]`` band with ``lines`` drawn from its top-left."""
+    from PIL import Image, ImageDraw
+
+    pil = Image.new("RGB", (width, len(lines) * line_h + 2), tuple(int(v) for v in background))
+    draw = ImageDraw.Draw(pil)
+    for k, line in enumerate(lines):
+        draw.text((1, 1 + k * line_h - top), line, fill=tuple(int(v) for v in text_color), font=font)
+    block = np.asarray(pil, dtype=np.uint8).copy()
+    block.flags.writeable = False
+    return block
+
+
 def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, ncols: int | None = None,
          pad: int = 2, max_caption_lines: int = 3, background: tuple[int, int, int] = (0, 0, 0),
          text_color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
@@ -273,37 +289,46 @@ def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, nco
         canvas[y:y + t.shape[0], x:x + t.shape[1]] = t
 
     if captions is not None:
-        from PIL import Image, ImageDraw
-
-        pil = Image.fromarray(canvas, "RGB")
-        draw = ImageDraw.Draw(pil)
         _, top, _, _ = font.getbbox("Ag|y")
         for i, lines in enumerate(wrapped):
             r, c = divmod(i, ncols)
-            y0 = pad + r * (cell_h + pad) + h + 1
-            x0 = pad + c * (w + pad) + 1
-            for k, line in enumerate(lines):
-                draw.text((x0, y0 + k * line_h - top), line, fill=tuple(text_color), font=font)
-        canvas = np.asarray(pil, dtype=np.uint8).copy()
+            y0 = pad + r * (cell_h + pad) + h
+            x0 = pad + c * (w + pad)
+            block = _caption_block(font, lines, w, line_h, int(top), tuple(background), tuple(text_color))
+            canvas[y0:y0 + block.shape[0], x0:x0 + w] = block
     return canvas
 
 
 class Picture:
     """An image to log, with its PNG encoding made once however many sinks write it.
 
+    ``colors`` (2..256) makes the PNG a palette image of at most that many colours (Pillow's fast octree
+    quantizer, no dithering). The monitor uses 256 for its overlay grids: on the shortcut example's grids the
+    mean error is about 2% of the range, which the eye does not see, and the file is less than half the
+    full-colour one (TensorBoard's writer checksums every byte in pure Python). ``array`` stays full colour.
+
     Example:
         >>> import numpy as np
         >>> pic = Picture(np.zeros((4, 6, 3), np.uint8))
         >>> pic.png[:4], pic.png is pic.png
         (b'\\x89PNG', True)
+        >>> import io
+        >>> from PIL import Image
+        >>> noisy = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+        >>> decoded = Image.open(io.BytesIO(Picture(noisy, colors=16).png))
+        >>> decoded.mode, len(decoded.getcolors())
+        ('P', 16)
     """
 
-    def __init__(self, array: ArrayLike) -> None:
+    def __init__(self, array: ArrayLike, colors: int | None = None) -> None:
         a = _to_numpy(array)
         if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3))):
             raise ValueError(f"a picture is a uint8 array [H, W, 3] or [H, W], got {a.dtype} {tuple(a.shape)}; "
                              "convert with to_image() or overlay() first")
+        if colors is not None and not 2 <= int(colors) <= 256:
+            raise ValueError(f"colors must be between 2 and 256 (a PNG palette), or None for full colour; got {colors}")
         self.array = np.ascontiguousarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+        self.colors = None if colors is None else int(colors)
         self._png: bytes | None = None
 
     @property
@@ -314,9 +339,12 @@ class Picture:
 
             from PIL import Image
 
+            image = Image.fromarray(self.array, "RGB" if self.array.ndim == 3 else "L")
+            if self.colors is not None and self.array.ndim == 3:
+                image = image.quantize(colors=self.colors, method=Image.Quantize.FASTOCTREE,
+                                       dither=Image.Dither.NONE)
             buffer = io.BytesIO()
-            Image.fromarray(self.array, "RGB" if self.array.ndim == 3 else "L").save(buffer, format="PNG",
-                                                                                      compress_level=1)
+            image.save(buffer, format="PNG", compress_level=1)
             self._png = buffer.getvalue()
         return self._png
 
@@ -335,14 +363,5 @@ def save_png(array: ArrayLike | Picture, path: str | os.PathLike) -> Path:
     """
     pic = array if isinstance(array, Picture) else Picture(array)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pic.png)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(pic.png))
     return path

@@ -237,3 +237,38 @@ def test_logging_failure_on_the_image_thread_is_recorded_and_training_goes_on(tm
     assert all(any(e["message"] == "disk full" for e in a["errors"]) for a in audits)
     # the TensorBoard-free run still has its metrics
     assert all(a["metrics"]["gradcam/spurious_mass"] is not None for a in audits)
+
+
+def test_overlay_grids_are_palette_pngs_close_to_the_full_colour_ones(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    decoded = {}
+    for colors in (None, 256, 8):
+        monitor = _cheap(log_images=4, image_colors=colors)
+        logger = pl.loggers.TensorBoardLogger(str(tmp_path), name=f"tb_{colors}")
+        U.fit([monitor], tmp_path, max_epochs=1, logger=logger)  # same seed: the same model and maps each time
+        acc = ea.EventAccumulator(logger.log_dir, size_guidance={ea.IMAGES: 0})
+        acc.Reload()
+        image = Image.open(io.BytesIO(acc.Images("saliency/gradcam/overlays")[-1].encoded_image_string))
+        assert image.mode == ("RGB" if colors is None else "P")
+        if colors is not None:
+            assert len(image.getcolors(256)) <= colors
+        decoded[colors] = np.asarray(image.convert("RGB"), dtype=np.int16)
+    full = decoded[None]
+    assert full.shape[1] == 2 * 96 + 3 * 2  # 4 tiles in 2 columns: 16 px probe images enlarged to 96 px
+    error = {c: float(np.abs(decoded[c] - full).mean()) for c in (256, 8)}
+    assert error[256] < 8.0 < error[8], error  # 256 colours: about 2% of the range on average; 8: visibly off
+
+
+def test_model_cast_between_audits_gets_a_probe_of_its_dtype(tmp_path):
+    monitor = _cheap(log_images=0)
+    trainer, net = U.fit([monitor], tmp_path, max_epochs=1)
+    net.double()
+    record = monitor.audit(trainer, net, epoch=5)
+    assert not record["errors"], record["errors"]
+    assert record["precision"] == "torch.float64" or "64" in str(record["precision"])
+    assert 0.0 <= record["metrics"]["gradcam/spurious_mass"] <= 1.0

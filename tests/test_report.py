@@ -175,11 +175,9 @@ def test_killed_writer_never_leaves_a_partial_report(tmp_path):
     """SIGKILL a process in the middle of writing a report (half the bytes written, not yet renamed)."""
     path = tmp_path / "report.json"
     script = textwrap.dedent(f"""
-        import importlib.util, os, sys, time
-        # load report.py alone: the package __init__ pulls in Lightning, which only slows this test down
-        spec = importlib.util.spec_from_file_location("report_alone", {report_mod.__file__!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        import os, sys, time
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(report_mod.__file__))!r})
+        import lightning_saliency.report as mod  # the package imports Lightning lazily: this stays quick
         rep = mod.AuditReport({str(path)!r})
         metrics = {{f"m{{i}}/x": i / 7 for i in range(3000)}}
         rep.append_audit({{"epoch": 0, "global_step": 0, "metrics": metrics}})
@@ -359,3 +357,25 @@ def test_probe_thumbnails_and_probe_info(tmp_path):
 def test_module_doctests():
     result = doctest.testmod(report_mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 5
+
+
+def test_written_files_are_readable_by_others_as_open_would_make_them(tmp_path):
+    """mkstemp makes owner-only files; the report, maps and PNGs get 0o666 less the umask instead."""
+    from lightning_saliency.render import save_png
+    from lightning_saliency.report import save_maps
+
+    old = os.umask(0o022)
+    try:
+        import lightning_saliency.files as files
+
+        files._MODE = None  # read the umask set here
+        rep = AuditReport(tmp_path / "report.json")
+        rep.append_audit({"epoch": 0, "global_step": 0, "metrics": {}})
+        rep.write()
+        save_maps(tmp_path, 0, {"gradcam": torch.rand(2, 8, 8)})
+        save_png(np.zeros((2, 2, 3), np.uint8), tmp_path / "a.png")
+    finally:
+        os.umask(old)
+        files._MODE = None
+    for p in (tmp_path / "report.json", tmp_path / "maps" / "epoch_0000.npz", tmp_path / "a.png"):
+        assert (p.stat().st_mode & 0o777) == 0o644, p
