@@ -235,6 +235,7 @@ class SaliencyMonitor(_Base):
         self._prepared_for: tuple[int, int] | None = None
         self._shard: ProbeSet | None = None
         self._moved: tuple[Any, ProbeSet] | None = None  # the shard on the module's device and dtype
+        self._display: list[Any] | None = None  # the probe images shown under the overlays
         self._prev_maps: dict[str, torch.Tensor] | None = None
         self._report: AuditReport | None = None
         self._sinks: list[Any] = []
@@ -333,6 +334,7 @@ class SaliencyMonitor(_Base):
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)
         self._moved = None
+        self._display = None
         self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank asks, here
@@ -544,7 +546,9 @@ class SaliencyMonitor(_Base):
         # small inputs (CIFAR-sized) are blended at their own size, then enlarged with pixels kept sharp, so
         # overlays and captions stay legible; blocks of equal pixels also keep the PNG small (3x smaller here)
         scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
-        images = [to_image(probe.inputs[i].float()) for i in range(n)]
+        if self._display is None or len(self._display) != n:  # the probe is fixed: converted once
+            self._display = [to_image(probe.inputs[i].float()) for i in range(n)]
+        images = self._display
         captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
 
         def enlarge(a: Any) -> Any:

@@ -291,8 +291,20 @@ class AuditReport:
 
     # -- files --------------------------------------------------------------------------------------------
     def to_json(self) -> str:
-        """The report as strict JSON text (no NaN/Infinity tokens)."""
-        return json.dumps(_clean(self.data), indent=2, allow_nan=False) + "\n"
+        """The report as strict JSON text (no NaN/Infinity tokens): indented, with one line per audit and alarm.
+
+        One line per record keeps the file readable and lets the JSON encoder's C implementation write the
+        records (it is not used with ``indent``), so a write stays cheap however many audits a long run has.
+        """
+        parts = []
+        for key, value in self.data.items():
+            if key in ("audits", "alarms") and isinstance(value, list) and value:
+                lines = [json.dumps(_clean(v, f"{key}[{i}]"), allow_nan=False) for i, v in enumerate(value)]
+                text = "[\n    " + ",\n    ".join(lines) + "\n  ]"
+            else:
+                text = json.dumps(_clean(value, str(key)), indent=2, allow_nan=False).replace("\n", "\n  ")
+            parts.append(f"  {json.dumps(str(key))}: {text}")
+        return "{\n" + ",\n".join(parts) + "\n}\n"
 
     def write(self) -> None:
         """Write the report atomically: temp file in the same folder, flush + fsync, ``os.replace``."""
