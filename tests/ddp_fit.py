@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(net.state_dict(), os.path.join(args.out, "weights.pt"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
+    # As PyTorch asks of every distributed script: without it, Gloo's worker threads can still hold finished work
+    # (tensors) while the interpreter shuts down, and the process aborts ("terminate called without an active
+    # exception", exit -6) once in a few runs; pytorch/pytorch#179291 describes the race.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
