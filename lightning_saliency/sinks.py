@@ -192,13 +192,20 @@ class TensorBoardSink(Sink):
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
         self._step = int(step)
         w = self.writer
-        logged = []
-        for key, value in metrics.items():
-            if value is None:  # a value the audit could not compute
-                continue
-            w.add_scalar(_tag(key), float(value), self._step)  # NaN is kept: TensorBoard shows the gap
-            logged.append(str(key))
-        self._update_layout(logged)
+        # a value the audit could not compute (None) is skipped; NaN is kept: TensorBoard shows the gap
+        values = {_tag(key): float(value) for key, value in metrics.items() if value is not None}
+        file_writer = getattr(w, "_get_file_writer", None)
+        if file_writer is not None and values:
+            # one event holding every scalar of the audit, as add_scalar would write each: one record for the
+            # writer's thread to checksum and one slot of its small queue, instead of one per metric
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+            file_writer().add_summary(summary, self._step)
+        else:  # not a torch / tensorboardX SummaryWriter
+            for tag, v in values.items():
+                w.add_scalar(tag, v, self._step)
+        self._update_layout(key for key, value in metrics.items() if value is not None)
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
                      epoch: int | None = None, picture: np.ndarray | Picture | None = None) -> None:

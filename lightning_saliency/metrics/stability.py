@@ -64,6 +64,10 @@ def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
 def rank(x: Tensor) -> Tensor:
     """Ranks ``1..L`` along the last dimension, ties get the average of their ranks (batched, float32).
 
+    NaN has no rank: replace it first (e.g. ``torch.nan_to_num``). On the CPU, float32 rows of up to 2**31
+    values are sorted as packed integer keys (see :func:`_sort_keys`), which NumPy sorts with SIMD instructions
+    about twice as fast as a ``torch.sort`` that also returns the order; elsewhere ``torch.sort`` is used.
+
     Example:
         >>> rank(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).tolist()
         [[3.5, 1.0, 3.5, 2.0]]
@@ -71,7 +75,10 @@ def rank(x: Tensor) -> Tensor:
     shape = x.shape
     length = shape[-1] if x.ndim else 1
     flat = x.reshape(-1, length)
-    values, order = flat.sort(dim=1, stable=True)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and length < 2**31 and flat.numel():
+        values, order = _sort_keys(flat)
+    else:
+        values, order = flat.sort(dim=1, stable=True)
     pos = torch.arange(length, device=x.device).expand_as(order)
     first = torch.ones_like(values, dtype=torch.bool)
     first[:, 1:] = values[:, 1:] != values[:, :-1]
@@ -81,6 +88,26 @@ def rank(x: Tensor) -> Tensor:
     end = torch.where(last, pos, torch.full_like(pos, length)).flip(1).cummin(dim=1).values.flip(1)
     avg = (start + end).float() / 2.0 + 1.0
     return torch.empty_like(avg).scatter_(1, order, avg).reshape(shape)
+
+
+def _sort_keys(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort the rows of a CPU float32 ``[R, L]`` tensor: ``(keys, order)``, where ``keys`` increase with the
+    sorted values (equal keys exactly for equal values) and ``order`` is a stable argsort.
+
+    Each value's IEEE-754 bits become a signed int32 that orders like the float (negative floats have their
+    31 lower bits flipped; ``-0.0`` is made ``+0.0`` first), then an int64 ``key << 32 | position``: sorting
+    those sorts by value and breaks ties by position, i.e. stably, in one pass over plain integers.
+    """
+    import numpy as np
+
+    a = np.ascontiguousarray((flat + 0.0).numpy())  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
+    bits = a.view(np.int32)
+    key32 = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+    packed = (key32.astype(np.int64) << 32) | np.arange(a.shape[1], dtype=np.int64)
+    packed.sort(axis=1)
+    order = torch.from_numpy(packed & np.int64(0xFFFFFFFF))
+    keys = torch.from_numpy(packed >> 32)
+    return keys, order
 
 
 def _is_constant(flat: Tensor) -> Tensor:
