@@ -30,6 +30,19 @@ def test_rank_matches_scipy_average_ranks_with_ties():
     assert rank(x.reshape(7, 5, 8)).shape == (7, 5, 8)
 
 
+def test_rank_fast_cpu_path_equals_scipy_on_awkward_floats():
+    """float32 on the CPU goes through packed integer keys; signs, -0.0, infinities and denormals must rank
+    exactly as scipy ranks them (and as the plain torch.sort path, used for float64, does)."""
+    g = torch.Generator().manual_seed(2)
+    awkward = torch.tensor([[0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.4e38, -3.4e38,
+                             0.0, -1.0]])
+    for x in (awkward, torch.randn(16, 300, generator=g), torch.relu(torch.randn(8, 64, generator=g)),
+              torch.randint(-3, 4, (9, 50), generator=g).float()):
+        expected = np.stack([stats.rankdata(row) for row in x.numpy()]).astype(np.float32)
+        assert np.array_equal(rank(x).numpy(), expected)
+        assert np.array_equal(rank(x.double()).numpy(), expected)
+
+
 def test_spearman_matches_scipy_and_known_values():
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 6, (5, 6, 6), generator=g).float()
