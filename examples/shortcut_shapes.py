@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     pl.seed_everything(args.seed, workers=True, verbose=False)
     dm = ShapesDataModule(n_train=args.train_size, shortcut=not args.no_shortcut, seed=args.seed)
+    dm.setup("fit")  # the data, generated here with or without the audit (the probe is drawn from it)
     model = ShapesNet()
     from pytorch_lightning.loggers import TensorBoardLogger
 

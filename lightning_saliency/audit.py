@@ -14,7 +14,8 @@ name                       what is logged                                       
 ``spurious_mass``          mean relevance mass inside the spurious masks, per group free
 ``pointing_game``          share of maps whose maximum lies in the object mask       free
 ``stability``              Spearman of maps under input noise, k draws              k x maps on
-                                                                                    a subset
+                                                                                    a subset;
+                                                                                    periodic
 ``drift``                  Spearman with the previous audit's maps                  free
 ``attention_disparity``    gap between group means of spurious (else object) mass   free
 ``group_divergence``       1 - Pearson between groups' mean maps (no masks needed)  free
@@ -25,6 +26,10 @@ name                       what is logged                                       
 ``completeness_gap``       ``integrated_gradients`` and ``input_x_gradient`` only   expensive
 ``randomization_similarity`` Spearman with the maps of a re-initialised copy        expensive
 ========================== ======================================================== ===========
+
+Stability and the expensive metrics run the model again (:data:`PERIODIC_METRICS`); the monitor computes them
+every ``expensive_every_n_audits`` audits and at the last audit of a fit, validate or test, so that the final
+report (the one a CI gate reads) always has them. The others come from the audit's own maps, every audit.
 
 Besides the metrics, every audit reports the probe's accuracy: ``probe/accuracy``, per class
 ``probe/accuracy/class_<k>`` and per group ``probe/accuracy/<group>``, because disparity is read next to accuracy.
@@ -64,6 +69,7 @@ __all__ = [
     "CHEAP_METRICS",
     "DEFAULT_METRICS",
     "EXPENSIVE_METRICS",
+    "PERIODIC_METRICS",
     "AuditSpec",
     "ShardResult",
     "audit_shard",
@@ -78,6 +84,9 @@ EXPENSIVE_METRICS = ("deletion_auc", "insertion_auc", "infidelity", "max_sensiti
                      "randomization_similarity")
 ALL_METRICS = CHEAP_METRICS + EXPENSIVE_METRICS
 DEFAULT_METRICS = CHEAP_METRICS  # the expensive ones are opt-in, and then run every few audits only
+# the metrics that run the model again (the others are computed from the audit's own maps): the monitor runs
+# them every `expensive_every_n_audits` audits and at the last audit of a fit, validate or test
+PERIODIC_METRICS = ("stability",) + EXPENSIVE_METRICS
 SIGNED_METHODS = ("integrated_gradients", "input_x_gradient")  # signed maps: metrics and pictures use |M|
 
 
@@ -195,7 +204,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     Computes the maps of every method in one shared pass, then the per-image values of the chosen metrics.
     A method or metric that raises is recorded in ``errors`` (and warned about) unless ``on_error="raise"``.
     ``previous_maps`` (the last audit's maps of the same images) feed ``drift``; ``expensive=False`` skips
-    the expensive metrics.
+    the metrics that run the model again (:data:`PERIODIC_METRICS`: stability and the expensive ones).
 
     Example:
         >>> import torch
@@ -293,7 +302,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             prev = previous_maps[method].to(m.device)
             if prev.shape == m.shape:
                 run(method, "drift", lambda m=m, prev=prev: M.drift(prev, m))
-    if "stability" in wanted and len(stab) and methods:
+    if expensive and "stability" in wanted and len(stab) and methods:
         run_multi("stability", lambda: M.stability(
             explain_all, inputs[stab_d], targets[stab_d], k=spec.stability_k, sigma=spec.stability_sigma,
             seed=spec.seed, maps={m: maps[m][stab_d] for m in methods}, batch_size=spec.batch_size), stab)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .audit import (
     DEFAULT_METRICS,
-    EXPENSIVE_METRICS,
+    PERIODIC_METRICS,
     SIGNED_METHODS,
     AuditSpec,
     ShardResult,
@@ -145,12 +145,14 @@ class SaliencyMonitor(_Base):
         every_n_epochs: audit every n-th training epoch.
         metrics: metric names (see :mod:`lightning_saliency.audit`); default: the cheap ones (region masses,
             pointing game, stability, drift, attention disparity, group divergence). The expensive ones
-            (faithfulness, sanity), when listed, run every ``expensive_every_n_audits`` audits.
+            (faithfulness, sanity) are opt-in.
         log_images: overlays logged per method and audit (0 disables images).
         batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
         on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on)
             or ``"raise"``.
-        expensive_every_n_audits: how often the expensive metrics run (1 = every audit).
+        expensive_every_n_audits: how often the metrics that run the model again run (stability, and the
+            expensive ones when listed): every n-th audit (1 = every audit) and always at the last audit of a
+            fit, validate or test, so the final report has them. The others run at every audit.
         target: explain the model's ``"prediction"`` or the probe's ``"label"``.
         probe_size, probe_seed: used when ``probe`` is None.
         allow_probe_change: accept resuming from a checkpoint whose probe fingerprint differs.
@@ -237,6 +239,7 @@ class SaliencyMonitor(_Base):
         self._moved: tuple[Any, ProbeSet] | None = None  # the shard on the module's device and dtype
         self._display: list[Any] | None = None  # the probe images shown under the overlays
         self._prev_maps: dict[str, torch.Tensor] | None = None
+        self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
         self._report: AuditReport | None = None
         self._sinks: list[Any] = []
         self._warned = False
@@ -399,13 +402,44 @@ class SaliencyMonitor(_Base):
         if getattr(trainer, "sanity_checking", False):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+            self.audit(trainer, pl_module, epoch=trainer.current_epoch,
+                       periodic=len(self.history) % self.expensive_every_n_audits == 0 or self._final_epoch(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = max(int(trainer.current_epoch) - 1, 0)
-        if self._prepared_for == (id(trainer), id(pl_module)) and not any(r["epoch"] == epoch for r in self.history):
-            self.audit(trainer, pl_module, epoch=epoch)
+        if self._prepared_for == (id(trainer), id(pl_module)):
+            if not any(r["epoch"] == epoch for r in self.history):
+                self.audit(trainer, pl_module, epoch=epoch, periodic=True)
+            elif self._lacks_periodic(self.history[-1]):
+                # training ended where nobody could tell in advance (an alarm's stop, a time limit, ...): the last
+                # audit gets the periodic metrics it skipped, from the same weights and the same previous maps
+                self._complete(trainer, pl_module)
         self._flush()
+
+    def _periodic_wanted(self) -> set[str]:
+        return set(PERIODIC_METRICS) & set(self.spec.metrics)
+
+    def _lacks_periodic(self, record: dict[str, Any]) -> bool:
+        wanted = self._periodic_wanted()
+        return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
+
+    def _final_epoch(self, trainer: Any) -> bool:
+        """Whether the epoch ending now is the fit's last one, as far as can be told before it ends."""
+        if getattr(trainer, "should_stop", False):
+            return True
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+            return True
+        max_steps = getattr(trainer, "max_steps", -1)
+        return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
+
+    def _complete(self, trainer: Any, pl_module: Any) -> None:
+        last = self.history[-1]
+        current, self._prev_maps = self._prev_maps, self._prev_maps_used
+        try:
+            self.audit(trainer, pl_module, epoch=last["epoch"], periodic=True, _completing=last)
+        finally:
+            self._prev_maps = current
 
     def _flush(self) -> None:
         """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule
@@ -416,32 +450,39 @@ class SaliencyMonitor(_Base):
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
-            self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+            self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
             self._flush()
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
-        self.audit(trainer, pl_module, epoch=trainer.current_epoch)
+        self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
         self._flush()
 
     # -- one audit ----------------------------------------------------------------------------------------------
-    def audit(self, trainer: Any, pl_module: Any, epoch: int) -> dict[str, Any]:
-        """Audit now and return the record (on every rank). Called by the hooks; callable by hand too."""
+    def audit(self, trainer: Any, pl_module: Any, epoch: int, periodic: bool = True,
+              _completing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Audit now and return the record (on every rank). Called by the hooks; callable by hand too.
+
+        ``periodic=False`` skips the metrics that run the model again (stability and the expensive ones; see
+        :data:`~lightning_saliency.audit.PERIODIC_METRICS`); the hooks pass it for all but every
+        ``expensive_every_n_audits``-th audit and the last one.
+        """
         self._prepare(trainer, pl_module)
         rank, _ = _world(trainer)
         started = time.perf_counter()
-        expensive_metrics = set(EXPENSIVE_METRICS) & set(self.spec.metrics)
-        expensive = bool(expensive_metrics) and len(self.history) % self.expensive_every_n_audits == 0
         with _rank0_buffers(trainer, pl_module):
-            result = self._audit_shard(pl_module, expensive)
+            result = self._audit_shard(pl_module, bool(periodic))
+        self._prev_maps_used = self._prev_maps
         self._prev_maps = result.maps or self._prev_maps
         gathered = _gather(trainer, result)
         record = None
         if rank == 0:
-            record = self._record_and_log(trainer, merge(gathered), epoch, started)
+            record = self._record_and_log(trainer, merge(gathered), epoch, started, images=_completing is None)
         record = _broadcast(trainer, record)
         self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
         for alarm in self._alarms:
-            alarm.check(trainer, self, record)
+            # completing an audit: only the alarms on the metrics it adds have something new to read
+            if _completing is None or alarm.metric not in _completing.get("metrics", {}):
+                alarm.check(trainer, self, record)
         return record
 
     def _audit_shard(self, pl_module: Any, expensive: bool) -> ShardResult:
@@ -475,7 +516,8 @@ class SaliencyMonitor(_Base):
         result.indices = indices
         return result
 
-    def _record_and_log(self, trainer: Any, result: ShardResult, epoch: int, started: float) -> dict[str, Any]:
+    def _record_and_log(self, trainer: Any, result: ShardResult, epoch: int, started: float,
+                        images: bool = True) -> dict[str, Any]:
         probe = self.probe
         assert probe is not None
         metrics = summarize(result, probe, self.spec) if result.maps else {}
@@ -497,7 +539,7 @@ class SaliencyMonitor(_Base):
         step = int(trainer.global_step)
         finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
         overlays = []
-        if result.maps and self.log_images > 0 and self._sinks:
+        if result.maps and self.log_images > 0 and self._sinks and images:
             from .render import Picture, grid
 
             # drawn and encoded once per audit, whatever the number of sinks
@@ -679,8 +721,14 @@ class ShortcutAlarm(_Base):
         return any(metric == k or metric.startswith(k + "/") for k in keys) or metric.startswith("probe/accuracy")
 
     def check(self, trainer: Any, monitor: SaliencyMonitor, record: dict[str, Any]) -> None:
-        """Called by the monitor after each audit, on every rank with the same record."""
-        value = record.get("metrics", {}).get(self.metric)
+        """Called by the monitor after each audit, on every rank with the same record.
+
+        An audit that did not compute the metric (a periodic one, skipped this time) neither counts nor breaks
+        a streak; a computed but undefined value (``None``/NaN) is not a violation.
+        """
+        if self.metric not in record.get("metrics", {}):
+            return
+        value = record["metrics"][self.metric]
         self.seen += 1
         self.count = self.count + 1 if self.violated(value) else 0
         if self.count == 0:

@@ -109,3 +109,13 @@ def test_alarm_state_survives_resume(tmp_path):
         trainer, _ = U.fit([_monitor(), resumed], tmp_path / "r", max_epochs=6, ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert resumed.firings and resumed.firings[0]["epoch"] == 2  # the 3rd violation overall
     assert trainer.current_epoch == 3
+
+
+def test_audits_that_skip_a_periodic_metric_neither_count_nor_break_the_streak(tmp_path):
+    # stability is computed at audits 0, 2, 4 (every 2nd) and at the last; a threshold above 1 is always violated
+    monitor = _monitor(metrics=("spurious_mass", "stability"), expensive_every_n_audits=2)
+    alarm = ShortcutAlarm(metric="gradient/stability", threshold=1.5, mode="min", patience=2, action="warn")
+    with pytest.warns(UserWarning, match="ShortcutAlarm"):
+        U.fit([monitor, alarm], tmp_path, max_epochs=4)
+    assert [f["epoch"] for f in alarm.firings] == [2]  # its 2nd reading, although audit 1 had no stability
+    assert alarm.seen == 3  # audits 0, 2 and 3 (the last)

@@ -272,3 +272,59 @@ def test_model_cast_between_audits_gets_a_probe_of_its_dtype(tmp_path):
     assert not record["errors"], record["errors"]
     assert record["precision"] == "torch.float64" or "64" in str(record["precision"])
     assert 0.0 <= record["metrics"]["gradcam/spurious_mass"] <= 1.0
+
+
+def _metric_names(record: dict) -> set[str]:
+    return {k.split("/")[1] for k in record["metrics"] if "/" in k}
+
+
+def test_metrics_that_rerun_the_model_are_periodic_and_always_in_the_last_audit(tmp_path):
+    monitor = _cheap(metrics=("spurious_mass", "stability", "drift"), expensive_every_n_audits=3)
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=5)
+    audits = _report(trainer)["audits"]
+    with_stability = [a["epoch"] for a in audits if "stability" in _metric_names(a)]
+    assert with_stability == [0, 3, 4]  # every 3rd audit, and the last one (max_epochs is known in advance)
+    assert all({"spurious_mass", "drift"} <= _metric_names(a) for a in audits[1:])  # the others: every audit
+
+
+def test_an_unforeseen_last_audit_is_completed_at_fit_end(tmp_path):
+    """An alarm stops training at an audit that skipped stability: at the end of fit that audit gets it, from
+    the same weights and the same previous maps (the other values do not move), and no second picture."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    from lightning_saliency import ShortcutAlarm
+
+    monitor = _cheap(metrics=("spurious_mass", "stability", "drift"), expensive_every_n_audits=5, log_images=2)
+    alarm = ShortcutAlarm(metric="gradcam/spurious_mass", threshold=-1.0, patience=2, action="stop")
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    seen: list[dict] = []
+    original = monitor._record_and_log
+
+    def spy(*args, **kwargs):
+        record = original(*args, **kwargs)
+        seen.append(record)
+        return record
+
+    monitor._record_and_log = spy
+    with pytest.warns(UserWarning, match="stopping training"):
+        trainer, _ = U.fit([monitor, alarm], tmp_path, max_epochs=6, logger=logger)
+    audits = _report(trainer)["audits"]
+    assert [a["epoch"] for a in audits] == [0, 1]
+    assert "stability" in _metric_names(audits[0]) and "stability" in _metric_names(audits[1])
+    before, after = seen[1], seen[2]  # epoch 1 as audited, then completed at fit end
+    assert before["epoch"] == after["epoch"] == 1 and "stability" not in _metric_names(before)
+    for key, value in before["metrics"].items():
+        assert after["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert len(alarm.firings) == 1  # the completion adds no new reading of the alarm's metric
+    acc = ea.EventAccumulator(logger.log_dir, size_guidance={ea.IMAGES: 0, ea.SCALARS: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("saliency/gradcam/overlays")] == [a["global_step"] for a in audits]
+    assert [e.step for e in acc.Scalars("saliency/gradcam/stability")][-1] == audits[1]["global_step"]
+
+
+def test_validate_and_test_audits_are_complete(tmp_path):
+    monitor = _cheap(metrics=("spurious_mass", "stability"), expensive_every_n_audits=50)
+    trainer, net = U.fit([monitor], tmp_path, max_epochs=1)
+    trainer.validate(net, datamodule=U.datamodule())
+    trainer.test(net, datamodule=U.datamodule())
+    assert all("stability" in _metric_names(r) for r in monitor.history)
