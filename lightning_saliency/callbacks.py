@@ -276,10 +276,11 @@ class SaliencyMonitor(_Base):
 
     # -- setup: every configuration error surfaces here, before the first training step -------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.probe is None and getattr(trainer, "datamodule", None) is None and \
-                not _overrides(pl_module, "val_dataloader"):
+        if self.probe is None and _eval_source(trainer) is None and getattr(trainer, "datamodule", None) is None \
+                and not _overrides(pl_module, "val_dataloader"):
             raise ValueError("SaliencyMonitor has no probe: pass probe=ProbeSet.from_dataset(val_set, size=64), or "
-                             "train with a datamodule (or a model) that defines val_dataloader() to draw one from")
+                             "give the Trainer validation data to draw one from (val_dataloaders=..., a datamodule "
+                             "or a model that defines val_dataloader())")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._prepare(trainer, pl_module)
@@ -349,7 +350,12 @@ class SaliencyMonitor(_Base):
     def _probe_from_data(self, trainer: Any, pl_module: Any) -> ProbeSet:
         source = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else pl_module
         try:
-            loader = source.val_dataloader()
+            evaluation = _eval_source(trainer)
+            loader = evaluation.dataloader() if evaluation is not None else source.val_dataloader()
+            if isinstance(loader, dict):  # several evaluation loaders: the first one
+                loader = next(iter(loader.values()))
+            elif isinstance(loader, (list, tuple)):
+                loader = loader[0]
         except Exception as e:
             raise ValueError("SaliencyMonitor could not draw a probe from val_dataloader() "
                              f"({type(e).__name__}: {e}); pass probe=ProbeSet.from_dataset(...)") from e
@@ -371,10 +377,13 @@ class SaliencyMonitor(_Base):
         return str(root)
 
     def _open_report(self, trainer: Any, pl_module: Any) -> None:
+        from .files import remove_leftovers
         from .sinks import sinks_for_loggers
 
         directory = self._directory
         os.makedirs(directory, exist_ok=True)
+        for folder in (directory, os.path.join(directory, "maps")):  # what a killed run left half-written
+            remove_leftovers(folder)
         report = AuditReport(os.path.join(directory, "report.json"))
         if os.path.exists(report.path):
             with contextlib.suppress(Exception):
@@ -762,6 +771,20 @@ def _overrides(module: Any, name: str) -> bool:
 
         bases.append(getattr(lpt.LightningModule, name, None))
     return fn is not None and all(fn is not base for base in bases)
+
+
+def _eval_source(trainer: Any) -> Any:
+    """Where the running stage's evaluation data comes from, as Lightning recorded it: loaders passed to
+    ``fit(val_dataloaders=...)``, ``validate(dataloaders=...)`` or ``test(dataloaders=...)``, a datamodule or the
+    model. ``None`` when there is none or when this Lightning version keeps it elsewhere (a private attribute)."""
+    try:
+        stage = _stage(trainer)
+        loop = {"fit": lambda: trainer.fit_loop.epoch_loop.val_loop, "validate": lambda: trainer.validate_loop,
+                "test": lambda: trainer.test_loop}[stage]()
+        source = loop._data_source
+        return source if source.instance is not None and source.is_defined() else None
+    except Exception:
+        return None
 
 
 def _stage(trainer: Any) -> str:

@@ -2,7 +2,8 @@
 
 :func:`atomic_write` writes to a temporary file in the destination's folder, flushes and fsyncs it, then renames
 it over the destination with ``os.replace`` (atomic on POSIX and Windows). A process killed mid-write leaves the
-previous complete file and, at worst, a hidden ``.<name>.*.tmp`` beside it. The file gets the permissions an
+previous complete file and, at worst, a hidden ``.<name>.*.tmp`` beside it, which :func:`remove_leftovers`
+clears when the next run opens the folder. The file gets the permissions an
 ordinary ``open(path, "w")`` would give it (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``,
 so another user (a CI job, a notebook server) can read the report.
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "remove_leftovers"]
 
 _MODE: int | None = None
 
@@ -67,3 +68,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             os.close(dfd)
     except OSError:
         pass
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed writer left in ``directory`` (``.<name>.*.tmp``, as
+    :func:`atomic_write` names them; not recursive). Returns their names. Call it only on a folder no other
+    process is writing to.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = open(os.path.join(d, ".report.json.k3j2.tmp"), "w").close()
+        >>> remove_leftovers(d)
+        ['.report.json.k3j2.tmp']
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+            try:
+                os.remove(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return sorted(removed)

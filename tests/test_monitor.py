@@ -186,17 +186,46 @@ def test_probe_drawn_from_validation_data_when_none_given(tmp_path):
     assert _report(trainer)["probe"]["size"] == 6
 
 
+def test_probe_drawn_from_loaders_passed_to_fit_validate_and_test(tmp_path):
+    """No datamodule, a model without val_dataloader(): the loaders handed to fit() are where the probe comes
+    from (no 'no probe' error), and validate()/test() with their own loaders work the same way."""
+    from torch.utils.data import DataLoader
+
+    dm = U.datamodule()
+    dm.setup("fit")
+    val = DataLoader(dm.val_set, batch_size=16)
+    monitor = SaliencyMonitor(None, probe_size=6, methods=("gradient",), metrics=("spurious_mass",))
+    pl.seed_everything(0, workers=True, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=pl.loggers.CSVLogger(str(tmp_path), name="run"),
+                         **U.FAST)
+    net = U.model()
+    trainer.fit(net, train_dataloaders=DataLoader(dm.train_set, batch_size=32), val_dataloaders=val)
+    assert len(monitor.probe) == 6
+    val_images = [dm.val_set[i]["image"] for i in range(len(dm.val_set))]
+    assert all(any(torch.equal(x, v) for v in val_images) for x in monitor.probe.inputs)  # drawn from `val`
+    for run in (lambda t, m: t.validate(net, dataloaders=val), lambda t, m: t.test(net, dataloaders=val)):
+        fresh = SaliencyMonitor(None, probe_size=4, methods=("gradient",), metrics=("spurious_mass",))
+        t = pl.Trainer(callbacks=[fresh], logger=False, **U.FAST)
+        run(t, fresh)
+        assert len(fresh.probe) == 4 and len(fresh.history) == 1
+
+
 def test_resume_continues_report_without_duplicates(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     logger = pl.loggers.CSVLogger(str(tmp_path), name="run", version=0)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_epochs=1)
     U.fit([_cheap(), ckpt], tmp_path, max_epochs=2, logger=logger, enable_checkpointing=True)
-    # the same log dir: the report already holds epochs 0 and 1
+    # the same log dir: the report already holds epochs 0 and 1; the first run was "killed" mid-write
+    saliency = tmp_path / "run" / "version_0" / "saliency"
+    leftovers = [saliency / ".report.json.x1y2.tmp", saliency / "maps" / ".epoch_0002.npz.a9b8.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
     logger = pl.loggers.CSVLogger(str(tmp_path), name="run", version=0)
     monitor = _cheap()
     trainer, _ = U.fit([monitor], tmp_path, max_epochs=4, logger=logger, ckpt_path=str(ckpt_dir / "last.ckpt"))
     epochs = [a["epoch"] for a in _report(trainer)["audits"]]
     assert epochs == [0, 1, 2, 3]
+    assert not any(path.exists() for path in leftovers)  # cleared when the resumed run opened the report
     assert [r["epoch"] for r in monitor.history] == [0, 1, 2, 3]
 
     # a different probe on resume is an error, unless allowed
