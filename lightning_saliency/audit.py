@@ -181,6 +181,7 @@ class ShardResult:
     per_image: dict[str, Tensor] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     dtype: str = "float32"
+    ranks: dict[str, Tensor] = field(default_factory=dict)  # |M| ranked, for the next audit's drift (not merged)
 
 
 def _nan(n: int) -> Tensor:
@@ -198,12 +199,14 @@ def _padded(values: Tensor, n: int, where: Tensor | None = None) -> Tensor:
 
 
 def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_maps: Mapping[str, Tensor] | None = None,
-                expensive: bool = True, on_error: str = "warn") -> ShardResult:
+                expensive: bool = True, on_error: str = "warn",
+                previous_ranks: Mapping[str, Tensor] | None = None) -> ShardResult:
     """Run one audit on ``probe`` (a whole probe set or one rank's shard).
 
     Computes the maps of every method in one shared pass, then the per-image values of the chosen metrics.
     A method or metric that raises is recorded in ``errors`` (and warned about) unless ``on_error="raise"``.
-    ``previous_maps`` (the last audit's maps of the same images) feed ``drift``; ``expensive=False`` skips
+    ``previous_maps`` (the last audit's maps of the same images) feed ``drift``, or ``previous_ranks`` (the last
+    result's ``ranks``: the same, already ranked, so each map is ranked once); ``expensive=False`` skips
     the metrics that run the model again (:data:`PERIODIC_METRICS`: stability and the expensive ones).
 
     Example:
@@ -264,6 +267,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         predictions, targets, dtype = info.predictions, info.targets, info.forward_dtype
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
+    ranks: dict[str, Tensor] = {}
     wanted = set(spec.metrics)
 
     def explain_all(x: Tensor, t: Tensor) -> dict[str, Tensor]:  # one pass serves every method's noisy maps
@@ -298,10 +302,18 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             run(method, "spurious_mass", lambda m=m: M.region_mass(m, probe.spurious_masks))
         if "pointing_game" in wanted and probe.object_masks is not None:
             run(method, "pointing_game", lambda m=m: M.pointing_game(m, probe.object_masks))
-        if "drift" in wanted and previous_maps is not None and method in previous_maps:
-            prev = previous_maps[method].to(m.device)
-            if prev.shape == m.shape:
-                run(method, "drift", lambda m=m, prev=prev: M.drift(prev, m))
+        if "drift" in wanted:
+            try:
+                ranks[method] = M.map_ranks(m)  # compared now, and kept for the next audit
+            except Exception as e:
+                fail(e, method, f"metric 'drift' of {method!r}")
+            prev_ranks = None
+            if previous_ranks is not None and method in previous_ranks:
+                prev_ranks = previous_ranks[method].to(m.device)
+            elif previous_maps is not None and method in previous_maps and previous_maps[method].shape == m.shape:
+                prev_ranks = M.map_ranks(previous_maps[method].to(m.device))
+            if method in ranks and prev_ranks is not None and prev_ranks.shape == ranks[method].shape:
+                run(method, "drift", lambda r=ranks[method], prev=prev_ranks: M.drift_from_ranks(prev, r))
     if expensive and "stability" in wanted and len(stab) and methods:
         run_multi("stability", lambda: M.stability(
             explain_all, inputs[stab_d], targets[stab_d], k=spec.stability_k, sigma=spec.stability_sigma,
@@ -348,6 +360,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         per_image=per_image,
         errors=errors,
         dtype=dtype,
+        ranks={k: v.detach().cpu() for k, v in ranks.items()},
     )
 
 

@@ -240,6 +240,8 @@ class SaliencyMonitor(_Base):
         self._display: list[Any] | None = None  # the probe images shown under the overlays
         self._prev_maps: dict[str, torch.Tensor] | None = None
         self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
+        self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
+        self._prev_ranks_used: dict[str, torch.Tensor] | None = None
         self._report: AuditReport | None = None
         self._sinks: list[Any] = []
         self._warned = False
@@ -341,6 +343,7 @@ class SaliencyMonitor(_Base):
         self._display = None
         self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
+        self._prev_ranks = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank asks, here
         self._log_dir = self._run_dir(trainer)
         self._directory = str(self.dirpath) if self.dirpath else os.path.join(self._log_dir, "saliency")
@@ -444,11 +447,12 @@ class SaliencyMonitor(_Base):
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
         last = self.history[-1]
-        current, self._prev_maps = self._prev_maps, self._prev_maps_used
+        current = self._prev_maps, self._prev_ranks
+        self._prev_maps, self._prev_ranks = self._prev_maps_used, self._prev_ranks_used
         try:
             self.audit(trainer, pl_module, epoch=last["epoch"], periodic=True, _completing=last)
         finally:
-            self._prev_maps = current
+            self._prev_maps, self._prev_ranks = current
 
     def _flush(self) -> None:
         """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule
@@ -480,8 +484,9 @@ class SaliencyMonitor(_Base):
         started = time.perf_counter()
         with _rank0_buffers(trainer, pl_module):
             result = self._audit_shard(pl_module, bool(periodic))
-        self._prev_maps_used = self._prev_maps
-        self._prev_maps = result.maps or self._prev_maps
+        self._prev_maps_used, self._prev_ranks_used = self._prev_maps, self._prev_ranks
+        if result.maps:
+            self._prev_maps, self._prev_ranks = result.maps, result.ranks or None
         gathered = _gather(trainer, result)
         record = None
         if rank == 0:
@@ -514,7 +519,7 @@ class SaliencyMonitor(_Base):
         try:
             with _eager(), SideEffectGuard(pl_module):
                 result = audit_shard(pl_module, moved, self.spec, previous_maps=self._prev_maps,
-                                     expensive=expensive, on_error=self.on_error)
+                                     previous_ranks=self._prev_ranks, expensive=expensive, on_error=self.on_error)
         except Exception as e:
             if self.on_error == "raise":
                 raise

@@ -254,3 +254,15 @@ def test_augment_draws_differ_between_chunks():
     stability(_linear_explain, x, t, k=3, augment=jitter, batch_size=2)  # one draw per chunk
     assert len(factors) == 3
     assert not torch.equal(factors[0], factors[1]) and not torch.equal(factors[1], factors[2])
+
+
+def test_drift_from_ranks_equals_drift_and_checks_shapes():
+    from lightning_saliency.metrics import drift_from_ranks, map_ranks
+
+    g = torch.Generator().manual_seed(4)
+    prev, cur = torch.randn(5, 6, 6, generator=g), torch.relu(torch.randn(5, 6, 6, generator=g))
+    assert torch.equal(drift_from_ranks(map_ranks(prev), map_ranks(cur)), drift(prev, cur))
+    with pytest.raises(ValueError, match="probe changed"):
+        drift_from_ranks(map_ranks(prev), map_ranks(cur[:3]))
+    with pytest.raises(ValueError, match="map sizes differ"):
+        drift_from_ranks(map_ranks(prev), map_ranks(torch.rand(5, 4, 4)))

@@ -357,3 +357,20 @@ def test_validate_and_test_audits_are_complete(tmp_path):
     trainer.validate(net, datamodule=U.datamodule())
     trainer.test(net, datamodule=U.datamodule())
     assert all("stability" in _metric_names(r) for r in monitor.history)
+
+
+def test_drift_from_kept_ranks_equals_drift_of_kept_maps(tmp_path):
+    """The monitor keeps each audit's ranks for the next drift; the value is drift() of the two audits' maps."""
+    from lightning_saliency.metrics import drift
+
+    monitor = _cheap(metrics=("drift",))
+    trainer, net = U.fit([monitor], tmp_path, max_epochs=2)
+    maps_before = {k: v.clone() for k, v in monitor._prev_maps.items()}
+    for p in net.parameters():  # move the weights, so that the maps move
+        p.data.add_(0.05 * torch.randn_like(p))
+    record = monitor.audit(trainer, net, epoch=9, periodic=False)
+    for method in ("gradcam", "gradient"):
+        m = monitor._prev_maps[method]
+        expected = float(drift(maps_before[method].abs(), m.abs()).mean())
+        assert record["metrics"][f"{method}/drift"] == pytest.approx(expected, abs=1e-6)
+        assert expected < 0.999  # the maps did change

@@ -20,7 +20,17 @@ from .disparity import attention_disparity, group_divergence
 from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
 from .localization import pointing_game, region_mass
 from .sanity import randomization_similarity
-from .stability import UndefinedMetricWarning, drift, max_sensitivity, pearson, rank, spearman, stability
+from .stability import (
+    UndefinedMetricWarning,
+    drift,
+    drift_from_ranks,
+    map_ranks,
+    max_sensitivity,
+    pearson,
+    rank,
+    spearman,
+    stability,
+)
 
 __all__ = [
     "UndefinedMetricWarning",
@@ -28,10 +38,12 @@ __all__ = [
     "completeness_gap",
     "deletion_auc",
     "drift",
+    "drift_from_ranks",
     "gaussian_blur",
     "group_divergence",
     "infidelity",
     "insertion_auc",
+    "map_ranks",
     "max_sensitivity",
     "pearson",
     "pointing_game",

@@ -35,6 +35,8 @@ __all__ = [
     "stability",
     "max_sensitivity",
     "drift",
+    "drift_from_ranks",
+    "map_ranks",
 ]
 
 Explain = Callable[[Tensor, Tensor], "Tensor | dict[str, Tensor]"]
@@ -406,6 +408,35 @@ def max_sensitivity(
             diff = (c.reshape(c.shape[0], c.shape[1], -1) - flat.unsqueeze(1)).norm(dim=2)
             best[key] = torch.maximum(best[key], (diff / norms[key].unsqueeze(1)).max(dim=1).values)
     return _unwrap(best, multi)
+
+
+def map_ranks(maps: Tensor) -> Tensor:
+    """Each map's pixels ranked by ``|M|`` (average ranks for ties): ``[N, H*W]`` float32, what :func:`spearman`
+    and :func:`drift` correlate. A caller comparing each audit with the previous one ranks every map once and
+    hands the ranks to :func:`drift_from_ranks`.
+
+    Example:
+        >>> map_ranks(torch.tensor([[[0.5, -2.0], [1.0, 0.0]]])).tolist()
+        [[2.0, 4.0, 3.0, 1.0]]
+    """
+    return _ranks(_check_maps(maps))
+
+
+def drift_from_ranks(prev_ranks: Tensor, ranks: Tensor) -> Tensor:
+    """:func:`drift` of maps already ranked with :func:`map_ranks` -> ``[N]`` (the same values).
+
+    Example:
+        >>> m = torch.rand(2, 4, 4)
+        >>> torch.equal(drift_from_ranks(map_ranks(m), map_ranks(3 * m)), drift(m, 3 * m))
+        True
+    """
+    if prev_ranks.shape[0] != ranks.shape[0]:
+        raise ValueError(
+            f"drift: previous audit has {prev_ranks.shape[0]} maps, this one {ranks.shape[0]}; the probe changed"
+        )
+    if prev_ranks.shape != ranks.shape:
+        raise ValueError(f"drift: map sizes differ, {tuple(prev_ranks.shape)} vs {tuple(ranks.shape)} pixels")
+    return pearson(prev_ranks.to(ranks.device), ranks, _name="drift")
 
 
 def drift(prev_maps: Tensor, maps: Tensor) -> Tensor:
