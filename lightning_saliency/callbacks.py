@@ -237,7 +237,7 @@ class SaliencyMonitor(_Base):
         self._prepared_for: tuple[int, int] | None = None
         self._shard: ProbeSet | None = None
         self._moved: tuple[Any, ProbeSet] | None = None  # the shard on the module's device and dtype
-        self._display: list[Any] | None = None  # the probe images shown under the overlays
+        self._display: Any = None  # the probe images shown under the overlays, uint8 [n, H, W, 3]
         self._prev_maps: dict[str, torch.Tensor] | None = None
         self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
         self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
@@ -594,7 +594,9 @@ class SaliencyMonitor(_Base):
         return " / ".join(parts)
 
     def _overlays(self, result: ShardResult) -> Iterator[tuple[str, list[Any], list[str]]]:
-        from .render import overlay, to_image
+        import numpy as np
+
+        from .render import overlays, to_image
 
         probe = self.probe
         assert probe is not None
@@ -603,16 +605,14 @@ class SaliencyMonitor(_Base):
         # overlays and captions stay legible; blocks of equal pixels also keep the PNG small (3x smaller here)
         scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
         if self._display is None or len(self._display) != n:  # the probe is fixed: converted once
-            self._display = [to_image(probe.inputs[i].float()) for i in range(n)]
-        images = self._display
+            self._display = np.stack([to_image(probe.inputs[i].float()) for i in range(n)])
         captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
-
-        def enlarge(a: Any) -> Any:
-            return a.repeat(scale, 0).repeat(scale, 1) if scale > 1 else a
-
         for method, maps in result.maps.items():
             shown = normalize(maps[:n].abs() if method in SIGNED_METHODS else maps[:n])
-            yield method, [enlarge(overlay(images[i], shown[i].numpy(), cmap=self.cmap)) for i in range(n)], captions
+            tiles = overlays(self._display, shown.numpy(), cmap=self.cmap)
+            if scale > 1:
+                tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
+            yield method, list(tiles), captions
 
     def _table(self, result: ShardResult) -> tuple[list[str], list[list[Any]]]:
         """One row per probe image: index, label, prediction, group and its per-image metric values."""

@@ -7,7 +7,7 @@ This is the only module that turns maps into pictures. Everything it returns is 
 - :func:`to_image` turns an input image (a ``[C, H, W]`` tensor, 1 or 3 channels) into displayable pixels.
 - :func:`colorize` maps a saliency map in ``[0, 1]`` through a matplotlib colormap (``"jet"``, ``"viridis"``,
   or any other name ``matplotlib.colormaps`` knows).
-- :func:`overlay` alpha-blends a colorized map over an image.
+- :func:`overlay` alpha-blends a colorized map over an image; :func:`overlays` does a batch at once.
 - :func:`grid` lays tiles out in rows with a caption under each tile (Pillow's default font).
 - :func:`save_png` writes an array to a PNG file atomically.
 
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .files import atomic_write
 
-__all__ = ["to_image", "colorize", "overlay", "grid", "save_png", "get_cmap"]
+__all__ = ["to_image", "colorize", "overlay", "overlays", "grid", "save_png", "get_cmap", "Picture"]
 
 ArrayLike = Any  # np.ndarray | Tensor
 
@@ -122,15 +122,6 @@ def colorize(m: ArrayLike, cmap: str = "jet") -> np.ndarray:
     return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
 
 
-def _resize_map(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if a.shape == size:
-        return a
-    from .maps import resize
-
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
-    return resize(t, size)[0].numpy()
-
-
 def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Alpha-blend a colorized map over an image: ``(1 - alpha) * image + alpha * colorize(m)``.
 
@@ -144,15 +135,43 @@ def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet
         >>> overlay(img, np.zeros((8, 8)), alpha=0.0).max()
         np.uint8(0)
     """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     img = _to_numpy(image)
     if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3):
         img = to_image(image)
     a = _to_numpy(m)
     if a.ndim != 2:
         raise ValueError(f"overlay expects one map [H, W], got shape {tuple(a.shape)}")
-    heat = colorize(_resize_map(a, img.shape[:2]), cmap)
+    return overlays(img[None], a[None], alpha=alpha, cmap=cmap)[0]
+
+
+def overlays(images: ArrayLike, maps: ArrayLike, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """:func:`overlay` for a batch, in a few array operations: ``uint8 [N, H, W, 3]``.
+
+    ``images`` is ``uint8 [N, H, W, 3]`` (e.g. stacked :func:`to_image` results); ``maps`` is ``[N, h, w]`` in
+    ``[0, 1]``, resized bilinearly to ``H x W`` when it differs. Image ``i`` of the result equals
+    ``overlay(images[i], maps[i], alpha, cmap)``.
+
+    Example:
+        >>> import numpy as np
+        >>> imgs, ms = np.zeros((2, 4, 4, 3), np.uint8), np.random.rand(2, 4, 4)
+        >>> bool((overlays(imgs, ms)[1] == overlay(imgs[1], ms[1])).all())
+        True
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    img = _to_numpy(images)
+    a = _to_numpy(maps)
+    if img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
+        raise ValueError(f"overlays expects images uint8 [N, H, W, 3], got {img.dtype} {tuple(img.shape)}; "
+                         "stack to_image() results with np.stack")
+    if a.ndim != 3 or a.shape[0] != img.shape[0]:
+        raise ValueError(f"overlays expects one map [h, w] per image: maps {tuple(a.shape)} for {img.shape[0]} images")
+    if a.shape[1:] != img.shape[1:3]:
+        from .maps import resize
+
+        a = resize(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), img.shape[1:3]).numpy()
+    a = np.clip(np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    heat = get_cmap(cmap)(a, bytes=True)[..., :3]
     out = (1.0 - alpha) * img.astype(np.float32) + alpha * heat.astype(np.float32)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 

@@ -152,3 +152,18 @@ def test_module_doctests():
 
     result = doctest.testmod(render_mod)
     assert result.failed == 0 and result.attempted > 5
+
+
+def test_batched_overlays_equal_one_by_one():
+    from lightning_saliency.render import overlays
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 12, 10, 3), dtype=np.uint8)
+    for maps, kw in ((rng.random((5, 12, 10)), {}), (rng.random((5, 3, 4)), {"alpha": 0.3, "cmap": "viridis"}),
+                     (np.full((5, 12, 10), np.nan), {"alpha": 1.0})):
+        batch = overlays(images, maps, **kw)
+        assert batch.shape == (5, 12, 10, 3) and batch.dtype == np.uint8
+        for i in range(5):
+            assert np.array_equal(batch[i], overlay(images[i], maps[i], **kw))
+    with pytest.raises(ValueError, match="one map"):
+        overlays(images, rng.random((4, 12, 10)))
