@@ -242,6 +242,7 @@ class SaliencyMonitor(_Base):
         self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
         self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
         self._prev_ranks_used: dict[str, torch.Tensor] | None = None
+        self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last audit this process made
         self._report: AuditReport | None = None
         self._sinks: list[Any] = []
         self._warned = False
@@ -422,9 +423,11 @@ class SaliencyMonitor(_Base):
         if self._prepared_for == (id(trainer), id(pl_module)):
             if not any(r["epoch"] == epoch for r in self.history):
                 self.audit(trainer, pl_module, epoch=epoch, periodic=True)
-            elif self._lacks_periodic(self.history[-1]):
+            elif self._lacks_periodic(self.history[-1]) and \
+                    self._last_audit == (id(trainer), self.history[-1]["epoch"]):
                 # training ended where nobody could tell in advance (an alarm's stop, a time limit, ...): the last
-                # audit gets the periodic metrics it skipped, from the same weights and the same previous maps
+                # audit, made in this fit, gets the periodic metrics it skipped, from the same weights and the same
+                # previous maps
                 self._complete(trainer, pl_module)
         self._flush()
 
@@ -493,6 +496,7 @@ class SaliencyMonitor(_Base):
             record = self._record_and_log(trainer, merge(gathered), epoch, started, images=_completing is None)
         record = _broadcast(trainer, record)
         self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
+        self._last_audit = (id(trainer), int(record["epoch"]))
         for alarm in self._alarms:
             # completing an audit: only the alarms on the metrics it adds have something new to read
             if _completing is None or alarm.metric not in _completing.get("metrics", {}):
