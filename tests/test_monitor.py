@@ -205,7 +205,7 @@ def test_probe_drawn_from_loaders_passed_to_fit_validate_and_test(tmp_path):
     assert all(any(torch.equal(x, v) for v in val_images) for x in monitor.probe.inputs)  # drawn from `val`
     for run in (lambda t, m: t.validate(net, dataloaders=val), lambda t, m: t.test(net, dataloaders=val)):
         fresh = SaliencyMonitor(None, probe_size=4, methods=("gradient",), metrics=("spurious_mass",))
-        t = pl.Trainer(callbacks=[fresh], logger=False, **U.FAST)
+        t = pl.Trainer(callbacks=[fresh], logger=False, default_root_dir=str(tmp_path / "eval"), **U.FAST)
         run(t, fresh)
         assert len(fresh.probe) == 4 and len(fresh.history) == 1
 
