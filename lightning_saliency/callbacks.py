@@ -431,11 +431,8 @@ class SaliencyMonitor(_Base):
                 self._complete(trainer, pl_module)
         self._flush()
 
-    def _periodic_wanted(self) -> set[str]:
-        return set(PERIODIC_METRICS) & set(self.spec.metrics)
-
     def _lacks_periodic(self, record: dict[str, Any]) -> bool:
-        wanted = self._periodic_wanted()
+        wanted = set(PERIODIC_METRICS) & set(self.spec.metrics)
         return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
     def _final_epoch(self, trainer: Any) -> bool:
