@@ -154,6 +154,14 @@ def custom_scalars_layout(keys: Iterable[str]) -> dict[str, dict[str, list[Any]]
     return layout
 
 
+def _torch_file_writer(writer: Any) -> Any:
+    """``torch.utils.tensorboard``'s way to its event file (``_get_file_writer``), which takes ``tensorboard``'s
+    protos as they are; ``None`` for any other writer (tensorboardX has its own protos: use its public API)."""
+    if not type(writer).__module__.startswith("torch.utils.tensorboard"):
+        return None
+    return getattr(writer, "_get_file_writer", None)
+
+
 class TensorBoardSink(Sink):
     """Writes to a TensorBoard ``SummaryWriter``: overlay grids, scalars, a custom-scalars layout, text.
 
@@ -194,7 +202,7 @@ class TensorBoardSink(Sink):
         w = self.writer
         # a value the audit could not compute (None) is skipped; NaN is kept: TensorBoard shows the gap
         values = {_tag(key): float(value) for key, value in metrics.items() if value is not None}
-        file_writer = getattr(w, "_get_file_writer", None)
+        file_writer = _torch_file_writer(w)
         if file_writer is not None and values:
             # one event holding every scalar of the audit, as add_scalar would write each: one record for the
             # writer's thread to checksum and one slot of its small queue, instead of one per metric
@@ -202,7 +210,7 @@ class TensorBoardSink(Sink):
 
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
             file_writer().add_summary(summary, self._step)
-        else:  # not a torch / tensorboardX SummaryWriter
+        else:  # another writer (tensorboardX): its own API
             for tag, v in values.items():
                 w.add_scalar(tag, v, self._step)
         self._update_layout(key for key, value in metrics.items() if value is not None)
@@ -218,8 +226,8 @@ class TensorBoardSink(Sink):
 
     def _add_png(self, tag: str, picture: Picture) -> None:
         """An image summary from already-encoded PNG bytes (``add_image`` would encode it again)."""
-        file_writer = getattr(self.writer, "_get_file_writer", None)
-        if file_writer is None:  # not a torch / tensorboardX SummaryWriter: let it encode
+        file_writer = _torch_file_writer(self.writer)
+        if file_writer is None:  # another writer (tensorboardX): let it encode
             self.writer.add_image(tag, picture.array, self._step, dataformats="HWC")
             return
         from tensorboard.compat.proto.summary_pb2 import Summary

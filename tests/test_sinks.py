@@ -353,3 +353,32 @@ def test_module_doctests():
 
     result = doctest.testmod(sinks_mod)
     assert result.failed == 0 and result.attempted > 5
+
+
+def test_writers_other_than_torchs_go_through_their_public_api(tmp_path):
+    """A writer that is not torch.utils.tensorboard's (tensorboardX, a wrapper) gets add_scalar / add_image
+    calls, never torch's private file writer and tensorboard's protos."""
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append(("scalar", tag, value, step))
+
+        def add_image(self, tag, array, step, dataformats="CHW"):
+            self.calls.append(("image", tag, array.shape, step, dataformats))
+
+        def add_custom_scalars(self, layout):
+            self.calls.append(("layout",))
+
+        def _get_file_writer(self):  # present, as on tensorboardX, but not to be used
+            raise AssertionError("private file writer used")
+
+    writer = Recorder()
+    sink = TensorBoardSink(writer)
+    sink.log_metrics({"gradcam/object_mass": 0.5, "gradient/object_mass": None}, step=3)
+    sink.log_overlays("gradcam", [np.zeros((8, 8, 3), np.uint8)] * 2, ["a", "b"], step=3)
+    assert ("scalar", "saliency/gradcam/object_mass", 0.5, 3) in writer.calls
+    assert not any(c[0] == "scalar" and c[1] == "saliency/gradient/object_mass" for c in writer.calls)
+    assert any(c[0] == "image" and c[1] == "saliency/gradcam/overlays" and c[4] == "HWC" for c in writer.calls)
