@@ -269,9 +269,10 @@ def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[floa
 
 def _chart(title: str, series: list[tuple[str, list[tuple[float, float | None]]]],
            thresholds: list[tuple[str, float, str]], firings: list[tuple[float, float]],
-           x_range: tuple[float, float] | None = None) -> str:
+           x_range: tuple[float, float] | None = None, marked: frozenset[str] = frozenset()) -> str:
     """One SVG line chart. ``series``: (label, [(x, y or None)]); ``thresholds``: (label, y, mode);
-    ``x_range``: the epoch axis shared by every chart (default: this chart's data)."""
+    ``x_range``: the epoch axis shared by every chart (default: this chart's data); the series named in
+    ``marked`` (measured at some audits only, such as the periodic metrics) get a dot at each value."""
     W, H, L, R, T, B = 350, 200, 44, 10, 24, 36
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts if y is not None] + [t[1] for t in thresholds]
@@ -335,6 +336,10 @@ def _chart(title: str, series: list[tuple[str, list[tuple[float, float | None]]]
                     f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="1.8">'
                     f"<title>{_e(label)}</title></polyline>"
                 )
+                if label in marked:
+                    for point in seg:
+                        cx, cy = point.split(",")
+                        parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"/>')
     for x, v in firings:
         parts.append(
             f'<circle cx="{px(x):.1f}" cy="{py(v):.1f}" r="4" class="firing">'
@@ -488,13 +493,16 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
             firings.setdefault(metric, []).append((x, v))
     charts = []
     for metric, ks in by_metric.items():
-        series = []
+        series, sparse = [], set()
         for k in ks:
             pts = [(xs[i], _num(a["metrics"].get(k))) for i, a in enumerate(audits) if k in a["metrics"]]
-            series.append((_split_key(k)[0] or k, _reduce(pts)))
+            label = _split_key(k)[0] or k
+            series.append((label, _reduce(pts)))
+            if len(pts) < len(audits):  # a periodic metric: the dots show where it was measured
+                sparse.add(label)
         thr = [(k, t, mode) for k in ks for t, mode in sorted(thresholds.get(k, ()))]
         fire = [f for k in ks for f in firings.get(k, []) if min(xs) <= f[0] <= max(xs)]
-        charts.append(_chart(metric, series, thr, fire, (min(xs), max(xs))))
+        charts.append(_chart(metric, series, thr, fire, (min(xs), max(xs)), frozenset(sparse)))
     note = (
         f'<p class="note">{len(audits)} audits; dashed lines: alarm thresholds, red circles: alarm firings'
         + (f"; each curve reduced to at most {2 * MAX_POINTS} points (bucket minimum and maximum)"

@@ -415,3 +415,18 @@ def test_page_in_headless_chromium(page_file, tmp_path):
     target = os.environ.get("LIGHTNING_SALIENCY_SCREENSHOT")
     if target:  # refresh docs/report-screenshot.png: LIGHTNING_SALIENCY_SCREENSHOT=docs/report-screenshot.png
         Path(target).write_bytes(shot.read_bytes())
+
+
+def test_a_periodic_metric_gets_dots_where_it_was_measured(tmp_path):
+    """stability is measured at audits 0 and 3 of 5 only: its curve gets a dot on each value, a metric measured
+    at every audit gets none."""
+    audits = [{"epoch": e, "global_step": 10 * e,
+               "metrics": {"gradcam/spurious_mass": 0.1 * e, **({"gradcam/stability": 0.9} if e in (0, 3) else {})}}
+              for e in range(5)]
+    html = render_page({"schema": "lightning-saliency/report/v1", "audits": audits}, tmp_path)
+    stability = re.search(r'<svg[^>]*aria-label="stability".*?</svg>', html, re.S).group(0)
+    mass = re.search(r'<svg[^>]*aria-label="spurious_mass".*?</svg>', html, re.S).group(0)
+    line = re.search(r'<polyline points="([^"]*)"', stability).group(1).split()
+    dots = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="2.5"', stability)
+    assert len(line) == 2 and [f"{x},{y}" for x, y in dots] == line
+    assert "<circle" not in mass
