@@ -18,24 +18,37 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "attribute": "lightning_saliency.methods.engine",
     "METHODS": "lightning_saliency.methods.engine",
+    "MethodSpec": "lightning_saliency.methods.registry",
+    "method_names": "lightning_saliency.methods.registry",
+    "register_method": "lightning_saliency.methods.registry",
+    "unregister_method": "lightning_saliency.methods.registry",
     "ProbeSet": "lightning_saliency.probe",
     "SaliencyMonitor": "lightning_saliency.callbacks",
     "ShortcutAlarm": "lightning_saliency.callbacks",
     "ShortcutDetected": "lightning_saliency.callbacks",
 }
 
-__all__ = ["METHODS", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute"]
+__all__ = ["METHODS", "MethodSpec", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute",
+           "method_names", "register_method", "unregister_method"]
+_LIVE = ("METHODS",)  # read at each access (methods registered later included), never cached
 
 if TYPE_CHECKING:
     from lightning_saliency.callbacks import SaliencyMonitor, ShortcutAlarm, ShortcutDetected
     from lightning_saliency.methods.engine import METHODS, attribute
+    from lightning_saliency.methods.registry import (
+        MethodSpec,
+        method_names,
+        register_method,
+        unregister_method,
+    )
     from lightning_saliency.probe import ProbeSet
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
+        if name not in _LIVE:
+            globals()[name] = value
         return value
     raise AttributeError(f"module 'lightning_saliency' has no attribute {name!r}")
 

@@ -60,7 +60,8 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from .layers import TargetLayer
-from .methods.engine import METHODS, attribute
+from .methods.engine import attribute
+from .methods.registry import SIGNED_METHODS, method_names
 from .probe import ProbeSet
 from .report import error_record
 
@@ -87,7 +88,6 @@ DEFAULT_METRICS = CHEAP_METRICS  # the expensive ones are opt-in, and then run e
 # the metrics that run the model again (the others are computed from the audit's own maps): the monitor runs
 # them every `expensive_every_n_audits` audits and at the last audit of a fit, validate or test
 PERIODIC_METRICS = ("stability",) + EXPENSIVE_METRICS
-SIGNED_METHODS = ("integrated_gradients", "input_x_gradient")  # signed maps: metrics and pictures use |M|
 
 
 def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -114,7 +114,7 @@ class AuditSpec:
     """What one audit computes.
 
     Args:
-        methods: attribution methods (see :data:`lightning_saliency.methods.engine.METHODS`).
+        methods: attribution methods (see :func:`lightning_saliency.methods.registry.method_names`).
         metrics: metric names (see the module docstring); masks-based ones are skipped when the probe has no
             masks, group-based ones when it has no groups.
         layer: the target layer for CAM-family methods: ``"auto"``, a dotted name, a module or a resolved
@@ -145,9 +145,9 @@ class AuditSpec:
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(method_names())}")
         if not self.methods:
             raise ValueError("methods is empty; pass at least one method, e.g. methods=('gradcam',)")
         self.metrics = validate_metrics(self.metrics)
@@ -204,7 +204,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     """Run one audit on ``probe`` (a whole probe set or one rank's shard).
 
     Computes the maps of every method in one shared pass, then the per-image values of the chosen metrics.
-    A method or metric that raises is recorded in ``errors`` (and warned about) unless ``on_error="raise"``.
+    A method or metric that raises is recorded in ``errors`` and warned about (``on_error="warn"``), recorded only
+    (``"collect"``), or raised (``"raise"``): :data:`lightning_saliency.methods.engine.ON_ERROR`.
     ``previous_maps`` (the last audit's maps of the same images) feed ``drift``, or ``previous_ranks`` (the last
     result's ``ranks``: the same, already ranked, so each map is ranked once); ``expensive=False`` skips
     the metrics that run the model again (:data:`PERIODIC_METRICS`: stability and the expensive ones).
@@ -226,8 +227,10 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         if on_error == "raise":
             raise exc
         errors.append(error_record(exc, method=method))
-        warnings.warn(f"lightning-saliency: {what} failed ({type(exc).__name__}: {exc}); recorded in the report, "
-                      f"training goes on (pass on_error='raise' to stop instead)", RuntimeWarning, stacklevel=3)
+        if on_error == "warn":
+            warnings.warn(f"lightning-saliency: {what} failed ({type(exc).__name__}: {exc}); recorded in the "
+                          "report, training goes on (pass on_error='raise' to stop instead)", RuntimeWarning,
+                          stacklevel=3)
 
     explain_targets = None if spec.target == "prediction" else labels
 
@@ -238,10 +241,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
 
     try:
         maps, info = explain_with_info(spec.methods)
-        for method, message in info.errors.items():
-            kind, _, text = message.partition(": ")
-            fail(RuntimeError(message), method, f"method {method!r}")
-            errors[-1].update(type=kind or "Error", message=text or message)
+        for method, exc in info.errors.items():
+            fail(exc, method, f"method {method!r}")
     except Exception:  # the shared pass failed (e.g. the layer is gone): keep what does not need it
         if on_error == "raise":
             raise

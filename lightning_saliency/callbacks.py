@@ -45,6 +45,7 @@ from .audit import (
 )
 from .guard import SideEffectGuard
 from .maps import normalize
+from .methods.engine import check_on_error
 from .probe import ProbeSet
 from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
 
@@ -140,7 +141,7 @@ class SaliencyMonitor(_Base):
         probe: the fixed probe set. ``None`` builds one at the start of fit from the datamodule's (or model's)
             validation dataloader with ``probe_size`` and ``probe_seed``.
         methods: attribution methods, e.g. ``("gradcam", "gradient")``; see
-            :data:`lightning_saliency.methods.engine.METHODS`.
+            :func:`lightning_saliency.methods.registry.method_names` (registered methods too).
         layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
         every_n_epochs: audit every n-th training epoch.
         metrics: metric names (see :mod:`lightning_saliency.audit`); default: the cheap ones (region masses,
@@ -148,8 +149,8 @@ class SaliencyMonitor(_Base):
             (faithfulness, sanity) are opt-in.
         log_images: overlays logged per method and audit (0 disables images).
         batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
-        on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on)
-            or ``"raise"``.
+        on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on),
+            ``"collect"`` (recorded, no warning) or ``"raise"``: :data:`lightning_saliency.methods.engine.ON_ERROR`.
         expensive_every_n_audits: how often the metrics that run the model again run (stability, and the
             expensive ones when listed): every n-th audit (1 = every audit) and always at the last audit of a
             fit, validate or test, so the final report has them. The others run at every audit.
@@ -184,7 +185,7 @@ class SaliencyMonitor(_Base):
         metrics: Sequence[str] | None = None,
         log_images: int = 16,
         batch_size: int | None = None,
-        on_error: Literal["warn", "raise"] = "warn",
+        on_error: Literal["warn", "collect", "raise"] = "warn",
         expensive_every_n_audits: int = 5,
         target: Literal["prediction", "label"] = "prediction",
         probe_size: int = 64,
@@ -205,8 +206,7 @@ class SaliencyMonitor(_Base):
                             f"data), got {type(probe).__name__}; build one with ProbeSet.from_dataset(...)")
         if int(every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        check_on_error(on_error)
         if int(expensive_every_n_audits) < 1:
             raise ValueError(f"expensive_every_n_audits must be >= 1, got {expensive_every_n_audits}")
         if int(probe_size) < 1:
@@ -524,8 +524,10 @@ class SaliencyMonitor(_Base):
         except Exception as e:
             if self.on_error == "raise":
                 raise
-            warnings.warn(f"lightning-saliency: the audit failed ({type(e).__name__}: {e}); recorded in the report, "
-                          "training goes on (pass on_error='raise' to stop instead)", RuntimeWarning, stacklevel=2)
+            if self.on_error == "warn":
+                warnings.warn(f"lightning-saliency: the audit failed ({type(e).__name__}: {e}); recorded in the "
+                              "report, training goes on (pass on_error='raise' to stop instead)", RuntimeWarning,
+                              stacklevel=2)
             result = ShardResult(indices=indices, predictions=torch.full((len(shard),), -1),
                                  errors=[error_record(e)])
         result.indices = indices

@@ -13,7 +13,9 @@ from torch import nn
 
 from lightning_saliency.guard import SideEffectGuard
 from lightning_saliency.layers import TargetLayer, vit_reshape
-from lightning_saliency.methods import METHODS, attribute
+from lightning_saliency.methods import attribute
+from lightning_saliency.methods import registry
+from lightning_saliency.methods.registry import builtin_names
 from lightning_saliency.methods import engine as engine_mod
 
 BUNDLE = ("gradcam", "gradcam++", "gradient", "input_x_gradient")
@@ -218,7 +220,8 @@ def test_on_error_collect_keeps_the_methods_that_work():
     maps, info = attribute(model, _x(2), methods=("cam", "gradcam", "gradient"), layer="1", on_error="collect",
                            return_info=True)
     assert list(maps) == ["gradcam", "gradient"]
-    assert "cam" in info.errors and "gradcam" in info.errors["cam"]
+    assert "cam" in info.errors and isinstance(info.errors["cam"], ValueError)
+    assert "gradcam" in str(info.errors["cam"])
     with pytest.raises(ValueError, match="gradcam"):
         attribute(model, _x(2), methods=("cam", "gradcam"), layer="1")
     # nn.ReLU is there, but a model whose forward fails in one method's pass only loses that method
@@ -227,7 +230,8 @@ def test_on_error_collect_keeps_the_methods_that_work():
                            layer=TargetLayer("features", exploding.features, None), on_error="collect",
                            return_info=True, **FAST)
     assert list(maps) == ["gradcam", "occlusion"]
-    assert list(info.errors) == ["guided_gradcam"] and "boom" in info.errors["guided_gradcam"]
+    assert list(info.errors) == ["guided_gradcam"] and "boom" in str(info.errors["guided_gradcam"])
+    assert isinstance(info.errors["guided_gradcam"], BaseException)
 
 
 # ------------------------------------------------------------------------------------------- side effects
@@ -277,8 +281,8 @@ def test_model_and_global_state_left_exactly_as_found():
     x = _x(3)
     x_before = x.clone()
     before = _snapshot(model)
-    maps = attribute(model, x, methods=METHODS, layer="features", **FAST)
-    assert len(maps) == len(METHODS)
+    maps = attribute(model, x, methods=builtin_names(), layer="features", **FAST)
+    assert len(maps) == len(builtin_names())
     _assert_same(before, _snapshot(model))
     assert torch.equal(x, x_before) and not x.requires_grad and x.grad is None
 
@@ -335,23 +339,23 @@ def test_state_restored_when_guided_backprop_finds_no_relu():
 def test_works_under_outer_inference_mode_and_no_grad(outer):
     model = _net()
     x = _x(3)
-    reference = attribute(model, x, methods=METHODS, layer="features", **FAST)
+    reference = attribute(model, x, methods=builtin_names(), layer="features", **FAST)
     context = torch.inference_mode() if outer == "inference_mode" else torch.no_grad()
     with context:
         inner_x = x.clone()  # an inference tensor under inference_mode
-        maps = attribute(model, inner_x, methods=METHODS, layer="features", **FAST)
+        maps = attribute(model, inner_x, methods=builtin_names(), layer="features", **FAST)
         assert not torch.is_grad_enabled()
-    for name in METHODS:
+    for name in builtin_names():
         assert torch.equal(maps[name], reference[name]), name
 
 
 def test_deterministic_on_cpu():
     model = _net()
     x = _x(3)
-    first = attribute(model, x, methods=METHODS, layer="features", **FAST)
+    first = attribute(model, x, methods=builtin_names(), layer="features", **FAST)
     torch.manual_seed(123)  # global RNG state must not matter (SmoothGrad has its own generator)
-    second = attribute(model, x, methods=METHODS, layer="features", **FAST)
-    for name in METHODS:
+    second = attribute(model, x, methods=builtin_names(), layer="features", **FAST)
+    for name in builtin_names():
         assert torch.equal(first[name], second[name]), name
     other_seed = attribute(model, x, methods="smoothgrad", smoothgrad_seed=1, **FAST)["smoothgrad"]
     assert not torch.equal(other_seed, first["smoothgrad"])
@@ -361,7 +365,7 @@ def test_autocast_maps_are_finite_float32_and_report_the_forward_dtype():
     model = _net()
     x = _x(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        maps, info = attribute(model, x, methods=METHODS, layer="features", return_info=True, **FAST)
+        maps, info = attribute(model, x, methods=builtin_names(), layer="features", return_info=True, **FAST)
         _, full = attribute(model, x, methods=("gradcam",), layer="features", return_info=True, autocast=False)
     assert info.forward_dtype == "bfloat16" and full.forward_dtype == "float32"
     for name, m in maps.items():
@@ -433,10 +437,28 @@ def test_guard_restores_on_exception_and_enables_grad():
     assert model.training and len(model.fc._forward_hooks) == 0
 
 
-def test_engine_lists_the_twelve_methods():
-    assert engine_mod.METHODS == ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "gradient",
-                                  "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop",
-                                  "guided_gradcam", "occlusion")
+def test_the_registry_holds_design_s_twelve_methods_with_their_flags():
+    design = ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "gradient", "input_x_gradient", "smoothgrad",
+              "integrated_gradients", "guided_backprop", "guided_gradcam", "occlusion")  # DESIGN §3
+    assert set(builtin_names()) == set(design) and len(builtin_names()) == 12
+    assert set(design) <= set(registry.method_names()) and engine_mod.METHODS[:12] == builtin_names()
+    for name in design:
+        spec = registry.get_method(name)
+        assert spec.builtin and spec.rides in registry.RIDES
+        assert callable(spec.fn) and (spec.fn.__doc__ or "").strip(), f"{name}: its fn has no docstring"
+        for part in spec.parts:
+            registry.get_method(part)
+    # the flags the engine and the metrics rely on
+    assert {n for n in design if registry.needs_layer(n)} == {"cam", "gradcam", "gradcam++", "hirescam",
+                                                               "layercam", "guided_gradcam"}
+    assert set(registry.SIGNED_METHODS) == {"input_x_gradient", "integrated_gradients"}
+    assert {n for n in design if registry.get_method(n).rides == "own"} == {
+        "smoothgrad", "integrated_gradients", "guided_backprop", "occlusion"}
+    # every option has one owner, and the flat names of the engine's options are still accepted
+    owners = [registry.option_owner(k) for k in registry.all_options()]
+    assert None not in owners
+    assert {"smoothgrad_samples", "ig_steps", "ig_method", "occlusion_patch", "on_error"} <= set(
+        engine_mod.default_options())
 
 
 def test_compiled_model_is_explained_through_its_original_module():
@@ -479,6 +501,7 @@ def test_on_error_collect_when_the_layer_does_not_reach_the_logits():
                                on_error="collect", return_info=True)
         assert list(maps) == ["gradient"]
         assert set(info.errors) == {"gradcam", "guided_gradcam"}
-        assert message in info.errors["gradcam"] and message in info.errors["guided_gradcam"]
+        assert message in str(info.errors["gradcam"]) and message in str(info.errors["guided_gradcam"])
+        assert isinstance(info.errors["gradcam"], ValueError)
         with pytest.raises(ValueError, match=message):
             attribute(model, _x(2), methods=("gradcam", "gradient"), layer=layer)

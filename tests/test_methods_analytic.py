@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lightning_saliency.maps import normalize, resize
-from lightning_saliency.methods import METHODS, attribute
+from lightning_saliency.methods import attribute
+from lightning_saliency.methods.registry import builtin_names
 from lightning_saliency.methods.gradients import ig_alphas
 
 
@@ -225,9 +226,9 @@ def test_every_method_returns_finite_float32_maps_at_input_resolution():
     torch.manual_seed(8)
     model = GapNet(inplace=True)
     x = torch.randn(3, 3, 16, 12)
-    maps = attribute(model, x, methods=METHODS, layer="features", smoothgrad_samples=3, ig_steps=4,
+    maps = attribute(model, x, methods=builtin_names(), layer="features", smoothgrad_samples=3, ig_steps=4,
                      occlusion_patch=4, occlusion_stride=4)
-    assert list(maps) == list(METHODS)
+    assert list(maps) == list(builtin_names())
     for name, m in maps.items():
         assert m.shape == (3, 16, 12), name
         assert m.dtype == torch.float32, name

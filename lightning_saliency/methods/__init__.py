@@ -11,6 +11,19 @@ Example:
     torch.Size([1, 2, 2])
 """
 
-from .engine import DEFAULT_OPTIONS, METHODS, AttributionInfo, attribute
+from typing import Any
 
-__all__ = ["attribute", "METHODS", "DEFAULT_OPTIONS", "AttributionInfo"]
+from .engine import ON_ERROR, AttributionInfo, attribute, default_options
+from .registry import MethodSpec, method_names, register_method, unregister_method
+
+__all__ = ["attribute", "method_names", "default_options", "register_method", "unregister_method", "MethodSpec",
+           "AttributionInfo", "ON_ERROR"]
+
+
+def __getattr__(name: str) -> Any:
+    # METHODS / DEFAULT_OPTIONS: read from the registry at each access (see engine.__getattr__)
+    if name in ("METHODS", "DEFAULT_OPTIONS"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@ Every function here is a pure formula over the target layer's activations ``A`` 
 gradient of the class score with respect to them, ``G = dy^c/dA`` (same shape). They return maps at the
 layer's resolution ``[N, h, w]``, float32, ReLU'd; the engine upsamples them bilinearly to the input size with
 :func:`lightning_saliency.maps.resize`. Where ``A`` and ``G`` come from (one forward and one backward shared by
-every method) is the engine's business: see :mod:`lightning_saliency.methods.engine`.
+every method) is the engine's business: see :mod:`lightning_saliency.methods.engine`. Each formula is a row of
+:mod:`lightning_saliency.methods.registry` (``rides="cam"``); a new variant is a formula here plus one row there.
 
 Example:
     >>> import torch
@@ -19,10 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cam", "gradcam", "gradcam_plus_plus", "hirescam", "layercam", "check_gap_linear_head", "CAM_METHODS"]
-
-#: cam-family names whose map needs the activation gradient ``G`` (``cam`` needs only ``A`` and the head).
-CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
+__all__ = ["cam", "gradcam", "gradcam_plus_plus", "hirescam", "layercam", "check_gap_linear_head"]
 
 
 def _check(A: Tensor, G: Tensor | None = None) -> None:

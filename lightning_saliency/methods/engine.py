@@ -14,6 +14,10 @@ to the layer's activations and/or the input, whichever the requested methods nee
 inputs, interpolated inputs, modified ReLU backward, occluded inputs); their rows go through the model in
 batches. ``guided_gradcam`` combines the guided backprop pass with the shared pass's Grad-CAM.
 
+Which method rides which pass, its flags and its options are rows of :mod:`.registry`; this module loops over the
+requested rows (a method added with :func:`~lightning_saliency.methods.registry.register_method` runs its own pass,
+inside the same guard).
+
 Everything runs inside a :class:`~lightning_saliency.guard.SideEffectGuard`: eval mode, gradients enabled even
 under ``torch.no_grad()``/``torch.inference_mode()``, no ``.backward()`` (parameters' ``.grad`` is never
 touched), every hook removed and every flag and random state restored, also when a method raises.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,51 +47,52 @@ from torch import Tensor, nn
 from ..guard import SideEffectGuard
 from ..maps import resize
 from . import cam as cam_mod
-from .gradients import (
-    IG_METHODS,
-    gradient_map,
-    guided_backprop,
-    guided_gradcam,
-    input_x_gradient_map,
-    integrated_gradients,
-    smoothgrad,
-)
-from .occlusion import occlusion
+from .registry import MethodSpec, OwnPass, all_options, get_method, method_names
 from .scoring import Scorer, class_scores
 
-__all__ = ["METHODS", "DEFAULT_OPTIONS", "AttributionInfo", "attribute"]
+__all__ = ["ON_ERROR", "AttributionInfo", "attribute", "check_on_error", "default_options", "method_names"]
 
-#: The twelve method names of DESIGN §3, in a stable order.
-METHODS: tuple[str, ...] = (
-    "cam", "gradcam", "gradcam++", "hirescam", "layercam",
-    "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients",
-    "guided_backprop", "guided_gradcam", "occlusion",
-)
-
-_CAM_FORMULAS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gradcam": cam_mod.gradcam,
-    "gradcam++": cam_mod.gradcam_plus_plus,
-    "hirescam": cam_mod.hirescam,
-    "layercam": cam_mod.layercam,
+#: The one ``on_error`` vocabulary, shared by :func:`attribute`, :func:`~lightning_saliency.audit.audit_shard` and
+#: :class:`~lightning_saliency.SaliencyMonitor` (each documents its default: ``"raise"`` here, ``"warn"`` there).
+ON_ERROR: dict[str, str] = {
+    "raise": "a failing method (or metric, or audit) raises",
+    "warn": "it is left out, recorded (AttributionInfo.errors, the report's errors) and warned about",
+    "collect": "it is left out and recorded, without a warning",
 }
-_NEEDS_LAYER = ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "guided_gradcam")
-_SEPARATE = ("smoothgrad", "integrated_gradients", "guided_backprop", "occlusion")
 
-#: Options accepted by :func:`attribute` as keyword arguments, with their defaults.
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "smoothgrad_samples": 16,
-    "smoothgrad_sigma": 0.15,
-    "smoothgrad_seed": 0,
-    "ig_steps": 32,
-    "ig_baseline": None,
-    "ig_method": "gausslegendre",
-    "occlusion_patch": 8,
-    "occlusion_stride": 4,
-    "occlusion_baseline": 0.0,
-    "autocast": True,
-    "on_error": "raise",
-    "return_info": False,
-}
+
+def check_on_error(value: Any) -> str:
+    """``value`` if it is one of :data:`ON_ERROR`, else a ``ValueError`` listing them.
+
+    Example:
+        >>> check_on_error("collect")
+        'collect'
+    """
+    if value not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, got {value!r}: "
+                         + "; ".join(f"{k!r}: {v}" for k, v in ON_ERROR.items()))
+    return value
+
+
+def default_options() -> dict[str, Any]:
+    """Options accepted by :func:`attribute` as keyword arguments, with their defaults (every method's, registered
+    ones included, then the engine's: ``autocast``, ``on_error``, ``return_info``).
+
+    Example:
+        >>> default_options()["ig_steps"], default_options()["return_info"]
+        (32, False)
+    """
+    return all_options()
+
+
+def __getattr__(name: str) -> Any:
+    # METHODS and DEFAULT_OPTIONS are read from the registry at each access (registered methods included); a
+    # `from ... import METHODS` keeps the value of that moment: call method_names() for the live list.
+    if name == "METHODS":
+        return method_names()
+    if name == "DEFAULT_OPTIONS":
+        return all_options()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -103,7 +109,8 @@ class AttributionInfo:
         forwards, backwards: model forward passes and ``autograd.grad`` calls made (layer resolution excluded).
         seconds: wall time per stage: ``"shared"`` (the shared pass, including layer resolution) and each method
             that ran a pass of its own.
-        errors: method -> ``"ExceptionType: message"`` for methods that failed under ``on_error="collect"``.
+        errors: method -> the exception it raised, for methods that failed under ``on_error="collect"`` or
+            ``"warn"`` (a combined method whose part failed holds the part's exception).
 
     Example:
         >>> import torch
@@ -121,7 +128,7 @@ class AttributionInfo:
     forwards: int = 0
     backwards: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -132,36 +139,23 @@ def _check_methods(methods: str | Sequence[str]) -> list[str]:
         methods = (methods,)
     names: list[str] = []
     for m in methods:
-        if m not in METHODS:
-            close = difflib.get_close_matches(str(m), METHODS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown method {m!r}{hint}; known methods: {', '.join(METHODS)}")
+        get_method(m)  # an unknown name raises, naming the closest known one
         if m not in names:
             names.append(m)
     if not names:
-        raise ValueError(f"methods is empty; choose one or more of: {', '.join(METHODS)}")
+        raise ValueError(f"methods is empty; choose one or more of: {', '.join(method_names())}")
     return names
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    defaults = all_options()
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; attribute() accepts: {', '.join(DEFAULT_OPTIONS)}")
-    opts = {**DEFAULT_OPTIONS, **options}
-    for key in ("smoothgrad_samples", "ig_steps"):
-        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
-            raise ValueError(f"{key} must be a positive int, got {opts[key]!r}")
-    if not isinstance(opts["smoothgrad_sigma"], (int, float)) or opts["smoothgrad_sigma"] < 0:
-        raise ValueError(f"smoothgrad_sigma must be a number >= 0, got {opts['smoothgrad_sigma']!r}")
-    if opts["ig_method"] not in IG_METHODS:
-        raise ValueError(f"unknown ig_method {opts['ig_method']!r}; choose one of {', '.join(IG_METHODS)}")
-    for key in ("occlusion_patch", "occlusion_stride"):
-        value = opts[key]
-        pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-            raise ValueError(f"{key} must be a positive int or a pair (h, w) of them, got {value!r}")
-    if opts["on_error"] not in ("raise", "collect"):
-        raise ValueError(f"on_error must be 'raise' or 'collect', got {opts['on_error']!r}")
+        close = {k: difflib.get_close_matches(str(k), defaults, n=1) for k in unknown}
+        hint = "".join(f" ({k!r}: did you mean {c[0]!r}?)" for k, c in close.items() if c)
+        raise ValueError(f"unknown option(s) {unknown}{hint}; attribute() accepts: {', '.join(defaults)}")
+    opts = {**defaults, **options}
+    check_on_error(opts["on_error"])
     return opts
 
 
@@ -210,21 +204,6 @@ def _check_range(t: Tensor | None, num_classes: int, name: str) -> None:
         i = int(bad[0, 0])
         raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range [0, {num_classes}) for a model with "
                          f"{num_classes} outputs: pass class indices in [0, {num_classes})")
-
-
-def _baseline(value: Any, x: Tensor, name: str) -> Tensor:
-    if value is None:
-        return torch.zeros_like(x)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full_like(x, float(value))
-    if isinstance(value, Tensor):
-        try:
-            return torch.broadcast_to(value.detach().to(device=x.device, dtype=x.dtype), x.shape).clone()
-        except RuntimeError as err:
-            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the inputs "
-                             f"{tuple(x.shape)}: pass a number or a tensor [C, 1, 1], [C, H, W] or [N, C, H, W]"
-                             ) from err
-    raise ValueError(f"{name} must be None, a number or a tensor, got {type(value).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ shared pass
@@ -308,29 +287,29 @@ def _cam_weights(cap: _Capture, logits: Tensor, A: Tensor, t: Tensor, q: Tensor 
     return rows
 
 
-def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | None, q_all: Tensor | None,
+def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Tensor | None, q_all: Tensor | None,
                  target: Any, guard: SideEffectGuard, scorer: Scorer, batch_size: int,
-                 collect: dict[str, str] | None) -> tuple[dict[str, list[Tensor]], Tensor, Tensor, Tensor, str]:
+                 collect: dict[str, BaseException] | None) -> tuple[dict[str, list[Tensor]], Tensor, Tensor, Tensor, str]:
+    """One forward and (at most) one ``autograd.grad`` per batch, computing what the union of ``specs`` needs:
+    the input gradient for ``"shared"`` rows, the layer's activations and their gradient for ``"cam"`` rows, the
+    activations and the linear head for ``"head"`` rows (no backward)."""
     N, _, H, W = x.shape
-    cam_like = [m for m in names if m in _CAM_FORMULAS]
-    want_gradcam_up = "guided_gradcam" in names
-    need_act_grad = bool(cam_like) or want_gradcam_up
-    need_input_grad = any(m in ("gradient", "input_x_gradient") for m in names)
-    want_cam = "cam" in names
+    rows = [s for s in specs if s.rides in ("shared", "cam", "head")]
+    need_act_grad = any(s.rides == "cam" for s in rows)
+    need_input_grad = any(s.rides == "shared" for s in rows)
+    want_head = any(s.rides == "head" for s in rows)
     # only the activation gradient wanted: no autograd before the target layer (less time and memory)
     grad_from_layer = need_act_grad and not need_input_grad
     cap = None
     if target is not None:
-        cap = _Capture(target, want_cam, grad_from_here=grad_from_layer)
+        cap = _Capture(target, want_head, grad_from_here=grad_from_layer)
         guard.add_forward_hook(target.module, cap.layer_hook)
-        if want_cam:
+        if want_head:
             for m in model.modules():
                 if isinstance(m, nn.Linear):
                     guard.add_forward_hook(m, cap.linear_hook)
 
-    out: dict[str, list[Tensor]] = {m: [] for m in names if m not in _SEPARATE and m != "guided_gradcam"}
-    if want_gradcam_up:
-        out["_gradcam_up"] = []
+    out: dict[str, list[Tensor]] = {s.name: [] for s in rows}
     failed: set[str] = set()
     targets, preds, scores = [], [], []
     dtype = "float32"
@@ -338,7 +317,7 @@ def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | 
     def fail(method: str, err: Exception) -> None:
         if collect is None:
             raise err
-        collect[method] = f"{type(err).__name__}: {err}"
+        collect[method] = err
         failed.add(method)
 
     for s in range(0, N, batch_size):
@@ -389,36 +368,51 @@ def _shared_pass(model: nn.Module, x: Tensor, names: list[str], t_all: Tensor | 
                                      "gradient path): choose a layer that feeds the logits")
                 G = _as_grid(g_act, target).float()
         except ValueError as err:  # every layer-based method fails alike; the input-gradient ones carry on
-            for m in out:
-                if (m in _NEEDS_LAYER or m == "_gradcam_up") and m not in failed:
-                    fail(m, err)
+            for spec in rows:
+                if spec.needs_layer and spec.name not in failed:
+                    fail(spec.name, err)
         if g_x is None and need_input_grad:
             g_x = torch.zeros_like(xc)
 
-        for m in list(out):
-            if m in failed:
+        for spec in rows:
+            if spec.name in failed:
                 continue
             try:
-                if m in _CAM_FORMULAS:
-                    out[m].append(resize(_CAM_FORMULAS[m](A, G), (H, W)))
-                elif m == "_gradcam_up" and "gradcam" in out and "gradcam" not in failed:
-                    out[m].append(out["gradcam"][-1])
-                elif m == "_gradcam_up":
-                    out[m].append(resize(cam_mod.gradcam(A, G), (H, W)))
-                elif m == "cam":
-                    out[m].append(resize(cam_mod.cam(A, _cam_weights(cap, logits, A, t, q)), (H, W)))
-                elif m == "gradient":
-                    out[m].append(gradient_map(g_x))
-                elif m == "input_x_gradient":
-                    out[m].append(input_x_gradient_map(xc.detach(), g_x))
+                if spec.rides == "cam":
+                    out[spec.name].append(resize(spec.fn(A, G), (H, W)))
+                elif spec.rides == "head":
+                    out[spec.name].append(resize(spec.fn(A, _cam_weights(cap, logits, A, t, q)), (H, W)))
+                else:
+                    out[spec.name].append(spec.fn(xc.detach(), g_x))
             except ValueError as err:
-                fail(m, err)
+                fail(spec.name, err)
         del logits, score, A_raw, grads, g_act, g_x, xc
     if cap is not None:
         guard.remove()
     for m in failed:
         out.pop(m, None)
     return out, torch.cat(targets), torch.cat(preds), torch.cat(scores), dtype
+
+
+def _run_own(spec: MethodSpec, p: OwnPass, opts: dict[str, Any]) -> Tensor:
+    """Call an ``"own"`` row: a built-in with the engine's :class:`OwnPass`, a user method with
+    ``(model, inputs, targets, **options)`` (``layer=`` too when it needs one); check what a user method returns."""
+    options = {k: opts[k] for k in spec.options}
+    if spec.takes_pass:
+        return spec.fn(p, **options)
+    if spec.needs_layer:
+        options["layer"] = p.layer
+    try:
+        with torch.enable_grad():
+            out = spec.fn(p.model, p.inputs.clone(), p.targets.clone(), **options)
+    finally:
+        p.model.eval()  # a method that switched to train mode must not change the methods after it
+    N, _, H, W = p.inputs.shape
+    if not isinstance(out, Tensor) or tuple(out.shape) != (N, H, W):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"method {spec.name!r} returned {got}, not a tensor [N, H, W] = {(N, H, W)}: make its "
+                         "function return one map per input at the input resolution")
+    return out.detach().float()
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -445,10 +439,11 @@ def attribute(
         targets: the class to explain per image: ``None`` (default) explains the prediction (argmax of the
             logits of the same forward pass), an int explains that class for every image, an int tensor ``[N]``
             one class per image.
-        methods: one or more of :data:`METHODS`: ``cam``, ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``,
-            ``gradient``, ``input_x_gradient``, ``smoothgrad``, ``integrated_gradients``, ``guided_backprop``,
-            ``guided_gradcam``, ``occlusion``. Formulas: DESIGN §4 and the docstrings in ``cam.py``,
-            ``gradients.py``, ``occlusion.py``.
+        methods: one or more of :func:`~lightning_saliency.methods.registry.method_names`: ``cam``,
+            ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``, ``gradient``, ``input_x_gradient``,
+            ``smoothgrad``, ``integrated_gradients``, ``guided_backprop``, ``guided_gradcam``, ``occlusion``,
+            and any method added with :func:`~lightning_saliency.methods.registry.register_method`. Formulas:
+            DESIGN §4 and the docstrings in ``cam.py``, ``gradients.py``, ``occlusion.py``.
         layer: the target layer of the CAM family (ignored by the others): ``"auto"``, a dotted module name, a
             module of ``model``, or a :class:`~lightning_saliency.layers.TargetLayer` already resolved. Names and
             ``"auto"`` are resolved with one extra forward of a single image; pass a ``TargetLayer`` (from
@@ -458,7 +453,8 @@ def attribute(
         contrast: a second class per image (same forms as ``targets``): explain ``y^target - y^contrast``, i.e.
             "why the target and not the contrast class".
         reshape: maps the target layer's output to ``[N, K, h, w]`` (found automatically for ViT/Swin layers).
-        **options: (defaults in :data:`DEFAULT_OPTIONS`; anything else is a ``ValueError``)
+        **options: (defaults from :func:`default_options`, registered methods' included; anything else is a
+            ``ValueError`` naming the closest known option)
 
             - ``smoothgrad_samples=16``: noisy copies per image; ``smoothgrad_sigma=0.15``: noise standard
               deviation as a fraction of each image's value range; ``smoothgrad_seed=0``: the noise seed (drawn
@@ -471,8 +467,8 @@ def attribute(
             - ``autocast=True``: keep the caller's autocast (mixed precision) for the forwards, as the model
               runs in training; ``False`` runs them in full precision. Maps are computed in float32 either way.
             - ``on_error="raise"``: a failing method raises. ``"collect"``: it is left out of the result and its
-              error recorded in ``AttributionInfo.errors``; bad arguments and a failing shared forward still
-              raise.
+              exception recorded in ``AttributionInfo.errors``; ``"warn"``: the same plus a ``RuntimeWarning``
+              (:data:`ON_ERROR`); bad arguments and a failing shared forward still raise.
             - ``return_info=False``: ``True`` returns ``(maps, AttributionInfo)`` (targets, predictions,
               scores, forward dtype, pass counts, timings, errors).
 
@@ -502,8 +498,15 @@ def attribute(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, layer = _uncompiled(model, layer)
     opts = _check_options(options)
-    names = requested = _check_methods(methods)
+    requested = _check_methods(methods)
     _check_inputs(inputs)
+    for spec in map(get_method, method_names()):
+        if spec.validate is not None:
+            spec.validate(opts, inputs)
+    # the requested rows, plus the parts of combined rows nobody asked for (computed for them, not returned)
+    specs = [get_method(m) for m in requested]
+    for spec in list(specs):
+        specs += [get_method(p) for p in spec.parts if p not in [s.name for s in specs]]
     N, _, H, W = inputs.shape
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size < 1):
@@ -513,7 +516,7 @@ def attribute(
     device = inputs.device
     t_all = _as_classes(targets, N, "targets", device)
     q_all = _as_classes(contrast, N, "contrast", device)
-    collect: dict[str, str] | None = {} if opts["on_error"] == "collect" else None
+    collect: dict[str, BaseException] | None = None if opts["on_error"] == "raise" else {}
 
     with SideEffectGuard(model) as guard:
         # inside inference_mode(False): a clone of an inference tensor is an ordinary tensor autograd can use
@@ -521,62 +524,55 @@ def attribute(
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         target = None
-        if any(m in _NEEDS_LAYER for m in names):
+        if any(s.needs_layer for s in specs):
             try:
                 target = _resolve(model, layer, reshape, x[:1])
             except ValueError as err:
                 if collect is None:
                     raise
-                for m in names:
-                    if m in _NEEDS_LAYER:
-                        collect[m] = f"{type(err).__name__}: {err}"
-                names = [m for m in names if m not in _NEEDS_LAYER]
+                collect.update({s.name: err for s in specs if s.needs_layer})
+                specs = [s for s in specs if not s.needs_layer]
         scorer = Scorer(model, targets=torch.zeros(N, dtype=torch.long, device=device), contrast=q_all,
                         batch_size=extra_bs, autocast_off=not opts["autocast"])
-        shared, t, pred, score, dtype = _shared_pass(model, x, names, t_all, q_all, target, guard, scorer,
+        shared, t, pred, score, dtype = _shared_pass(model, x, specs, t_all, q_all, target, guard, scorer,
                                                      shared_bs, collect)
         scorer.targets = t
         seconds["shared"] = time.perf_counter() - start
         maps: dict[str, Tensor] = {m: torch.cat(v) for m, v in shared.items()}
+        own = OwnPass(model, x, t, scorer, score, guard.add_forward_hook, target)
 
-        def run(method: str, fn: Callable[[], Tensor]) -> None:
+        def run(method: str, fn: Callable[[], Tensor], timed: bool = True) -> None:
             begin = time.perf_counter()
             try:
                 maps[method] = fn()
             except Exception as err:  # noqa: BLE001 - under "collect" any failure of one method is recorded
                 if collect is None:
                     raise
-                collect[method] = f"{type(err).__name__}: {err}"
-            seconds[method] = time.perf_counter() - begin
+                collect[method] = err
+            if timed:
+                seconds[method] = time.perf_counter() - begin
 
-        if "smoothgrad" in names:
-            run("smoothgrad", lambda: smoothgrad(scorer, x, opts["smoothgrad_samples"], opts["smoothgrad_sigma"],
-                                                 opts["smoothgrad_seed"]))
-        if "integrated_gradients" in names:
-            base = _baseline(opts["ig_baseline"], x, "ig_baseline")
-            run("integrated_gradients", lambda: integrated_gradients(scorer, x, base, opts["ig_steps"],
-                                                                     opts["ig_method"]))
-        if "guided_backprop" in names or "guided_gradcam" in names:
-            run("guided_backprop", lambda: guided_backprop(scorer, x, add_hook=guard.add_forward_hook))
-            if "guided_gradcam" in names:
-                if "guided_backprop" in maps and "_gradcam_up" in maps:
-                    maps["guided_gradcam"] = guided_gradcam(maps["guided_backprop"], maps["_gradcam_up"])
-                elif collect is not None:
-                    collect["guided_gradcam"] = (collect.get("guided_backprop") or collect.get("_gradcam_up")
-                                                 or "Grad-CAM failed")
-        if "occlusion" in names:
-            if isinstance(opts["occlusion_baseline"], Tensor):
-                fill: float | Tensor = _baseline(opts["occlusion_baseline"], x, "occlusion_baseline")
-            else:
-                fill = opts["occlusion_baseline"]
-            run("occlusion", lambda: occlusion(scorer, x, score, opts["occlusion_patch"],
-                                               opts["occlusion_stride"], fill))
+        wanted = {s.name for s in specs}
+        for spec in map(get_method, method_names()):  # registry order: built-ins first, as before
+            if spec.name in wanted and spec.rides == "own":
+                run(spec.name, lambda spec=spec: _run_own(spec, own, opts))
+        for spec in specs:
+            if spec.rides == "combined":
+                broken = [collect[p] for p in spec.parts if collect is not None and p in collect]
+                if broken:
+                    collect[spec.name] = broken[0]
+                else:
+                    run(spec.name, lambda spec=spec: spec.fn(*(maps[p] for p in spec.parts)), timed=False)
 
-    result = {m: maps[m].detach().float().to(device) for m in names if m in maps}
+    errors = {m: e for m, e in (collect or {}).items() if m in requested}
+    if opts["on_error"] == "warn":
+        for m, e in errors.items():
+            warnings.warn(f"lightning-saliency: method {m!r} failed ({type(e).__name__}: {e}); left out of the "
+                          "result (pass on_error='raise' to raise instead)", RuntimeWarning, stacklevel=2)
+    result = {m: maps[m].detach().float().to(device) for m in requested if m in maps}
     if not opts["return_info"]:
         return result
     info = AttributionInfo(targets=t.detach(), predictions=pred, scores=score.float(), forward_dtype=dtype,
                            layer=None if target is None else target.name, forwards=scorer.forwards,
-                           backwards=scorer.backwards, seconds=seconds,
-                           errors={m: e for m, e in (collect or {}).items() if m in requested})
+                           backwards=scorer.backwards, seconds=seconds, errors=errors)
     return result, info
