@@ -13,10 +13,9 @@ from torch import nn
 
 from lightning_saliency.guard import SideEffectGuard
 from lightning_saliency.layers import TargetLayer, vit_reshape
-from lightning_saliency.methods import attribute
-from lightning_saliency.methods import registry
-from lightning_saliency.methods.registry import builtin_names
+from lightning_saliency.methods import attribute, registry
 from lightning_saliency.methods import engine as engine_mod
+from lightning_saliency.methods.registry import builtin_names
 
 BUNDLE = ("gradcam", "gradcam++", "gradient", "input_x_gradient")
 FAST = {"smoothgrad_samples": 2, "ig_steps": 3, "occlusion_patch": 4, "occlusion_stride": 4}

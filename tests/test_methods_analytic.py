@@ -9,8 +9,8 @@ from torch import nn
 
 from lightning_saliency.maps import normalize, resize
 from lightning_saliency.methods import attribute
-from lightning_saliency.methods.registry import builtin_names
 from lightning_saliency.methods.gradients import ig_alphas
+from lightning_saliency.methods.registry import builtin_names
 
 
 def _linear(C=3, H=5, W=4, K=4, seed=0):
