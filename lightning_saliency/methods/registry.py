@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import cam as cam_mod
@@ -139,21 +140,29 @@ class OwnPass:
 # ------------------------------------------------------------------------------------------------ built-ins
 
 
-def _baseline(value: Any, x: Tensor, name: str) -> Tensor:
-    import torch
+def _check_baseline(value: Any, shape: tuple[int, ...], name: str) -> None:
+    """A ``ValueError`` saying the fix unless ``value`` is None, a number or a tensor broadcastable to ``shape``."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be None, a number or a tensor, got {type(value).__name__}")
+    try:
+        ok = torch.broadcast_shapes(tuple(value.shape), shape) == tuple(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the inputs {tuple(shape)}: "
+                         "pass a number or a tensor [C, 1, 1], [C, H, W] or [N, C, H, W]")
 
+
+def _baseline(value: Any, x: Tensor, name: str) -> Tensor:
+    """``value`` (None: zeros, a number, a tensor) as a tensor shaped like ``x``."""
+    _check_baseline(value, tuple(x.shape), name)
     if value is None:
         return torch.zeros_like(x)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full_like(x, float(value))
     if isinstance(value, Tensor):
-        try:
-            return torch.broadcast_to(value.detach().to(device=x.device, dtype=x.dtype), x.shape).clone()
-        except RuntimeError as err:
-            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the inputs "
-                             f"{tuple(x.shape)}: pass a number or a tensor [C, 1, 1], [C, H, W] or [N, C, H, W]"
-                             ) from err
-    raise ValueError(f"{name} must be None, a number or a tensor, got {type(value).__name__}")
+        return torch.broadcast_to(value.detach().to(device=x.device, dtype=x.dtype), x.shape).clone()
+    return torch.full_like(x, float(value))
 
 
 def _positive_int(opts: dict[str, Any], key: str) -> None:
@@ -188,7 +197,7 @@ def _check_ig(opts: dict[str, Any], inputs: Tensor) -> None:
     _positive_int(opts, "ig_steps")
     if opts["ig_method"] not in IG_METHODS:
         raise ValueError(f"unknown ig_method {opts['ig_method']!r}; choose one of {', '.join(IG_METHODS)}")
-    _baseline(opts["ig_baseline"], inputs, "ig_baseline")  # a bad baseline is a bad argument: raise before any pass
+    _check_baseline(opts["ig_baseline"], tuple(inputs.shape), "ig_baseline")  # raised before any pass
 
 
 def _guided_backprop(p: OwnPass) -> Tensor:
@@ -210,6 +219,8 @@ def _check_occlusion(opts: dict[str, Any], inputs: Tensor) -> None:
         pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
         if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
             raise ValueError(f"{key} must be a positive int or a pair (h, w) of them, got {value!r}")
+    if isinstance(opts["occlusion_baseline"], Tensor):
+        _check_baseline(opts["occlusion_baseline"], tuple(inputs.shape), "occlusion_baseline")
 
 
 _BUILTINS = (
