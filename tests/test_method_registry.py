@@ -218,7 +218,21 @@ def test_the_audit_runs_a_user_method_and_records_its_exception_type():
     register_method("sxg", _signed_x_grad, signed=True)
     register_method("broken", lambda model, inputs, targets: {}["nope"])
     probe = ProbeSet(torch.rand(3, 3, 4, 4), torch.tensor([0, 1, 2]))
-    result = audit_shard(_linear(), probe, AuditSpec(methods=("sxg", "broken"), metrics=("drift",)),
-                         on_error="collect")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "collect" records without a warning
+        result = audit_shard(_linear(), probe, AuditSpec(methods=("sxg", "broken"), metrics=("drift",)),
+                             on_error="collect")
+    with pytest.warns(RuntimeWarning, match="method 'broken' failed \\(KeyError"):
+        audit_shard(_linear(), probe, AuditSpec(methods=("sxg", "broken"), metrics=("drift",)), on_error="warn")
     assert tuple(result.maps["sxg"].shape) == (3, 4, 4) and "broken" not in result.maps
     assert [(e["method"], e["type"], e["message"]) for e in result.errors] == [("broken", "KeyError", "'nope'")]
+
+
+def test_the_monitor_speaks_the_same_on_error_words():
+    from lightning_saliency import SaliencyMonitor
+
+    probe = ProbeSet(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))
+    for word in ("raise", "warn", "collect"):
+        assert SaliencyMonitor(probe, methods=("gradient",), on_error=word).on_error == word
+    with pytest.raises(ValueError, match="on_error must be one of 'raise', 'warn', 'collect'"):
+        SaliencyMonitor(probe, methods=("gradient",), on_error="ignore")
