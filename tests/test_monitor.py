@@ -97,19 +97,45 @@ def test_bf16_mixed_precision_gives_finite_maps_and_records_precision(tmp_path):
     trainer, _ = U.fit([monitor], tmp_path, max_epochs=1, precision="bf16-mixed")
     report = _report(trainer)
     assert report["run"]["precision"] == "bf16-mixed"
-    assert report["audits"][-1]["precision"] in ("float32", "bfloat16")
+    # Lightning's autocast covers the step methods only: the audit (an epoch-end hook) runs in full precision
+    assert report["audits"][-1]["precision"] == "float32"
     values = [v for v in report["audits"][-1]["metrics"].values()]
     assert values and all(v is not None for v in values)
 
 
-def test_compiled_model_is_audited(tmp_path):
-    monitor = _cheap(methods=("gradcam",))
-    net = U.model()
-    compiled = torch.compile(net, backend="eager")
-    trainer, _ = U.fit([monitor], tmp_path, max_epochs=1, net=compiled)
+def test_audit_under_an_active_bf16_autocast_records_bfloat16(tmp_path):
+    """A model whose own code enters autocast: the audit keeps it (attribute's autocast=True) and says so."""
+
+    class AutocastNet(U.ShapesNet):
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().forward(x)
+
+    monitor = _cheap(methods=("gradient",))
+    trainer, _ = U.fit([monitor], tmp_path, max_epochs=1, net=AutocastNet(width=4))
     audit = _report(trainer)["audits"][-1]
-    assert not audit["errors"]
-    assert audit["metrics"]["gradcam/spurious_mass"] is not None
+    assert audit["precision"] == "bfloat16"
+    assert not audit["errors"] and audit["metrics"]["gradient/spurious_mass"] is not None
+
+
+def test_compiled_model_is_audited_like_the_eager_one(tmp_path):
+    """Same seed, compiled and eager: the same maps and the same numbers in the report."""
+    runs = {}
+    for kind in ("eager", "compiled"):
+        monitor = _cheap(methods=("gradcam", "gradient"))
+        net = U.model()
+        net = torch.compile(net, backend="eager") if kind == "compiled" else net
+        trainer, _ = U.fit([monitor], tmp_path / kind, max_epochs=1, net=net)
+        audit = _report(trainer)["audits"][-1]
+        assert not audit["errors"]
+        runs[kind] = (audit["metrics"], load_maps(os.path.join(trainer.log_dir, "saliency"), 0))
+    (m_eager, maps_eager), (m_comp, maps_comp) = runs["eager"], runs["compiled"]
+    assert m_comp.keys() == m_eager.keys() and m_comp["gradcam/spurious_mass"] is not None
+    for key, value in m_eager.items():
+        assert m_comp[key] == pytest.approx(value, abs=1e-5), key
+    for method in ("gradcam", "gradient"):
+        assert maps_comp[method].shape == maps_eager[method].shape
+        assert float(abs(maps_comp[method] - maps_eager[method]).max()) < 2e-3, method
 
 
 def test_failure_inside_audit_warns_records_and_training_completes(tmp_path):
