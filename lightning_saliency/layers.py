@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .guard import SideEffectGuard
 
 __all__ = ["TargetLayer", "TokenReshape", "resolve_layer", "vit_reshape"]
 
@@ -289,7 +290,6 @@ def _run_hooked(model: nn.Module, x: Any, only: nn.Module | None = None) -> list
     """One forward pass with output-recording hooks; training flags, hooks and RNG states restored."""
     records: dict[str, _Rec] = {}
     counter = [0]
-    handles = []
 
     def make_hook(name: str, module: nn.Module) -> Callable:
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
@@ -303,41 +303,20 @@ def _run_hooked(model: nn.Module, x: Any, only: nn.Module | None = None) -> list
 
         return hook
 
-    flags = {m: m.training for m in model.modules()}
-    py_state = random.getstate()
-    np_state = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None  # type: ignore[assignment]
-    cuda_devices = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_devices = list(range(torch.cuda.device_count()))
-    try:
-        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-            for name, m in model.named_modules():
-                if name and (only is None or m is only):
-                    handles.append(m.register_forward_hook(make_hook(name, m)))
-            model.eval()
-            try:
-                if isinstance(x, (tuple, list)):
-                    model(*x)
-                elif isinstance(x, dict):
-                    model(**x)
-                else:
-                    model(x)
-            except Exception as err:
-                raise _ForwardFailed(err) from err
-    finally:
-        for h in handles:
-            h.remove()
-        for m, f in flags.items():
-            m.training = f
-        random.setstate(py_state)
-        if np_state is not None:
-            np.random.set_state(np_state)
+    # the guard restores training flags and RNG states and removes the hooks, also when the forward raises
+    with SideEffectGuard(model, enable_grad=False) as guard, torch.no_grad():
+        for name, m in model.named_modules():
+            if name and (only is None or m is only):
+                guard.add_forward_hook(m, make_hook(name, m))
+        try:
+            if isinstance(x, (tuple, list)):
+                model(*x)
+            elif isinstance(x, dict):
+                model(**x)
+            else:
+                model(x)
+        except Exception as err:
+            raise _ForwardFailed(err) from err
     return sorted(records.values(), key=lambda r: r.order)
 
 
