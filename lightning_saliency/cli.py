@@ -9,7 +9,8 @@ Usage::
     lightning-saliency --version
 
 ``REPORT`` / ``LOG_DIR`` may be the ``report.json`` file, its ``saliency`` folder, or the run's log dir
-(``lightning_logs/version_0``). Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed,
+(``lightning_logs/version_0``); a folder is searched by :func:`lightning_saliency.report.find_report`
+(``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed,
 2 the report is missing / unreadable / of an unknown schema, a key or epoch is absent, or the arguments are bad.
 
 Example:

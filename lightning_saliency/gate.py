@@ -1,7 +1,8 @@
 """The CI gate: check an audit report against thresholds and return a verdict (exit 0, 1 or 2).
 
-``lightning-saliency gate REPORT --max KEY=VALUE --min KEY=VALUE`` reads ``report.json`` (or a log dir holding
-``saliency/report.json``), picks one audit, and checks each rule against that audit's metrics:
+``lightning-saliency gate REPORT --max KEY=VALUE --min KEY=VALUE`` reads ``report.json`` (or a folder holding it,
+found by :func:`lightning_saliency.report.find_report`), picks one audit, and checks each rule against that
+audit's metrics:
 
 * ``--max KEY=VALUE`` passes when ``value <= VALUE``; ``--min KEY=VALUE`` passes when ``value >= VALUE``
   (both inclusive). A metric recorded as ``null`` (the report's spelling of NaN/inf) fails its rule.
