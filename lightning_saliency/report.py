@@ -46,7 +46,6 @@ import copy
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,6 +64,7 @@ from .mapfiles import (  # the saved maps' home; re-exported here, where readers
     save_maps,
     save_probe_thumbnails,
 )
+from .render import _is_tensor
 
 __all__ = [
     "SCHEMA", "REPORT_NAME", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "ReportError", "AuditReport",
@@ -222,12 +222,6 @@ def load_report(path: str | os.PathLike) -> AuditReport:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _is_tensor(obj: Any) -> bool:
-    """Whether ``obj`` is a torch tensor, without importing torch (no tensor can exist before torch is imported)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
 
 
 def _clean(obj: Any, where: str = "report") -> Any:

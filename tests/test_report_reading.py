@@ -167,20 +167,21 @@ def test_junit_write_failure_leaves_old_file_and_no_temp_file(tmp_path, monkeypa
 # ----------------------------------------------------------------------------------------------- no torch
 
 
-def test_gate_and_show_never_import_torch(tmp_path):
-    path = tmp_path / "saliency" / "report.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(_report(0.25)))
+def test_gate_show_and_report_never_import_torch(tmp_path):
+    log_dir = make_run(tmp_path, n_epochs=3, with_maps=True)  # maps on disk: the page embeds them
     script = textwrap.dedent(f"""
         import contextlib, io, sys
         import lightning_saliency.cli as cli
         from lightning_saliency.report import load_report
+        log_dir, page = {str(log_dir)!r}, {str(tmp_path / "a.html")!r}
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            codes = [cli.main(["gate", {str(tmp_path)!r}, "--max", "g/m=0.5"]), cli.main(["show", {str(tmp_path)!r}])]
-        assert load_report({str(tmp_path)!r}).latest()["metrics"] == {{"g/m": 0.25}}
-        print(codes, "torch" in sys.modules, "lightning" in sys.modules, "g/m" in out.getvalue())
+            codes = [cli.main(["gate", log_dir, "--max", "gradcam/spurious_mass=1"]), cli.main(["show", log_dir]),
+                     cli.main(["report", log_dir, "-o", page])]
+        assert len(load_report(log_dir).audits) == 3 and "spurious_mass" in out.getvalue()
+        print(codes, "torch" in sys.modules, "lightning" in sys.modules)
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[0,", "0]", "False", "False", "True"]
+    assert done.stdout.split() == ["[0,", "0,", "0]", "False", "False"]
+    assert (tmp_path / "a.html").read_text().count('class="epoch-view"') == 2 * 3  # two methods
