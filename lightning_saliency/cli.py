@@ -9,7 +9,8 @@ Usage::
     lightning-saliency --version
 
 ``REPORT`` / ``LOG_DIR`` may be the ``report.json`` file, its ``saliency`` folder, or the run's log dir
-(``lightning_logs/version_0``). Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed,
+(``lightning_logs/version_0``); a folder is searched by :func:`lightning_saliency.report.find_report`
+(``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed,
 2 the report is missing / unreadable / of an unknown schema, a key or epoch is absent, or the arguments are bad.
 
 Example:
@@ -90,14 +91,16 @@ def show(report: str, out: Any = None) -> int:
         >>> show("/nonexistent")  # doctest: +SKIP
         2
     """
-    from lightning_saliency.gate import GateError, _safe, load_report_data
+    from lightning_saliency.gate import _safe
+    from lightning_saliency.report import ReportError, load_report, split_key
 
     out = out if out is not None else sys.stdout
     try:
-        path, data = load_report_data(report)
-    except GateError as exc:
+        loaded = load_report(report)
+    except ReportError as exc:
         print(f"lightning-saliency show: error: {_safe(exc)}", file=sys.stderr)
         return 2
+    path, data = loaded.path, loaded.data
     run, probe, config = (data.get(k) if isinstance(data.get(k), dict) else {} for k in ("run", "probe", "config"))
     audits, alarms = data["audits"], data.get("alarms") or []
     lines = [f"report: {_safe(path)}"]
@@ -126,11 +129,10 @@ def show(report: str, out: Any = None) -> int:
     methods: list[str] = []
     n_group = 0
     for key in sorted(latest["metrics"]):
-        parts = str(key).split("/", 2)
-        if len(parts) == 3:
+        method, metric, group = split_key(key)
+        if group is not None:
             n_group += 1
             continue
-        method, metric = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
         table.setdefault(metric, {})[method] = latest["metrics"][key]
         if method not in methods:
             methods.append(method)
@@ -184,19 +186,17 @@ def show(report: str, out: Any = None) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lightning_saliency.gate import GateError, _safe, resolve_report_path
+    from lightning_saliency.gate import _safe
     from lightning_saliency.page import write_page
+    from lightning_saliency.report import find_report
 
     try:
         out = args.output
         if out is None:
-            out = resolve_report_path(args.log_dir).parent / "audit.html"
+            out = find_report(args.log_dir).parent / "audit.html"
         path = write_page(args.log_dir, out, max_images=args.max_images, max_epochs=args.max_epochs,
                           cmap=args.cmap)
-    except GateError as exc:
-        print(f"lightning-saliency report: error: {_safe(exc)}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # e.g. an unknown --cmap
+    except ValueError as exc:  # ReportError (a ValueError), bad --max-images, an unknown --cmap
         print(f"lightning-saliency report: error: {_safe(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -1,7 +1,8 @@
 """The CI gate: check an audit report against thresholds and return a verdict (exit 0, 1 or 2).
 
-``lightning-saliency gate REPORT --max KEY=VALUE --min KEY=VALUE`` reads ``report.json`` (or a log dir holding
-``saliency/report.json``), picks one audit, and checks each rule against that audit's metrics:
+``lightning-saliency gate REPORT --max KEY=VALUE --min KEY=VALUE`` reads ``report.json`` (or a folder holding it,
+found by :func:`lightning_saliency.report.find_report`), picks one audit, and checks each rule against that
+audit's metrics:
 
 * ``--max KEY=VALUE`` passes when ``value <= VALUE``; ``--min KEY=VALUE`` passes when ``value >= VALUE``
   (both inclusive). A metric recorded as ``null`` (the report's spelling of NaN/inf) fails its rule.
@@ -68,8 +69,6 @@ __all__ = [
     "GateResult",
     "parse_rule",
     "load_config",
-    "resolve_report_path",
-    "load_report_data",
     "select_audit",
     "evaluate",
     "format_table",
@@ -86,7 +85,11 @@ _CONFIG_KEYS = ("epoch", "max", "min")
 
 
 class GateError(Exception):
-    """The gate cannot decide (exit code 2): bad report, unknown key, missing epoch, malformed rule."""
+    """The gate cannot decide (exit code 2): unknown key, missing epoch, malformed rule or config.
+
+    A report that is missing or unreadable raises :class:`lightning_saliency.report.ReportError` instead (also
+    exit code 2 in :func:`run_gate`), the same error the page and ``show`` raise.
+    """
 
 
 @dataclass(frozen=True)
@@ -249,72 +252,6 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def resolve_report_path(path: str | os.PathLike) -> Path:
-    """Find ``report.json`` from a file path, a ``saliency`` dir or a log dir; :class:`GateError` if none.
-
-    Example:
-        >>> resolve_report_path("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
-        Traceback (most recent call last):
-        GateError: ...
-    """
-    p = Path(path)
-    if p.is_dir():
-        for candidate in (p / "saliency" / "report.json", p / "report.json"):
-            if candidate.is_file():
-                return candidate
-        found = sorted(str(c) for c in _find_reports(p))
-        hint = ""
-        if found:
-            shown = found[:5]
-            hint = "; found: " + ", ".join(shown) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise GateError(
-            f"no saliency/report.json in {p}{hint}. Pass the report.json path or the run's log dir "
-            "(e.g. lightning_logs/version_0)"
-        )
-    if not p.exists():
-        raise GateError(
-            f"report {p} not found: did the training run with SaliencyMonitor finish an audit? Pass the "
-            "report.json path or the run's log dir"
-        )
-    return p
-
-
-def _find_reports(root: Path, depth: int = 3) -> list[Path]:
-    out: list[Path] = []
-    pattern = "saliency/report.json"
-    for level in range(depth + 1):
-        out.extend(root.glob("/".join(["*"] * level + [pattern])))
-        if len(out) > 50:
-            break
-    return out
-
-
-def load_report_data(path: str | os.PathLike) -> tuple[Path, dict]:
-    """Load and validate a report; return its path and data. Raises :class:`GateError` (exit 2) on any problem.
-
-    Uses :meth:`lightning_saliency.report.AuditReport.load` (schema check, clear errors), then checks that
-    ``audits`` is a list of records with a ``metrics`` mapping.
-    """
-    from lightning_saliency.report import AuditReport, ReportError
-
-    report_path = resolve_report_path(path)
-    try:
-        data = AuditReport.load(report_path).data
-    except ReportError as exc:
-        raise GateError(str(exc)) from None
-    except (OSError, ValueError) as exc:  # defensive: anything the loader did not wrap
-        raise GateError(f"cannot read report {report_path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise GateError(f"report {report_path} is not a JSON object")
-    audits = data.get("audits")
-    if not isinstance(audits, list):
-        raise GateError(f"report {report_path} has no 'audits' list; is it a lightning-saliency report?")
-    for i, audit in enumerate(audits):
-        if not isinstance(audit, dict) or not isinstance(audit.get("metrics"), dict):
-            raise GateError(f"report {report_path}: audit #{i} is malformed (expected an object with 'metrics')")
-    return report_path, data
 
 
 def _value(x: Any) -> float | None:
@@ -539,14 +476,6 @@ def to_junit(result: GateResult | None = None, error: str | None = None) -> byte
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
 
 
-def _write_junit(path: str, payload: bytes) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, target)
-
-
 def run_gate(
     report: str | os.PathLike,
     max_rules: list[str] | None = None,
@@ -564,6 +493,9 @@ def run_gate(
         >>> run_gate("/nonexistent/report.json", max_rules=["a=1"], err=open(os.devnull, "w"))
         2
     """
+    from .files import atomic_write
+    from .report import ReportError, load_report  # imported here: `gate` never needs NumPy before a report
+
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     result: GateResult | None = None
@@ -578,14 +510,15 @@ def run_gate(
         rules.extend(parse_rule(t, "min") for t in min_rules or [])
         if not rules:
             raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
-        report_path, data = load_report_data(report)
-        result = evaluate(data, rules, epoch, report=str(report_path))
-    except GateError as exc:
+        loaded = load_report(report)
+        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path))
+    except (GateError, ReportError) as exc:
         error = str(exc)
     code = result.exit_code if result is not None else EXIT_ERROR
     if junit:
         try:
-            _write_junit(junit, to_junit(result, error))
+            payload = to_junit(result, error)
+            atomic_write(junit, lambda f: f.write(payload))
         except OSError as exc:
             print(f"lightning-saliency gate: cannot write JUnit file {junit}: {exc}", file=err)
             code = EXIT_ERROR

@@ -9,7 +9,7 @@
   opacity 0.5: the same blend as :func:`lightning_saliency.render.overlay` with ``alpha=0.5``, at a fraction of
   the bytes because a smooth colorized map compresses far better than a blended photo. The caption under a tile
   is ``target → prediction`` (red when they differ); hovering shows the image index and group.
-* **Metric curves** over epochs as inline SVG: one chart per metric name, one polyline per method, alarm
+* **Metric curves** over epochs as inline SVG (:mod:`lightning_saliency.charts`): one chart per metric name, one polyline per method, alarm
   thresholds from ``report["alarms"]`` drawn dashed and alarm firings marked.
 * The **latest audit's metrics** (metric × method) and the **per-group table** (``<method>/<metric>/<group>``
   keys of the latest audit, with the probe's group sizes).
@@ -38,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 import os
@@ -48,29 +47,20 @@ from typing import Any
 
 import numpy as np
 
+from .charts import CHART_CSS, MAX_POINTS, _chart, _e, _reduce
+from .report import split_key
+
 __all__ = ["render_page", "write_page", "CSP", "MAX_POINTS", "MAX_SERIES", "MAX_ROWS"]
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-MAX_POINTS = 300
 MAX_SERIES = 200
 MAX_ROWS = 200
 MAX_METHODS = 24
 CHART_ORDER = ("spurious_mass", "object_mass", "attention_disparity", "pointing_game", "group_divergence",
                "stability", "drift")
-MAX_TEXT = 2000
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _e(x: Any, limit: int = MAX_TEXT) -> str:
-    """HTML-escape ``x`` (quotes too), shortened to ``limit`` characters."""
-    s = str(x)
-    if len(s) > limit:
-        s = s[:limit] + f"… ({len(s) - limit} more characters)"
-    return html.escape(s, quote=True)
 
 
 def _num(x: Any) -> float | None:
@@ -104,16 +94,6 @@ def _dict(x: Any) -> dict:
 
 def _list(x: Any) -> list:
     return x if isinstance(x, list) else []
-
-
-def _split_key(key: str) -> tuple[str, str, str | None]:
-    """``method/metric[/group]`` -> (method, metric, group); keys without ``/`` get method ``""``."""
-    parts = key.split("/", 2)
-    if len(parts) == 1:
-        return "", parts[0], None
-    if len(parts) == 2:
-        return parts[0], parts[1], None
-    return parts[0], parts[1], parts[2]
 
 
 def _clean_audits(data: dict) -> list[dict]:
@@ -202,156 +182,6 @@ def _map_indices(m: np.ndarray) -> np.ndarray | None:
     step = max(1, math.ceil(max(m.shape) / 256))  # guard against absurd sizes
     a = np.nan_to_num(m[::step, ::step].astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip((np.clip(a, 0.0, 1.0) * 256).astype(np.int64), 0, 255).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------- SVG charts
-
-
-def _reduce(points: list[tuple[float, float | None]]) -> list[tuple[float, float | None]]:
-    """At most ~2 * MAX_POINTS points: per bucket keep the min and max (in order); gaps (None) survive."""
-    if len(points) <= 2 * MAX_POINTS:
-        return points
-    size = math.ceil(len(points) / MAX_POINTS)
-    out: list[tuple[float, float | None]] = []
-    for start in range(0, len(points), size):
-        bucket = points[start : start + size]
-        vals = [p for p in bucket if p[1] is not None]
-        if not vals:
-            out.append((bucket[0][0], None))
-            continue
-        lo = min(vals, key=lambda p: p[1])
-        hi = max(vals, key=lambda p: p[1])
-        if bucket[0][1] is None:
-            out.append((bucket[0][0], None))
-        for p in sorted({lo, hi}, key=lambda p: p[0]):
-            out.append(p)
-    return out
-
-
-def _scale(v: float, lo: float, hi: float, a: float, b: float) -> float:
-    """Map v from [lo, hi] to [a, b] without overflow for any finite doubles."""
-    span = hi / 2 - lo / 2
-    if span <= 0:
-        return (a + b) / 2
-    return a + (v / 2 - lo / 2) / span * (b - a)
-
-
-def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
-    """About ``n`` "nice" tick values (steps of 1, 2 or 5 times a power of ten) within ``[lo, hi]``.
-
-    Example:
-        >>> _ticks(0.0, 7.0, 6, integer=True)
-        [0, 2, 4, 6]
-    """
-    span = hi / 2 - lo / 2  # half the span: finite for any finite lo, hi
-    if not (span > 0 and math.isfinite(span)):
-        return [lo]
-    raw = 2 * span / max(n, 1)
-    if not math.isfinite(raw) or raw <= 0:
-        return [lo, hi]
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), 10 * mag)
-    if integer:
-        step = max(1.0, round(step))
-    if not math.isfinite(step) or step <= 0:
-        return [lo, hi]
-    first = math.ceil(lo / step)
-    ticks = []
-    k = first
-    while len(ticks) < 2 * n + 2:
-        t = k * step
-        if not math.isfinite(t) or t > hi + step * 1e-9:
-            break
-        ticks.append(t)
-        k += 1
-    return ticks or [lo, hi]
-
-
-def _chart(title: str, series: list[tuple[str, list[tuple[float, float | None]]]],
-           thresholds: list[tuple[str, float, str]], firings: list[tuple[float, float]],
-           x_range: tuple[float, float] | None = None, marked: frozenset[str] = frozenset()) -> str:
-    """One SVG line chart. ``series``: (label, [(x, y or None)]); ``thresholds``: (label, y, mode);
-    ``x_range``: the epoch axis shared by every chart (default: this chart's data); the series named in
-    ``marked`` (measured at some audits only, such as the periodic metrics) get a dot at each value."""
-    W, H, L, R, T, B = 350, 200, 44, 10, 24, 36
-    xs = [x for _, pts in series for x, _ in pts]
-    ys = [y for _, pts in series for _, y in pts if y is not None] + [t[1] for t in thresholds]
-    ys += [v for _, v in firings]
-    if not xs:
-        return ""
-    x_lo, x_hi = x_range if x_range is not None else (min(xs), max(xs))
-    if ys:
-        y_lo, y_hi = min(ys), max(ys)
-    else:
-        y_lo, y_hi = 0.0, 1.0
-    if y_lo >= 0.0 and y_hi <= 1.0:
-        y_lo, y_hi = 0.0, 1.0
-    elif y_hi <= y_lo:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    if x_hi <= x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-
-    def px(x: float) -> float:
-        return _scale(x, x_lo, x_hi, L, W - R)
-
-    def py(y: float) -> float:
-        return _scale(y, y_lo, y_hi, H - B, T)
-
-    parts = [
-        f'<svg class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
-        f'aria-label="{_e(title)}" xmlns="http://www.w3.org/2000/svg">',
-        f'<text x="{L}" y="16" class="ctitle">{_e(title)}</text>',
-        f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" class="plot"/>',
-    ]
-    for t in _ticks(y_lo, y_hi, 5):
-        y = py(t)
-        parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{L - 6}" y="{y + 4:.1f}" class="ytick">{_e(f"{t:.3g}")}</text>')
-    for t in _ticks(x_lo, x_hi, 6, integer=True):
-        x = px(t)
-        parts.append(f'<text x="{x:.1f}" y="{H - B + 16}" class="xtick">{_e(f"{t:.4g}")}</text>')
-    parts.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 6}" class="xlabel">epoch</text>')
-    for label, y, mode in thresholds:
-        yy = py(y)
-        parts.append(
-            f'<line x1="{L}" x2="{W - R}" y1="{yy:.1f}" y2="{yy:.1f}" class="threshold">'
-            f"<title>{_e(f'alarm threshold {label} ({mode}) = {y:.4g}')}</title></line>"
-        )
-        parts.append(f'<text x="{L + 4}" y="{yy - 4:.1f}" class="tlabel">{_e(f"{mode} {y:.4g}")}</text>')
-    for i, (label, pts) in enumerate(series):
-        color = PALETTE[i % len(PALETTE)]
-        segments: list[list[str]] = [[]]
-        for x, y in pts:
-            if y is None:
-                if segments[-1]:
-                    segments.append([])
-                continue
-            segments[-1].append(f"{px(x):.1f},{py(y):.1f}")
-        for seg in segments:
-            if len(seg) == 1:
-                cx, cy = seg[0].split(",")
-                parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"><title>{_e(label)}</title></circle>')
-            elif seg:
-                parts.append(
-                    f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="1.8">'
-                    f"<title>{_e(label)}</title></polyline>"
-                )
-                if label in marked:
-                    for point in seg:
-                        cx, cy = point.split(",")
-                        parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"/>')
-    for x, v in firings:
-        parts.append(
-            f'<circle cx="{px(x):.1f}" cy="{py(v):.1f}" r="4" class="firing">'
-            f"<title>{_e(f'alarm fired at epoch {x:.4g}: {v:.4g}')}</title></circle>"
-        )
-    parts.append("</svg>")
-    legend = "".join(
-        f'<span class="key"><span class="swatch" style="background:{PALETTE[i % len(PALETTE)]}"></span>'
-        f"{_e(label, 200)}</span>"
-        for i, (label, _) in enumerate(series)
-    )
-    return f'<figure class="chartbox">{"".join(parts)}<figcaption class="legend">{legend}</figcaption></figure>'
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -456,7 +286,7 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
     keys: OrderedDict[str, None] = OrderedDict()
     for a in audits:
         for k in a["metrics"]:
-            if isinstance(k, str) and _split_key(k)[2] is None:
+            if isinstance(k, str) and split_key(k)[2] is None:
                 keys.setdefault(k, None)
                 if len(keys) >= MAX_SERIES:
                     break
@@ -468,8 +298,8 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
         xs.append(float(i) if e is None else e)
     alarmed = {a for a in (al.get("metric") for al in alarms) if isinstance(a, str)}
     by_metric: OrderedDict[str, list[str]] = OrderedDict()
-    for k in sorted(keys, key=lambda k: (_split_key(k)[1], _split_key(k)[0])):
-        by_metric.setdefault(_split_key(k)[1], []).append(k)
+    for k in sorted(keys, key=lambda k: (split_key(k)[1], split_key(k)[0])):
+        by_metric.setdefault(split_key(k)[1], []).append(k)
 
     def has_alarm(item: tuple[str, list[str]]) -> bool:
         return any(a == k or a.startswith(k + "/") for k in item[1] for a in alarmed)
@@ -496,7 +326,7 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
         series, sparse = [], set()
         for k in ks:
             pts = [(xs[i], _num(a["metrics"].get(k))) for i, a in enumerate(audits) if k in a["metrics"]]
-            label = _split_key(k)[0] or k
+            label = split_key(k)[0] or k
             series.append((label, _reduce(pts)))
             if len(pts) < len(audits):  # a periodic metric: the dots show where it was measured
                 sparse.add(label)
@@ -520,7 +350,7 @@ def _section_latest(latest: dict | None) -> str:
     rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
     methods: list[str] = []
     for k in sorted(k for k in metrics if isinstance(k, str)):
-        method, metric, group = _split_key(k)
+        method, metric, group = split_key(k)
         if group is not None:
             continue
         rows.setdefault(metric, {})[method] = metrics[k]
@@ -550,7 +380,7 @@ def _section_groups(latest: dict | None, probe: dict) -> str:
     groups: list[str] = []
     if latest is not None:
         for k in sorted(k for k in latest["metrics"] if isinstance(k, str)):
-            method, metric, group = _split_key(k)
+            method, metric, group = split_key(k)
             if group is None:
                 continue
             rows.setdefault(f"{method}/{metric}", {})[group] = latest["metrics"][k]
@@ -656,14 +486,7 @@ position:sticky;top:0;background:var(--bg);padding:6px 0;z-index:1}.slider input
 image-rendering:pixelated}.tiles{display:flex;flex-wrap:wrap;gap:6px}.tile{margin:0;width:64px}
 .ov{width:64px;background-size:100% 100%;background-color:#000;aspect-ratio:1/1}
 .ov img{display:block;width:100%;height:100%;opacity:.5}.cap{font-size:11px;text-align:center;
-color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}.charts{display:flex;flex-wrap:wrap;gap:12px}
-.chartbox{margin:0;border:1px solid var(--line);border-radius:6px;padding:6px}.chart{max-width:100%;height:auto}
-.chart .plot{fill:#fbfcfd;stroke:var(--line)}.chart .grid{stroke:#e8ebef}.chart text{font-size:11px;
-fill:var(--muted)}.chart .ctitle{font-size:13px;font-weight:600;fill:var(--fg)}.chart .ytick{text-anchor:end}
-.chart .xtick,.chart .xlabel{text-anchor:middle}.chart .threshold{stroke:var(--bad);stroke-dasharray:6 4;
-stroke-width:1.4}.chart .tlabel{fill:var(--bad)}.chart .firing{fill:none;stroke:var(--bad);
-stroke-width:2}.legend{font-size:12px}.key{margin-right:12px;white-space:nowrap}.swatch{display:inline-block;
-width:12px;height:3px;margin-right:4px;vertical-align:middle}table{border-collapse:collapse;margin:4px 0 8px}
+color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}""" + CHART_CSS + """table{border-collapse:collapse;margin:4px 0 8px}
 th,td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}thead th{background:var(--soft)}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.na{color:var(--muted)}
 td.msg{max-width:720px;white-space:pre-wrap;word-break:break-word}tr.sizes td,tr.sizes th{color:var(--muted)}
@@ -752,27 +575,22 @@ def write_page(report: str | os.PathLike, out: str | os.PathLike, max_images: in
                cmap: str = "jet") -> Path:
     """Load the report (a ``report.json`` path or a log dir) and write the page to ``out`` atomically.
 
-    Raises :class:`lightning_saliency.gate.GateError` when the report is missing, unreadable or of an unknown
-    schema (the CLI turns it into exit code 2).
+    Raises :class:`lightning_saliency.report.ReportError` when the report is missing, unreadable or of an unknown
+    schema, and ``ValueError`` for a negative bound (the CLI turns both into exit code 2). The page is written
+    with :func:`lightning_saliency.files.atomic_write`: a failed render leaves ``out`` as it was.
 
     Example:
         >>> write_page("runs/demo/lightning_logs/version_0", "audit.html")  # doctest: +SKIP
         PosixPath('audit.html')
     """
-    from lightning_saliency.gate import GateError, resolve_report_path
-    from lightning_saliency.report import AuditReport, ReportError
+    from lightning_saliency.files import atomic_write
+    from lightning_saliency.report import load_report
 
-    path = resolve_report_path(report)
-    try:
-        data = AuditReport.load(path).data
-    except ReportError as exc:
-        raise GateError(str(exc)) from None
+    loaded = load_report(report)
     if max_images < 0 or max_epochs < 0:
-        raise GateError("--max-images and --max-epochs must be >= 0")
-    page = render_page(data, path.parent, max_images=max_images, max_epochs=max_epochs, cmap=cmap)
+        raise ValueError("--max-images and --max-epochs must be >= 0")
+    page = render_page(loaded.data, loaded.path.parent, max_images=max_images, max_epochs=max_epochs, cmap=cmap)
+    payload = page.encode("utf-8")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.write(payload))
     return out

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .files import atomic_write
 
@@ -39,8 +38,16 @@ __all__ = ["to_image", "colorize", "overlay", "overlays", "grid", "save_png", "g
 ArrayLike = Any  # np.ndarray | Tensor
 
 
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch: no tensor exists before torch is imported, and
+    the HTML page and the report reader, which only see NumPy arrays and JSON, never import it."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _to_numpy(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, Tensor):
+    if _is_tensor(x):
+        torch = sys.modules["torch"]
         return x.detach().to("cpu", torch.float32 if x.is_floating_point() else x.dtype).numpy()
     return np.asarray(x)
 
@@ -76,7 +83,7 @@ def to_image(x: ArrayLike) -> np.ndarray:
         >>> to_image(torch.zeros(1, 4, 5)).shape
         (4, 5, 3)
     """
-    is_tensor = isinstance(x, Tensor)
+    is_tensor = _is_tensor(x)
     a = _to_numpy(x)
     if a.ndim == 2:
         a = a[:, :, None]
@@ -167,6 +174,8 @@ def overlays(images: ArrayLike, maps: ArrayLike, alpha: float = 0.5, cmap: str =
     if a.ndim != 3 or a.shape[0] != img.shape[0]:
         raise ValueError(f"overlays expects one map [h, w] per image: maps {tuple(a.shape)} for {img.shape[0]} images")
     if a.shape[1:] != img.shape[1:3]:
+        import torch
+
         from .maps import resize
 
         a = resize(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), img.shape[1:3]).numpy()

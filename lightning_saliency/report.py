@@ -8,10 +8,10 @@ Layout, under ``<log_dir>/saliency/``::
     maps/epoch_XXXX.npz         one array per method, float16 [N, h, w], each map min-max normalised to [0, 1]
                                 (a constant map is all 0), plus "predictions" int64 [N] when known
 
-Size bound of the saved maps: at most ``MAX_IMAGES`` = 64 images, each downsampled (bilinear, antialiased,
-aspect ratio kept) so that its longer side is at most ``MAX_SIDE`` = 64 pixels. One method therefore takes at
-most 64 * 64 * 64 * 2 bytes = 512 KiB per audit (files are written uncompressed with ``numpy.savez``);
-the probe thumbnails at most 64 * 64 * 64 * 3 bytes = 768 KiB, once.
+The maps files are written and read by :mod:`lightning_saliency.mapfiles` (size bounds there); its functions
+are importable from here too. Reading is one path for every reader (the gate, the HTML page, ``show``):
+:func:`load_report` = :func:`find_report` (which file a path names) + :func:`validate_report` (one validation
+pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key` splits metric keys.
 
 ``report.json``::
 
@@ -52,26 +52,172 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .files import atomic_write
+from .mapfiles import (  # the saved maps' home; re-exported here, where readers have always found them
+    MAPS_DIR,
+    MAX_IMAGES,
+    MAX_SIDE,
+    load_maps,
+    load_probe_thumbnails,
+    maps_filename,
+    save_maps,
+    save_probe_thumbnails,
+)
+from .render import _is_tensor
 
 __all__ = [
     "SCHEMA", "REPORT_NAME", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "ReportError", "AuditReport",
     "error_record", "probe_info", "save_probe_thumbnails", "save_maps", "load_maps", "load_probe_thumbnails",
-    "maps_filename",
+    "maps_filename", "split_key", "find_report", "validate_report", "load_report",
 ]
 
 SCHEMA = "lightning-saliency/report/v1"
 REPORT_NAME = "report.json"
-MAPS_DIR = "maps"
-MAX_IMAGES = 64
-MAX_SIDE = 64
 
 
 class ReportError(ValueError):
     """A report or maps file that is missing, unreadable, truncated or of an unknown schema."""
+
+
+def split_key(key: str) -> tuple[str, str, str | None]:
+    """Split a metric key ``<method>/<metric>[/<group>]`` into ``(method, metric, group)``.
+
+    Method and metric names never contain ``/``; a group name may (groups are the user's strings), so the key
+    is split at its first two slashes only and everything after the second one is the group. A key without
+    ``/`` (``"accuracy"``) has method ``""``; a key without a group has group ``None``.
+
+    Example:
+        >>> split_key("gradcam/object_mass")
+        ('gradcam', 'object_mass', None)
+        >>> split_key("gradcam/object_mass/site/A")
+        ('gradcam', 'object_mass', 'site/A')
+        >>> split_key("accuracy")
+        ('', 'accuracy', None)
+    """
+    parts = str(key).split("/", 2)
+    if len(parts) == 1:
+        return "", parts[0], None
+    if len(parts) == 2:
+        return parts[0], parts[1], None
+    return parts[0], parts[1], parts[2]
+
+
+def _reports_below(root: Path, depth: int = 3) -> list[Path]:
+    """``saliency/report.json`` files up to ``depth`` folders below ``root`` (for a hint; stops after 50)."""
+    out: list[Path] = []
+    for level in range(depth + 1):
+        out.extend(root.glob("/".join(["*"] * level + [f"saliency/{REPORT_NAME}"])))
+        if len(out) > 50:
+            break
+    return out
+
+
+def find_report(path: str | os.PathLike) -> Path:
+    """The ``report.json`` that ``path`` names: the file itself, or the report of a folder.
+
+    A folder is searched in this order, closest first: ``<folder>/report.json`` (the folder is the run's
+    ``saliency`` folder), then ``<folder>/saliency/report.json`` (the folder is the run's log dir). Nothing
+    deeper is read; when neither exists, the :class:`ReportError` lists the reports found up to three folders
+    below, so a wrong level (``lightning_logs`` instead of ``lightning_logs/version_0``) says where to look.
+
+    Example:
+        >>> import os, tempfile
+        >>> log_dir = tempfile.mkdtemp()
+        >>> os.makedirs(os.path.join(log_dir, "saliency"))
+        >>> _ = open(os.path.join(log_dir, "saliency", "report.json"), "w").close()
+        >>> find_report(log_dir).relative_to(log_dir).as_posix()
+        'saliency/report.json'
+    """
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / REPORT_NAME, p / "saliency" / REPORT_NAME):
+            if cand.is_file():
+                return cand
+        found = sorted(str(c) for c in _reports_below(p))
+        hint = ""
+        if found:
+            hint = "; found: " + ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ReportError(f"no {REPORT_NAME} in folder {p} (looked in {p / REPORT_NAME} and "
+                          f"{p / 'saliency' / REPORT_NAME}){hint}; pass the report file, usually "
+                          f"<log_dir>/saliency/{REPORT_NAME}, or the run's log dir (e.g. lightning_logs/version_0)")
+    if not p.exists():
+        raise ReportError(f"no audit report at {p} (not found): check the path (SaliencyMonitor writes "
+                          f"<log_dir>/saliency/{REPORT_NAME} after its first audit)")
+    return p
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read audit report {p}: {e}") from e
+    if not text.strip():
+        raise ReportError(f"audit report {p} is empty: the run that wrote it did not finish an audit; "
+                          f"re-run the audit or point to another report")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"audit report {p} is truncated or not valid JSON (line {e.lineno}, column "
+                          f"{e.colno}: {e.msg}); it was not written by lightning-saliency's atomic "
+                          f"writer or was edited by hand; re-run the audit or restore the file") from e
+
+
+def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, Any]:
+    """Check that ``data`` (parsed JSON) is a report this version reads; return it, or raise :class:`ReportError`.
+
+    The one validation pass of a loaded report (the gate, the page and ``show`` all read through
+    :func:`load_report`): a JSON object of schema :data:`SCHEMA`; ``audits`` a list of objects, each with an
+    int ``epoch`` and a ``metrics`` object; ``alarms`` a list; ``run``, ``probe`` and ``config`` objects when
+    present. ``path`` only names the file in messages.
+
+    Example:
+        >>> validate_report({"schema": SCHEMA, "audits": [{"epoch": 0, "metrics": {}}]})["audits"][0]["epoch"]
+        0
+        >>> validate_report({"schema": SCHEMA, "audits": {}})  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ReportError: report: 'audits' must be a list, got dict
+    """
+    p = path
+    if not isinstance(data, dict):
+        raise ReportError(f"{p} holds a JSON {type(data).__name__}, not a lightning-saliency report object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        if schema is None:
+            raise ReportError(f"{p} has no 'schema' field: it is not a lightning-saliency report "
+                              f"(expected schema {SCHEMA!r})")
+        if isinstance(schema, str) and schema.startswith("lightning-saliency/report/"):
+            raise ReportError(f"{p} has schema {schema!r} but this version of lightning-saliency reads "
+                              f"{SCHEMA!r}; install the version that wrote it (or upgrade)")
+        raise ReportError(f"{p} has unknown schema {schema!r}; expected {SCHEMA!r}")
+    audits = data.get("audits", [])
+    if not isinstance(audits, list):
+        raise ReportError(f"{p}: 'audits' must be a list, got {type(audits).__name__}")
+    for i, a in enumerate(audits):
+        if not (isinstance(a, dict) and isinstance(a.get("epoch"), int) and isinstance(a.get("metrics"), dict)):
+            raise ReportError(f"{p}: audits[{i}] is malformed (needs an int 'epoch' and a 'metrics' object)")
+    alarms = data.get("alarms", [])
+    if not isinstance(alarms, list):
+        raise ReportError(f"{p}: 'alarms' must be a list, got {type(alarms).__name__}")
+    for key in ("run", "probe", "config"):
+        value = data.get(key) or {}
+        if not isinstance(value, dict):
+            raise ReportError(f"{p}: {key!r} must be an object, got {type(value).__name__}")
+    return data
+
+
+def load_report(path: str | os.PathLike) -> AuditReport:
+    """Find (:func:`find_report`), read and validate (:func:`validate_report`) a report; :class:`ReportError`
+    on any problem. The one way the gate, the page and ``show`` read a report; it never imports torch.
+
+    Example:
+        >>> import os, tempfile
+        >>> rep = AuditReport(os.path.join(tempfile.mkdtemp(), "saliency", "report.json"))
+        >>> rep.write()
+        >>> load_report(rep.path.parent.parent).path == rep.path
+        True
+    """
+    return AuditReport.load(path)
 
 
 def _now() -> str:
@@ -86,7 +232,7 @@ def _clean(obj: Any, where: str = "report") -> Any:
         return int(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if isinstance(obj, Tensor):
+    if _is_tensor(obj):
         if obj.numel() != 1:
             raise TypeError(f"{where}: expected a number, got a tensor of shape {tuple(obj.shape)}")
         return _clean(obj.detach().cpu().item(), where)
@@ -238,7 +384,7 @@ class AuditReport:
             raise ValueError(f"audit record lacks {missing}: pass at least epoch, global_step and metrics")
         for k in ("epoch", "global_step"):
             v = rec[k]
-            if isinstance(v, Tensor | np.generic):
+            if _is_tensor(v) or isinstance(v, np.generic):
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"audit {k} must be an int, got {v!r}")
@@ -316,61 +462,13 @@ class AuditReport:
     def load(cls, path: str | os.PathLike) -> AuditReport:
         """Read a report written by :meth:`write`.
 
-        ``path`` is ``report.json`` or a folder holding it (``<log_dir>/saliency`` or ``<log_dir>``). Raises
-        :class:`ReportError` with what to do for a missing, unreadable, truncated or non-JSON file, or an
-        unknown schema.
+        ``path`` is ``report.json`` or a folder holding it, found with :func:`find_report`; the content is checked
+        with :func:`validate_report`. Raises :class:`ReportError` with what to do for a missing, unreadable,
+        truncated or non-JSON file, or an unknown schema.
         """
-        p = Path(path)
-        if p.is_dir():
-            for cand in (p / REPORT_NAME, p / "saliency" / REPORT_NAME):
-                if cand.is_file():
-                    p = cand
-                    break
-            else:
-                raise ReportError(f"no {REPORT_NAME} in folder {p} (looked in {p / REPORT_NAME} and "
-                                  f"{p / 'saliency' / REPORT_NAME}); pass the report file, usually "
-                                  f"<log_dir>/saliency/{REPORT_NAME}")
-        if not p.exists():
-            raise ReportError(f"no audit report at {p}: check the path (SaliencyMonitor writes "
-                              f"<log_dir>/saliency/{REPORT_NAME} after its first audit)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ReportError(f"cannot read audit report {p}: {e}") from e
-        if not text.strip():
-            raise ReportError(f"audit report {p} is empty: the run that wrote it did not finish an audit; "
-                              f"re-run the audit or point to another report")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"audit report {p} is truncated or not valid JSON (line {e.lineno}, column "
-                              f"{e.colno}: {e.msg}); it was not written by lightning-saliency's atomic "
-                              f"writer or was edited by hand; re-run the audit or restore the file") from e
-        if not isinstance(data, dict):
-            raise ReportError(f"{p} holds a JSON {type(data).__name__}, not a lightning-saliency report object")
-        schema = data.get("schema")
-        if schema != SCHEMA:
-            if schema is None:
-                raise ReportError(f"{p} has no 'schema' field: it is not a lightning-saliency report "
-                                  f"(expected schema {SCHEMA!r})")
-            if isinstance(schema, str) and schema.startswith("lightning-saliency/report/"):
-                raise ReportError(f"{p} has schema {schema!r} but this version of lightning-saliency reads "
-                                  f"{SCHEMA!r}; install the version that wrote it (or upgrade)")
-            raise ReportError(f"{p} has unknown schema {schema!r}; expected {SCHEMA!r}")
-        audits = data.get("audits", [])
-        if not isinstance(audits, list):
-            raise ReportError(f"{p}: 'audits' must be a list, got {type(audits).__name__}")
-        for i, a in enumerate(audits):
-            if not (isinstance(a, dict) and isinstance(a.get("epoch"), int) and isinstance(a.get("metrics"), dict)):
-                raise ReportError(f"{p}: audits[{i}] is malformed (needs an int 'epoch' and a 'metrics' object)")
-        alarms = data.get("alarms", [])
-        if not isinstance(alarms, list):
-            raise ReportError(f"{p}: 'alarms' must be a list, got {type(alarms).__name__}")
+        p = find_report(path)
+        data = validate_report(_read_json(p), p)
         rep = cls(p)
-        for key in ("run", "probe", "config"):
-            value = data.get(key) or {}
-            if not isinstance(value, dict):
-                raise ReportError(f"{p}: {key!r} must be an object, got {type(value).__name__}")
         rep.data.update(copy.deepcopy(data))
         rep.data.setdefault("audits", [])
         rep.data.setdefault("alarms", [])
@@ -378,173 +476,3 @@ class AuditReport:
 
     def __repr__(self) -> str:
         return f"AuditReport({str(self.path)!r}, audits={len(self.audits)}, alarms={len(self.alarms)})"
-
-
-# -- maps on disk ---------------------------------------------------------------------------------------------
-def maps_filename(epoch: int) -> str:
-    """The maps file of an audit, relative to the report's folder: ``maps/epoch_0003.npz``.
-
-    Example:
-        >>> maps_filename(3)
-        'maps/epoch_0003.npz'
-    """
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-    return f"{MAPS_DIR}/epoch_{epoch:04d}.npz"
-
-
-def _thumb_size(h: int, w: int, max_side: int) -> tuple[int, int]:
-    if max(h, w) <= max_side:
-        return h, w
-    s = max_side / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
-def _as_float_cpu(x: Any) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.detach().to("cpu", torch.float32)
-    return torch.as_tensor(np.asarray(x), dtype=torch.float32)
-
-
-def _downsample(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear, antialiased resize of ``[N, C, H, W]`` (a no-op at the same size)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    # uncompressed: float16 maps shrink by only ~20% under zlib, which costs ~10 ms per audit on a small CPU
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def save_probe_thumbnails(dir: str | os.PathLike, probe: Any, max_images: int = MAX_IMAGES,
-                          max_side: int = MAX_SIDE) -> str:
-    """Write ``<dir>/maps/probe.npz``: thumbnails of the first ``max_images`` probe images and their labels.
-
-    ``dir`` is the report's folder (``<log_dir>/saliency``); ``probe`` a ProbeSet (``inputs [N, C, H, W]``,
-    ``targets [N]``, optional ``groups``, ``object_masks``, ``spurious_masks``). Images are min-max scaled per
-    image to uint8 and downsampled so the longer side is at most ``max_side``. Returns the path relative to
-    ``dir`` (``"maps/probe.npz"``).
-
-    Example:
-        >>> import torch, tempfile
-        >>> from types import SimpleNamespace
-        >>> p = SimpleNamespace(inputs=torch.rand(2, 3, 128, 96), targets=torch.tensor([0, 1]), groups=None)
-        >>> d = tempfile.mkdtemp()
-        >>> save_probe_thumbnails(d, p)
-        'maps/probe.npz'
-        >>> load_probe_thumbnails(d)["images"].shape
-        (2, 64, 48, 3)
-    """
-    from .render import to_image
-
-    inputs = probe.inputs[:max_images]
-    if inputs.ndim != 4:
-        raise ValueError(f"probe inputs must be [N, C, H, W], got {tuple(inputs.shape)}")
-    n, _, h, w = inputs.shape
-    size = _thumb_size(h, w, max_side)
-    images = np.stack([to_image(_as_float_cpu(x)) for x in inputs]) if n else np.zeros((0, h, w, 3), np.uint8)
-    if size != (h, w) and n:
-        t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        images = _downsample(t, size).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    arrays: dict[str, np.ndarray] = {
-        "images": np.ascontiguousarray(images, dtype=np.uint8),
-        "targets": np.asarray(_as_float_cpu(probe.targets[:max_images]).numpy(), dtype=np.int64),
-    }
-    groups = getattr(probe, "groups", None)
-    if groups is not None:
-        arrays["groups"] = np.asarray([str(g) for g in list(groups)[:max_images]], dtype=str)
-    for key in ("object_masks", "spurious_masks"):
-        m = getattr(probe, key, None)
-        if m is not None:
-            mt = _as_float_cpu(m[:max_images])[:, None]
-            arrays[key] = (_downsample(mt, size)[:, 0] >= 0.5).numpy()
-    rel = f"{MAPS_DIR}/probe.npz"
-    _savez(Path(dir) / rel, arrays)
-    return rel
-
-
-def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predictions: Any = None,
-              max_images: int = MAX_IMAGES, max_side: int = MAX_SIDE) -> str:
-    """Write one audit's maps to ``<dir>/maps/epoch_XXXX.npz``; returns the path relative to ``dir``.
-
-    ``maps`` is ``{method: [N, H, W]}`` (tensors or arrays, any device). The first ``max_images`` maps are
-    downsampled (longer side <= ``max_side``), min-max normalised per image to [0, 1] and stored as float16;
-    ``predictions`` ([N] ints) as int64. The returned string is what an audit record's ``"maps"`` holds.
-
-    Example:
-        >>> import torch, tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> save_maps(d, 3, {"gradcam": torch.rand(100, 224, 224)}, predictions=torch.zeros(100, dtype=torch.long))
-        'maps/epoch_0003.npz'
-        >>> m = load_maps(d, 3); m["gradcam"].shape, m["predictions"].shape
-        ((64, 64, 64), (64,))
-    """
-    from .maps import normalize
-
-    rel = maps_filename(epoch)
-    if not maps:
-        raise ValueError("save_maps got no maps; pass {method: tensor [N, H, W]}")
-    arrays: dict[str, np.ndarray] = {}
-    n = None
-    for method, m in maps.items():
-        if method == "predictions":
-            raise ValueError("'predictions' is reserved in the maps file; rename that method")
-        t = _as_float_cpu(m)
-        if t.ndim != 3:
-            raise ValueError(f"maps[{method!r}] must be [N, H, W], got {tuple(t.shape)}")
-        if n is not None and t.shape[0] != n:
-            raise ValueError(f"maps[{method!r}] has {t.shape[0]} maps but another method has {n}; "
-                             f"pass the same images for every method")
-        n = t.shape[0]
-        t = torch.nan_to_num(t[:max_images], nan=0.0, posinf=0.0, neginf=0.0)
-        size = _thumb_size(t.shape[1], t.shape[2], max_side)
-        if len(t):
-            t = normalize(_downsample(t[:, None], size)[:, 0])
-        else:
-            t = t.new_zeros((0, *size))
-        arrays[str(method)] = t.clamp(0, 1).numpy().astype(np.float16)
-    if predictions is not None:
-        pred = np.asarray(_as_float_cpu(predictions).numpy(), dtype=np.int64).reshape(-1)
-        if n is not None and len(pred) != n:
-            raise ValueError(f"predictions has {len(pred)} entries but the maps have {n}")
-        arrays["predictions"] = pred[:max_images]
-    _savez(Path(dir) / rel, arrays)
-    return rel
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise ReportError(f"no maps file at {path}: maps are saved under <log_dir>/saliency/{MAPS_DIR}/ by "
-                          f"SaliencyMonitor; check the path and the audit's 'maps' entry")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-        raise ReportError(f"cannot read maps file {path} ({type(e).__name__}: {e}); it is truncated or not "
-                          f"a lightning-saliency maps file") from e
-
-
-def load_maps(path: str | os.PathLike, epoch: int | None = None) -> dict[str, np.ndarray]:
-    """Read an audit's maps: ``load_maps(report_dir, epoch)`` or ``load_maps(path_to_npz)``.
-
-    Returns ``{method: float32 [N, h, w] in [0, 1], "predictions": int64 [N] (when saved)}``. Raises
-    :class:`ReportError` for a missing or unreadable file.
-
-    Example:
-        >>> import torch, tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> rel = save_maps(d, 0, {"gradient": torch.rand(2, 8, 8)})
-        >>> sorted(load_maps(f"{d}/{rel}"))
-        ['gradient']
-    """
-    p = Path(path) if epoch is None else Path(path) / maps_filename(epoch)
-    out = _load_npz(p)
-    return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in out.items()}
-
-
-def load_probe_thumbnails(dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read ``<dir>/maps/probe.npz`` written by :func:`save_probe_thumbnails` (``images``, ``targets``, ...)."""
-    return _load_npz(Path(dir) / MAPS_DIR / "probe.npz")
-

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .render import Picture, grid, save_png
+from .report import split_key as _split_key
 
 __all__ = ["Sink", "TensorBoardSink", "WandbSink", "PngSink", "sinks_for_loggers", "PREFIX"]
 
@@ -116,16 +117,6 @@ def _markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> st
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _split_key(key: str) -> tuple[str, str, str | None]:
-    """``"gradcam/object_mass/siteA"`` -> ``("gradcam", "object_mass", "siteA")``."""
-    parts = str(key).split("/", 2)
-    if len(parts) == 1:
-        return "", parts[0], None
-    if len(parts) == 2:
-        return parts[0], parts[1], None
-    return parts[0], parts[1], parts[2]
 
 
 def custom_scalars_layout(keys: Iterable[str]) -> dict[str, dict[str, list[Any]]]:

@@ -373,3 +373,29 @@ def test_vit_choice_is_where_patch_tokens_still_carry_gradient() -> None:
     g_chosen, g_last = torch.autograd.grad(logits[0, 3], [outs["chosen"], outs["last"]])
     assert g_chosen[0, 1:].abs().sum(-1).min() > 0  # every patch token
     assert g_last[0, 1:].abs().max() == 0 and g_last[0, 0].abs().max() > 0
+
+
+def test_auto_restores_flags_hooks_and_rng_when_the_forward_raises() -> None:
+    class Breaks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.drop = nn.Dropout(0.5)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.rand(5)  # consumes the RNG before failing
+            self.drop(self.conv(x))
+            raise RuntimeError("boom in forward")
+
+    model = Breaks().train()
+    model.head.eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(1, 3, 8, 8)
+    torch.manual_seed(7)
+    torch_state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="boom in forward"):
+        resolve_layer(model, example_input=x)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert all(not m._forward_hooks for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), torch_state)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from lightning_saliency import page as page_mod
+from lightning_saliency.charts import _reduce
 from lightning_saliency.cli import main
-from lightning_saliency.page import CSP, MAX_POINTS, MAX_ROWS, _reduce, render_page
+from lightning_saliency.page import CSP, MAX_POINTS, MAX_ROWS, render_page
 from lightning_saliency.render import colorize
 from lightning_saliency.report import load_maps, load_probe_thumbnails
 from tests.browser_harness import Browser, find_chromium

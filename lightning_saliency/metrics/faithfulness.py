@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..guard import SideEffectGuard
 from .stability import _check_maps, _generator, _warn
 
 __all__ = ["deletion_auc", "insertion_auc", "infidelity", "completeness_gap", "gaussian_blur"]
@@ -38,15 +39,10 @@ __all__ = ["deletion_auc", "insertion_auc", "infidelity", "completeness_gap", "g
 
 @contextlib.contextmanager
 def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no grad for the duration; every module's ``training`` flag restored, also on errors."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    """Eval mode and no grad for the duration, inside a :class:`~lightning_saliency.guard.SideEffectGuard`:
+    every module's ``training`` flag (and the RNG states) restored, also on errors."""
+    with SideEffectGuard(model, enable_grad=False), torch.no_grad():
+        yield model
 
 
 def _forward(model: nn.Module, x: Tensor, batch_size: int | None) -> Tensor:

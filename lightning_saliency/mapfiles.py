@@ -1,0 +1,228 @@
+"""Saved maps on disk: the probe thumbnails and each audit's maps under ``<log_dir>/saliency/maps/``.
+
+Layout (see :mod:`lightning_saliency.report` for ``report.json`` beside it)::
+
+    maps/probe.npz              probe thumbnails, written once: "images" uint8 [N, h, w, 3], "targets" int64 [N],
+                                optional "groups" str [N], "object_masks" / "spurious_masks" bool [N, h, w]
+    maps/epoch_XXXX.npz         one array per method, float16 [N, h, w], each map min-max normalised to [0, 1]
+                                (a constant map is all 0), plus "predictions" int64 [N] when known
+
+Size bound: at most ``MAX_IMAGES`` = 64 images, each downsampled (bilinear, antialiased, aspect ratio kept) so
+that its longer side is at most ``MAX_SIDE`` = 64 pixels: at most 512 KiB per method and audit (uncompressed
+``numpy.savez``), 768 KiB of thumbnails once. Files are written with :func:`lightning_saliency.files.atomic_write`.
+torch is imported only by the writers, so reading maps (the HTML page) does not need it.
+
+Every name here is also importable from :mod:`lightning_saliency.report`.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> save_maps(d, 1, {"gradient": np.ones((2, 8, 8))})
+    'maps/epoch_0001.npz'
+    >>> load_maps(d, 1)["gradient"].shape
+    (2, 8, 8)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .files import atomic_write
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "maps_filename", "save_probe_thumbnails", "save_maps",
+           "load_maps", "load_probe_thumbnails"]
+
+MAPS_DIR = "maps"
+MAX_IMAGES = 64
+MAX_SIDE = 64
+
+
+def maps_filename(epoch: int) -> str:
+    """The maps file of an audit, relative to the report's folder: ``maps/epoch_0003.npz``.
+
+    Example:
+        >>> maps_filename(3)
+        'maps/epoch_0003.npz'
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    return f"{MAPS_DIR}/epoch_{epoch:04d}.npz"
+
+
+def _thumb_size(h: int, w: int, max_side: int) -> tuple[int, int]:
+    if max(h, w) <= max_side:
+        return h, w
+    s = max_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _as_float_cpu(x: Any) -> Tensor:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32)
+    return torch.as_tensor(np.asarray(x), dtype=torch.float32)
+
+
+def _downsample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, antialiased resize of ``[N, C, H, W]`` (a no-op at the same size)."""
+    import torch
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    # uncompressed: float16 maps shrink by only ~20% under zlib, which costs ~10 ms per audit on a small CPU
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_probe_thumbnails(dir: str | os.PathLike, probe: Any, max_images: int = MAX_IMAGES,
+                          max_side: int = MAX_SIDE) -> str:
+    """Write ``<dir>/maps/probe.npz``: thumbnails of the first ``max_images`` probe images and their labels.
+
+    ``dir`` is the report's folder (``<log_dir>/saliency``); ``probe`` a ProbeSet (``inputs [N, C, H, W]``,
+    ``targets [N]``, optional ``groups``, ``object_masks``, ``spurious_masks``). Images are min-max scaled per
+    image to uint8 and downsampled so the longer side is at most ``max_side``. Returns the path relative to
+    ``dir`` (``"maps/probe.npz"``).
+
+    Example:
+        >>> import torch, tempfile
+        >>> from types import SimpleNamespace
+        >>> p = SimpleNamespace(inputs=torch.rand(2, 3, 128, 96), targets=torch.tensor([0, 1]), groups=None)
+        >>> d = tempfile.mkdtemp()
+        >>> save_probe_thumbnails(d, p)
+        'maps/probe.npz'
+        >>> load_probe_thumbnails(d)["images"].shape
+        (2, 64, 48, 3)
+    """
+    import torch
+
+    from .render import to_image
+
+    inputs = probe.inputs[:max_images]
+    if inputs.ndim != 4:
+        raise ValueError(f"probe inputs must be [N, C, H, W], got {tuple(inputs.shape)}")
+    n, _, h, w = inputs.shape
+    size = _thumb_size(h, w, max_side)
+    images = np.stack([to_image(_as_float_cpu(x)) for x in inputs]) if n else np.zeros((0, h, w, 3), np.uint8)
+    if size != (h, w) and n:
+        t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        images = _downsample(t, size).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arrays: dict[str, np.ndarray] = {
+        "images": np.ascontiguousarray(images, dtype=np.uint8),
+        "targets": np.asarray(_as_float_cpu(probe.targets[:max_images]).numpy(), dtype=np.int64),
+    }
+    groups = getattr(probe, "groups", None)
+    if groups is not None:
+        arrays["groups"] = np.asarray([str(g) for g in list(groups)[:max_images]], dtype=str)
+    for key in ("object_masks", "spurious_masks"):
+        m = getattr(probe, key, None)
+        if m is not None:
+            mt = _as_float_cpu(m[:max_images])[:, None]
+            arrays[key] = (_downsample(mt, size)[:, 0] >= 0.5).numpy()
+    rel = f"{MAPS_DIR}/probe.npz"
+    _savez(Path(dir) / rel, arrays)
+    return rel
+
+
+def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predictions: Any = None,
+              max_images: int = MAX_IMAGES, max_side: int = MAX_SIDE) -> str:
+    """Write one audit's maps to ``<dir>/maps/epoch_XXXX.npz``; returns the path relative to ``dir``.
+
+    ``maps`` is ``{method: [N, H, W]}`` (tensors or arrays, any device). The first ``max_images`` maps are
+    downsampled (longer side <= ``max_side``), min-max normalised per image to [0, 1] and stored as float16;
+    ``predictions`` ([N] ints) as int64. The returned string is what an audit record's ``"maps"`` holds.
+
+    Example:
+        >>> import torch, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> save_maps(d, 3, {"gradcam": torch.rand(100, 224, 224)}, predictions=torch.zeros(100, dtype=torch.long))
+        'maps/epoch_0003.npz'
+        >>> m = load_maps(d, 3); m["gradcam"].shape, m["predictions"].shape
+        ((64, 64, 64), (64,))
+    """
+    import torch
+
+    from .maps import normalize
+
+    rel = maps_filename(epoch)
+    if not maps:
+        raise ValueError("save_maps got no maps; pass {method: tensor [N, H, W]}")
+    arrays: dict[str, np.ndarray] = {}
+    n = None
+    for method, m in maps.items():
+        if method == "predictions":
+            raise ValueError("'predictions' is reserved in the maps file; rename that method")
+        t = _as_float_cpu(m)
+        if t.ndim != 3:
+            raise ValueError(f"maps[{method!r}] must be [N, H, W], got {tuple(t.shape)}")
+        if n is not None and t.shape[0] != n:
+            raise ValueError(f"maps[{method!r}] has {t.shape[0]} maps but another method has {n}; "
+                             f"pass the same images for every method")
+        n = t.shape[0]
+        t = torch.nan_to_num(t[:max_images], nan=0.0, posinf=0.0, neginf=0.0)
+        size = _thumb_size(t.shape[1], t.shape[2], max_side)
+        if len(t):
+            t = normalize(_downsample(t[:, None], size)[:, 0])
+        else:
+            t = t.new_zeros((0, *size))
+        arrays[str(method)] = t.clamp(0, 1).numpy().astype(np.float16)
+    if predictions is not None:
+        pred = np.asarray(_as_float_cpu(predictions).numpy(), dtype=np.int64).reshape(-1)
+        if n is not None and len(pred) != n:
+            raise ValueError(f"predictions has {len(pred)} entries but the maps have {n}")
+        arrays["predictions"] = pred[:max_images]
+    _savez(Path(dir) / rel, arrays)
+    return rel
+
+
+def _report_error(message: str) -> Exception:
+    from .report import ReportError  # imported here: report.py imports this module
+
+    return ReportError(message)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise _report_error(f"no maps file at {path}: maps are saved under <log_dir>/saliency/{MAPS_DIR}/ by "
+                          f"SaliencyMonitor; check the path and the audit's 'maps' entry")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+        raise _report_error(f"cannot read maps file {path} ({type(e).__name__}: {e}); it is truncated or not "
+                          f"a lightning-saliency maps file") from e
+
+
+def load_maps(path: str | os.PathLike, epoch: int | None = None) -> dict[str, np.ndarray]:
+    """Read an audit's maps: ``load_maps(report_dir, epoch)`` or ``load_maps(path_to_npz)``.
+
+    Returns ``{method: float32 [N, h, w] in [0, 1], "predictions": int64 [N] (when saved)}``. Raises
+    :class:`lightning_saliency.report.ReportError` for a missing or unreadable file.
+
+    Example:
+        >>> import torch, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> rel = save_maps(d, 0, {"gradient": torch.rand(2, 8, 8)})
+        >>> sorted(load_maps(f"{d}/{rel}"))
+        ['gradient']
+    """
+    p = Path(path) if epoch is None else Path(path) / maps_filename(epoch)
+    out = _load_npz(p)
+    return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in out.items()}
+
+
+def load_probe_thumbnails(dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read ``<dir>/maps/probe.npz`` written by :func:`save_probe_thumbnails` (``images``, ``targets``, ...)."""
+    return _load_npz(Path(dir) / MAPS_DIR / "probe.npz")
+
