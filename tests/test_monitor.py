@@ -327,14 +327,14 @@ def test_an_unforeseen_last_audit_is_completed_at_fit_end(tmp_path):
     alarm = ShortcutAlarm(metric="gradcam/spurious_mass", threshold=-1.0, patience=2, action="stop")
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     seen: list[dict] = []
-    original = monitor._record_and_log
+    original = monitor._recorder.record
 
     def spy(*args, **kwargs):
         record = original(*args, **kwargs)
         seen.append(record)
         return record
 
-    monitor._record_and_log = spy
+    monitor._recorder.record = spy
     with pytest.warns(UserWarning, match="stopping training"):
         trainer, _ = U.fit([monitor, alarm], tmp_path, max_epochs=6, logger=logger)
     audits = _report(trainer)["audits"]
