@@ -2,9 +2,11 @@
 :class:`ShortcutAlarm` turns an audited metric into a warning, an early stop or an error.
 
 Orchestration only: the maps come from :mod:`lightning_saliency.methods`, the numbers from
-:mod:`lightning_saliency.metrics` (through :mod:`lightning_saliency.audit`), the pictures from
-:mod:`lightning_saliency.render`, the files from :mod:`lightning_saliency.report` and the dashboards from
-:mod:`lightning_saliency.sinks`.
+:mod:`lightning_saliency.metrics` (through :mod:`lightning_saliency.audit`), the files and the dashboards from
+:mod:`lightning_saliency.recording` (which draws with :mod:`lightning_saliency.render`, writes with
+:mod:`lightning_saliency.report` and logs through :mod:`lightning_saliency.sinks`), the collectives from
+:mod:`lightning_saliency.distributed` and every lookup into Lightning's internals from
+:mod:`lightning_saliency._lightning`.
 
 Both classes inherit from ``pytorch_lightning.Callback`` and, when the ``lightning`` distribution is installed
 too, from ``lightning.pytorch.Callback``: the same object is accepted by either ``Trainer``.
@@ -23,51 +25,38 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ._lightning import Base as _Base
+from ._lightning import eval_source as _eval_source
+from ._lightning import overrides as _overrides
+from ._lightning import stage as _stage
 from .audit import (
     DEFAULT_METRICS,
     PERIODIC_METRICS,
-    SIGNED_METHODS,
     AuditSpec,
     ShardResult,
     audit_shard,
     merge,
     summarize,
 )
+from .distributed import broadcast as _broadcast
+from .distributed import gather as _gather
+from .distributed import rank0_buffers as _rank0_buffers
+from .distributed import world as _world
 from .guard import SideEffectGuard
-from .maps import normalize
 from .methods.engine import check_on_error
 from .probe import ProbeSet
-from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
+from .recording import Recorder
+from .report import error_record
 
 __all__ = ["SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected"]
-
-
-def _callback_bases() -> tuple[type, ...]:
-    bases: list[type] = [pl.Callback]
-    try:
-        import lightning.pytorch as lpt
-
-        if lpt.Callback is not pl.Callback:
-            bases.append(lpt.Callback)
-    except ImportError:  # only pytorch-lightning is installed
-        pass
-    return tuple(bases)
-
-
-_Base = type("_Base", _callback_bases(), {"__doc__": "A callback for both Lightning distributions."})
-
-
-_MIN_TILE = 96  # smallest side, in pixels, of an overlay on the dashboard
 
 
 class ShortcutDetected(RuntimeError):
@@ -85,46 +74,92 @@ def _eager() -> Iterator[None]:
         yield
 
 
-def _world(trainer: Any) -> tuple[int, int]:
-    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+def _check_arguments(probe: Any, every_n_epochs: int, on_error: str, expensive_every_n_audits: int,
+                     probe_size: int, image_colors: int | None) -> None:
+    """The constructor's checks: a bad argument fails when the monitor is built, not mid-training."""
+    if probe is not None and not isinstance(probe, ProbeSet):
+        raise TypeError(f"probe must be a lightning_saliency.ProbeSet (or None to draw one from the validation "
+                        f"data), got {type(probe).__name__}; build one with ProbeSet.from_dataset(...)")
+    if int(every_n_epochs) < 1:
+        raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+    check_on_error(on_error)
+    if int(expensive_every_n_audits) < 1:
+        raise ValueError(f"expensive_every_n_audits must be >= 1, got {expensive_every_n_audits}")
+    if int(probe_size) < 1:
+        raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+    if image_colors is not None and not 2 <= int(image_colors) <= 256:
+        raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
 
 
-def _gather(trainer: Any, obj: Any) -> list[Any]:
-    _, world = _world(trainer)
-    if world == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(trainer: Any, obj: Any) -> Any:
-    _, world = _world(trainer)
-    if world == 1:
-        return obj
-    return trainer.strategy.broadcast(obj, src=0)
-
-
-@contextlib.contextmanager
-def _rank0_buffers(trainer: Any, module: nn.Module) -> Iterator[None]:
-    """Under DDP, audit every shard with rank 0's buffers (BatchNorm statistics, the model a checkpoint holds):
-    each rank updated its own in its last training step. The rank's own buffers are restored afterwards."""
-    _, world = _world(trainer)
-    buffers = list(module.buffers())
-    if world == 1 or not buffers or not torch.distributed.is_available() or \
-            not torch.distributed.is_initialized():
-        yield
-        return
-    with torch.inference_mode(False), torch.no_grad():
-        saved = [b.detach().clone() for b in buffers]
-        for b in buffers:
-            torch.distributed.broadcast(b, src=0)
+def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> Any:
+    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit) and
+    resolve the CAM methods' target layer."""
+    example = probe.inputs[:2].to(pl_module.device)
+    param = next(pl_module.parameters(), None)
+    if param is not None and param.is_floating_point() and example.is_floating_point():
+        example = example.to(param.dtype)
     try:
-        yield
-    finally:
-        with torch.inference_mode(False), torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+        with _eager(), SideEffectGuard(pl_module), torch.no_grad():
+            logits = pl_module(example)
+    except Exception as e:
+        raise ValueError(f"the probe's inputs {tuple(probe.inputs.shape)} do not fit the model "
+                         f"({type(e).__name__}: {e}). Build the probe from the data the model trains on, "
+                         f"e.g. ProbeSet.from_dataset(val_set)") from e
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise ValueError("SaliencyMonitor needs the model's forward to return logits [N, num_classes], got "
+                         f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}; wrap the model so "
+                         "that forward(x) returns class scores")
+    if int(probe.targets.max()) >= logits.shape[1]:
+        raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
+                         f"classes; build the probe from the model's own dataset")
+    from .layers import resolve_layer
+
+    try:
+        return resolve_layer(pl_module, layer, example_input=example)
+    except ValueError as e:
+        raise ValueError(f"SaliencyMonitor(layer={layer!r}): {e}") from e
+
+
+def _probe_from_data(trainer: Any, pl_module: Any, size: int, seed: int) -> ProbeSet:
+    """A probe drawn from the running stage's evaluation data (else the datamodule's or model's validation)."""
+    source = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else pl_module
+    try:
+        evaluation = _eval_source(trainer)
+        loader = evaluation.dataloader() if evaluation is not None else source.val_dataloader()
+        if isinstance(loader, dict):  # several evaluation loaders: the first one
+            loader = next(iter(loader.values()))
+        elif isinstance(loader, (list, tuple)):
+            loader = loader[0]
+    except Exception as e:
+        raise ValueError("SaliencyMonitor could not draw a probe from val_dataloader() "
+                         f"({type(e).__name__}: {e}); pass probe=ProbeSet.from_dataset(...)") from e
+    return ProbeSet.from_dataloader(loader, size=size, seed=seed)
+
+
+def _final_epoch(trainer: Any) -> bool:
+    """Whether the epoch ending now is the fit's last one, as far as can be told before it ends."""
+    if getattr(trainer, "should_stop", False):
+        return True
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    max_steps = getattr(trainer, "max_steps", -1)
+    return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
+
+
+def _on_device(shard: ProbeSet, pl_module: Any, moved: tuple[Any, ProbeSet] | None) -> tuple[Any, ProbeSet]:
+    """``((device, dtype), shard)`` with the shard on the module's device and floating dtype; ``moved`` (the
+    previous answer) is reused while the module stays where it was."""
+    device = pl_module.device
+    param = next(pl_module.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    if moved is not None and moved[0] == (device, dtype):  # moved once, reused audit after audit
+        return moved
+    out = shard.to(device)
+    if dtype is not None and dtype != out.inputs.dtype:
+        out = ProbeSet(out.inputs.to(dtype), out.targets, out.groups, out.object_masks,
+                       out.spurious_masks, indices=out.indices)  # positions pick the metric subsets
+    return (device, dtype), out
 
 
 class SaliencyMonitor(_Base):
@@ -201,16 +236,7 @@ class SaliencyMonitor(_Base):
         expensive_images: int | None = 16,
         seed: int = 0,
     ) -> None:
-        if probe is not None and not isinstance(probe, ProbeSet):
-            raise TypeError(f"probe must be a lightning_saliency.ProbeSet (or None to draw one from the validation "
-                            f"data), got {type(probe).__name__}; build one with ProbeSet.from_dataset(...)")
-        if int(every_n_epochs) < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        check_on_error(on_error)
-        if int(expensive_every_n_audits) < 1:
-            raise ValueError(f"expensive_every_n_audits must be >= 1, got {expensive_every_n_audits}")
-        if int(probe_size) < 1:
-            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+        _check_arguments(probe, every_n_epochs, on_error, expensive_every_n_audits, probe_size, image_colors)
         self.probe = probe
         self.layer = layer
         self.every_n_epochs = int(every_n_epochs)
@@ -223,8 +249,6 @@ class SaliencyMonitor(_Base):
         self.save_maps = bool(save_maps)
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap = cmap
-        if image_colors is not None and not 2 <= int(image_colors) <= 256:
-            raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
         self.image_colors = None if image_colors is None else int(image_colors)
         # validated now: an unknown method or metric is a configuration error, not a mid-training surprise
         self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
@@ -237,15 +261,14 @@ class SaliencyMonitor(_Base):
         self._prepared_for: tuple[int, int] | None = None
         self._shard: ProbeSet | None = None
         self._moved: tuple[Any, ProbeSet] | None = None  # the shard on the module's device and dtype
-        self._display: Any = None  # the probe images shown under the overlays, uint8 [n, H, W, 3]
         self._prev_maps: dict[str, torch.Tensor] | None = None
         self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
         self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
         self._prev_ranks_used: dict[str, torch.Tensor] | None = None
         self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last audit this process made
-        self._report: AuditReport | None = None
-        self._sinks: list[Any] = []
-        self._warned = False
+        # report.json, maps files, dashboards: written by the recorder, on rank 0
+        self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images,
+                                  class_names=self.class_names, cmap=cmap, image_colors=self.image_colors)
 
     # -- identity and state ------------------------------------------------------------------------------------
     @property
@@ -300,7 +323,7 @@ class SaliencyMonitor(_Base):
             return
         if self.probe is None:
             with torch.inference_mode(False):  # validate/test get here under inference mode: no inference tensors
-                self.probe = self._probe_from_data(trainer, pl_module)
+                self.probe = _probe_from_data(trainer, pl_module, self.probe_size, self.probe_seed)
         probe = self.probe
         if self._loaded_fingerprint is not None and self._loaded_fingerprint != probe.fingerprint:
             if not self.allow_probe_change:
@@ -309,106 +332,20 @@ class SaliencyMonitor(_Base):
                     f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
                     "be comparable. Resume with the same probe, or pass allow_probe_change=True")
             self.history = []
-        device = pl_module.device
-        example = probe.inputs[:2].to(device)
-        param = next(pl_module.parameters(), None)
-        if param is not None and param.is_floating_point() and example.is_floating_point():
-            example = example.to(param.dtype)
-        # the probe must fit the model: one guarded forward, here rather than at the first audit
-        try:
-            with _eager(), SideEffectGuard(pl_module), torch.no_grad():
-                logits = pl_module(example)
-        except Exception as e:
-            raise ValueError(f"the probe's inputs {tuple(probe.inputs.shape)} do not fit the model "
-                             f"({type(e).__name__}: {e}). Build the probe from the data the model trains on, "
-                             f"e.g. ProbeSet.from_dataset(val_set)") from e
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise ValueError("SaliencyMonitor needs the model's forward to return logits [N, num_classes], got "
-                             f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}; wrap the model so "
-                             "that forward(x) returns class scores")
-        if int(probe.targets.max()) >= logits.shape[1]:
-            raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
-                             f"classes; build the probe from the model's own dataset")
-        from .layers import resolve_layer
-
-        try:
-            target = resolve_layer(pl_module, self.layer, example_input=example)
-        except ValueError as e:
-            raise ValueError(f"SaliencyMonitor(layer={self.layer!r}): {e}") from e
+        target = _target_layer(pl_module, probe, self.layer)
         self.spec.layer = target
         self.layer_name = target.name
         rank, world = _world(trainer)
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)
         self._moved = None
-        self._display = None
         self._prepared_for = (id(trainer), id(pl_module))
         self._prev_maps = None
         self._prev_ranks = None
-        # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank asks, here
-        self._log_dir = self._run_dir(trainer)
-        self._directory = str(self.dirpath) if self.dirpath else os.path.join(self._log_dir, "saliency")
-        if rank == 0:
-            self._open_report(trainer, pl_module)
-
-    def _probe_from_data(self, trainer: Any, pl_module: Any) -> ProbeSet:
-        source = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else pl_module
-        try:
-            evaluation = _eval_source(trainer)
-            loader = evaluation.dataloader() if evaluation is not None else source.val_dataloader()
-            if isinstance(loader, dict):  # several evaluation loaders: the first one
-                loader = next(iter(loader.values()))
-            elif isinstance(loader, (list, tuple)):
-                loader = loader[0]
-        except Exception as e:
-            raise ValueError("SaliencyMonitor could not draw a probe from val_dataloader() "
-                             f"({type(e).__name__}: {e}); pass probe=ProbeSet.from_dataset(...)") from e
-        return ProbeSet.from_dataloader(loader, size=self.probe_size, seed=self.probe_seed)
-
-    @staticmethod
-    def _run_dir(trainer: Any) -> str:
-        """The run's own folder: the first logger's ``log_dir`` (TensorBoard, CSV); for loggers without one
-        (W&B) ``<save_dir>/<name>/<version>`` as checkpoints use, so that runs never share a report."""
-        root = trainer.log_dir or trainer.default_root_dir
-        loggers = list(getattr(trainer, "loggers", []) or [])
-        if loggers and getattr(loggers[0], "log_dir", None) is None and loggers[0].save_dir:
-            path = None
-            if _world(trainer)[0] == 0:
-                logger = loggers[0]
-                version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-                path = os.path.join(str(logger.save_dir), str(logger.name), version)
-            root = _broadcast(trainer, path)
-        return str(root)
-
-    def _open_report(self, trainer: Any, pl_module: Any) -> None:
-        from .files import remove_leftovers
-        from .sinks import sinks_for_loggers
-
-        directory = self._directory
-        os.makedirs(directory, exist_ok=True)
-        for folder in (directory, os.path.join(directory, "maps")):  # what a killed run left half-written
-            remove_leftovers(folder)
-        report = AuditReport(os.path.join(directory, "report.json"))
-        if os.path.exists(report.path):
-            with contextlib.suppress(Exception):
-                report = AuditReport.load(report.path)
-        report.set_header(
-            run={"log_dir": self._log_dir, "model": type(pl_module).__name__,
-                 "torch": torch.__version__, "lightning": pl.__version__, "precision": str(trainer.precision),
-                 "world_size": _world(trainer)[1]},
-            probe=probe_info(self.probe),
-            config={"methods": list(self.spec.methods), "layer": self.layer_name, "metrics": list(self.spec.metrics),
-                    "every_n_epochs": self.every_n_epochs},
-        )
-        if self.history:  # resumed: the checkpoint's audits are the truth, later ones are replaced
-            report.truncate_after(self.history[-1]["epoch"])
-            for record in self.history:
-                report.append_audit(record)
-        if self.save_maps:
-            save_probe_thumbnails(directory, self.probe)
-        report.write()
-        self._report = report
-        self._sinks = sinks_for_loggers(list(trainer.loggers), directory)
+        # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank opens, here
+        self._recorder.open(trainer, pl_module, probe, history=self.history, config={
+            "methods": list(self.spec.methods), "layer": self.layer_name, "metrics": list(self.spec.metrics),
+            "every_n_epochs": self.every_n_epochs})
 
     # -- when to audit ------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -416,7 +353,7 @@ class SaliencyMonitor(_Base):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.audit(trainer, pl_module, epoch=trainer.current_epoch,
-                       periodic=len(self.history) % self.expensive_every_n_audits == 0 or self._final_epoch(trainer))
+                       periodic=len(self.history) % self.expensive_every_n_audits == 0 or _final_epoch(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = max(int(trainer.current_epoch) - 1, 0)
@@ -429,21 +366,11 @@ class SaliencyMonitor(_Base):
                 # audit, made in this fit, gets the periodic metrics it skipped, from the same weights and the same
                 # previous maps
                 self._complete(trainer, pl_module)
-        self._flush()
+        self._recorder.flush()
 
     def _lacks_periodic(self, record: dict[str, Any]) -> bool:
         wanted = set(PERIODIC_METRICS) & set(self.spec.metrics)
         return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
-
-    def _final_epoch(self, trainer: Any) -> bool:
-        """Whether the epoch ending now is the fit's last one, as far as can be told before it ends."""
-        if getattr(trainer, "should_stop", False):
-            return True
-        max_epochs = getattr(trainer, "max_epochs", None)
-        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-            return True
-        max_steps = getattr(trainer, "max_steps", -1)
-        return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
         last = self.history[-1]
@@ -454,21 +381,14 @@ class SaliencyMonitor(_Base):
         finally:
             self._prev_maps, self._prev_ranks = current
 
-    def _flush(self) -> None:
-        """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule
-        (TensorBoard: its writer thread, every ``flush_secs``), off the training thread."""
-        for sink in self._sinks:
-            with contextlib.suppress(Exception):
-                sink.flush()
-
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
             self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
-            self._flush()
+            self._recorder.flush()
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
-        self._flush()
+        self._recorder.flush()
 
     # -- one audit ----------------------------------------------------------------------------------------------
     def audit(self, trainer: Any, pl_module: Any, epoch: int, periodic: bool = True,
@@ -490,7 +410,10 @@ class SaliencyMonitor(_Base):
         gathered = _gather(trainer, result)
         record = None
         if rank == 0:
-            record = self._record_and_log(trainer, merge(gathered), epoch, started, images=_completing is None)
+            merged = merge(gathered)
+            metrics = summarize(merged, self.probe, self.spec) if merged.maps else {}
+            record = self._recorder.record(trainer, merged, metrics, self.probe, epoch, started,
+                                           images=_completing is None)
         record = _broadcast(trainer, record)
         self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
         self._last_audit = (id(trainer), int(record["epoch"]))
@@ -507,15 +430,7 @@ class SaliencyMonitor(_Base):
         indices = torch.as_tensor(indices) if indices is not None else torch.arange(len(shard))
         if len(shard) == 0:
             return ShardResult(indices=indices, predictions=torch.zeros(0, dtype=torch.long))
-        device = pl_module.device
-        param = next(pl_module.parameters(), None)
-        dtype = param.dtype if param is not None and param.is_floating_point() else None
-        if self._moved is None or self._moved[0] != (device, dtype):  # moved once, reused audit after audit
-            moved = shard.to(device)
-            if dtype is not None and dtype != moved.inputs.dtype:
-                moved = ProbeSet(moved.inputs.to(dtype), moved.targets, moved.groups, moved.object_masks,
-                                 moved.spurious_masks, indices=moved.indices)  # positions pick the metric subsets
-            self._moved = ((device, dtype), moved)
+        self._moved = _on_device(shard, pl_module, self._moved)
         moved = self._moved[1]
         try:
             with _eager(), SideEffectGuard(pl_module):
@@ -533,102 +448,6 @@ class SaliencyMonitor(_Base):
         result.indices = indices
         return result
 
-    def _record_and_log(self, trainer: Any, result: ShardResult, epoch: int, started: float,
-                        images: bool = True) -> dict[str, Any]:
-        probe = self.probe
-        assert probe is not None
-        metrics = summarize(result, probe, self.spec) if result.maps else {}
-        record: dict[str, Any] = {
-            "epoch": int(epoch), "global_step": int(trainer.global_step),
-            "duration_s": round(time.perf_counter() - started, 4),
-            "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
-        }
-        report = self._report
-        directory = self._directory
-        if result.maps and self.save_maps:
-            try:
-                record["maps"] = save_maps(directory, epoch, result.maps, result.predictions)
-            except Exception as e:  # disk trouble must not kill training
-                record["errors"].append(error_record(e, method=None))
-        if report is not None:
-            record = report.append_audit(record)
-            report.write()
-        step = int(trainer.global_step)
-        finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        overlays = []
-        if result.maps and self.log_images > 0 and self._sinks and images:
-            from .render import Picture, grid
-
-            # drawn and encoded once per audit, whatever the number of sinks
-            overlays = [(method, images, captions, Picture(grid(images, captions), colors=self.image_colors))
-                        for method, images, captions in self._overlays(result)]
-        logging_errors = len(record["errors"])
-        table = self._table(result) if overlays else None
-        for sink in self._sinks:
-            try:
-                sink.log_metrics(finite, step)
-                for method, images, captions, picture in overlays:
-                    sink.log_overlays(method, images, captions, step, epoch=epoch, picture=picture)
-                if table is not None:
-                    sink.log_table("saliency/probe", *table, step)
-                sink.summary(finite)
-            except Exception as e:
-                record["errors"].append(error_record(e, method=None))
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(f"lightning-saliency: logging to {type(sink).__name__} failed ({e}); the report "
-                                  "on disk is complete", RuntimeWarning, stacklevel=2)
-        if report is not None and len(record["errors"]) > logging_errors:  # keep the logging failure on disk too
-            record = report.append_audit(record)
-            report.write()
-        if result.errors and not self._warned:
-            self._warned = True
-        return dict(record)
-
-    def _caption(self, i: int, prediction: int) -> str:
-        probe = self.probe
-        assert probe is not None
-        def name(k: int) -> str:
-            return self.class_names[k] if self.class_names and 0 <= k < len(self.class_names) else str(k)
-
-        parts = [name(int(probe.targets[i])), name(int(prediction))]
-        if probe.groups is not None:
-            parts.append(str(probe.groups[i]))
-        return " / ".join(parts)
-
-    def _overlays(self, result: ShardResult) -> Iterator[tuple[str, list[Any], list[str]]]:
-        import numpy as np
-
-        from .render import overlays, to_image
-
-        probe = self.probe
-        assert probe is not None
-        n = min(self.log_images, len(probe))
-        # small inputs (CIFAR-sized) are blended at their own size, then enlarged with pixels kept sharp, so
-        # overlays and captions stay legible; blocks of equal pixels also keep the PNG small (3x smaller here)
-        scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
-        if self._display is None or len(self._display) != n:  # the probe is fixed: converted once
-            self._display = np.stack([to_image(probe.inputs[i].float()) for i in range(n)])
-        captions = [self._caption(i, int(result.predictions[i])) for i in range(n)]
-        for method, maps in result.maps.items():
-            shown = normalize(maps[:n].abs() if method in SIGNED_METHODS else maps[:n])
-            tiles = overlays(self._display, shown.numpy(), cmap=self.cmap)
-            if scale > 1:
-                tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
-            yield method, list(tiles), captions
-
-    def _table(self, result: ShardResult) -> tuple[list[str], list[list[Any]]]:
-        """One row per probe image: index, label, prediction, group and its per-image metric values."""
-        probe = self.probe
-        assert probe is not None
-        keys = sorted(result.per_image)
-        values = [result.per_image[k].tolist() for k in keys]
-        labels, predictions = probe.targets.tolist(), result.predictions.tolist()
-        groups = probe.groups if probe.groups is not None else [""] * len(probe)
-        rows = [[i, labels[i], predictions[i], str(groups[i]), *(column[i] for column in values)]
-                for i in range(len(probe))]
-        return ["index", "label", "prediction", "group", *keys], rows
-
     # -- alarms -------------------------------------------------------------------------------------------------
     def _register(self, alarm: ShortcutAlarm) -> None:
         if alarm not in self._alarms:
@@ -636,18 +455,8 @@ class SaliencyMonitor(_Base):
 
     def record_alarm(self, trainer: Any, firing: dict[str, Any]) -> None:
         """Write an alarm firing into the report and onto the dashboards (rank 0 only)."""
-        if _world(trainer)[0] != 0:
-            return
-        if self._report is not None:
-            self._report.append_alarm(firing)
-            self._report.write()
-        text = (f"{firing['name']}: {firing['metric']} = {firing['value']:.4g} "
-                f"{'>' if firing['mode'] == 'max' else '<'} {firing['threshold']:.4g} at epoch {firing['epoch']} "
-                f"(action: {firing['action']})")
-        for sink in self._sinks:
-            with contextlib.suppress(Exception):
-                sink.log_text("saliency/alarms", text, int(firing["global_step"]))
-                sink.alert("lightning-saliency alarm", text)
+        if _world(trainer)[0] == 0:
+            self._recorder.record_alarm(firing)
 
 
 class ShortcutAlarm(_Base):
@@ -769,33 +578,3 @@ class ShortcutAlarm(_Base):
             message += "; stopping training"
         if _world(trainer)[0] == 0:
             warnings.warn(message, UserWarning, stacklevel=2)
-
-
-def _overrides(module: Any, name: str) -> bool:
-    fn = getattr(type(module), name, None)
-    bases = [getattr(pl.LightningModule, name, None)]
-    with contextlib.suppress(ImportError):  # a lightning.pytorch module inherits that distribution's default hook
-        import lightning.pytorch as lpt
-
-        bases.append(getattr(lpt.LightningModule, name, None))
-    return fn is not None and all(fn is not base for base in bases)
-
-
-def _eval_source(trainer: Any) -> Any:
-    """Where the running stage's evaluation data comes from, as Lightning recorded it: loaders passed to
-    ``fit(val_dataloaders=...)``, ``validate(dataloaders=...)`` or ``test(dataloaders=...)``, a datamodule or the
-    model. ``None`` when there is none or when this Lightning version keeps it elsewhere (a private attribute)."""
-    try:
-        stage = _stage(trainer)
-        loop = {"fit": lambda: trainer.fit_loop.epoch_loop.val_loop, "validate": lambda: trainer.validate_loop,
-                "test": lambda: trainer.test_loop}[stage]()
-        source = loop._data_source
-        return source if source.instance is not None and source.is_defined() else None
-    except Exception:
-        return None
-
-
-def _stage(trainer: Any) -> str:
-    fn = getattr(getattr(trainer, "state", None), "fn", None)
-    return str(getattr(fn, "value", fn))
-

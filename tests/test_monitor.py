@@ -67,16 +67,64 @@ def test_audits_every_n_epochs_and_at_fit_end_never_in_sanity_check(tmp_path):
     assert maps["gradcam"].shape == (8, 16, 16) and maps["predictions"].shape == (8,)
 
 
+def _hooks(net: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
+    return {n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
+            for n, m in net.named_modules()}
+
+
+def _flags(net: torch.nn.Module) -> dict[str, object]:
+    """Every module's train/eval flag, every parameter's requires_grad and .grad (None or a copy)."""
+    out: dict[str, object] = {f"training/{n}": m.training for n, m in net.named_modules()}
+    for n, p in net.named_parameters():
+        out[f"requires_grad/{n}"] = p.requires_grad
+        out[f"grad/{n}"] = None if p.grad is None else p.grad.detach().clone()
+    return out
+
+
+def _assert_same_flags(before: dict[str, object], after: dict[str, object]) -> None:
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(after[key], torch.Tensor) and torch.equal(value, after[key]), key
+        else:
+            assert after[key] == value, (key, value, after[key])
+
+
+def _unusual(net: torch.nn.Module) -> torch.nn.Module:
+    """A frozen first convolution and a BatchNorm kept in eval mode: flags the audit must not reset."""
+    for p in net.features[0].parameters():
+        p.requires_grad_(False)
+    net.features[1].eval()
+    return net
+
+
 def test_no_hooks_remain_and_flags_restored(tmp_path):
+    """After a fit with the monitor, every module's training flag, every parameter's requires_grad and .grad
+    are those of the same fit without it; an audit by hand leaves an arbitrary state exactly as it was."""
+    reference = _unusual(U.model())
+    U.fit([], tmp_path / "reference", max_epochs=2, net=reference)
     monitor = _cheap()
-    net = U.model()
-    hooks_before = {n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
-                    for n, m in net.named_modules()}
-    U.fit([monitor], tmp_path, max_epochs=2, net=net)
-    hooks_after = {n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
-                   for n, m in net.named_modules()}
-    assert hooks_before == hooks_after
-    assert all(p.requires_grad for p in net.parameters())
+    net = _unusual(U.model())
+    hooks_before = _hooks(net)
+    trainer, _ = U.fit([monitor], tmp_path / "monitored", max_epochs=2, net=net)
+    assert len(monitor.history) == 2, "the monitor must actually have audited"
+    assert _hooks(net) == hooks_before
+    flags = _flags(net)
+    assert flags["requires_grad/features.0.weight"] is False and flags["grad/features.0.weight"] is None
+    _assert_same_flags(_flags(reference), flags)
+
+    # by hand, from a state no training loop leaves: mixed modes, some gradients None, others arbitrary
+    net.train()
+    net.features[1].eval()
+    net.dropout.eval()
+    net.fc.weight.requires_grad_(False)
+    net.fc.weight.grad = None
+    net.features[4].weight.grad = torch.randn_like(net.features[4].weight)
+    before = _flags(net)
+    record = monitor.audit(trainer, net, epoch=7)
+    assert not record["errors"] and record["metrics"]["gradcam/spurious_mass"] is not None
+    _assert_same_flags(before, _flags(net))
+    assert _hooks(net) == hooks_before
 
 
 def test_trainer_validate_and_test_audit_under_inference_mode(tmp_path):
@@ -353,14 +401,14 @@ def test_an_unforeseen_last_audit_is_completed_at_fit_end(tmp_path):
     alarm = ShortcutAlarm(metric="gradcam/spurious_mass", threshold=-1.0, patience=2, action="stop")
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     seen: list[dict] = []
-    original = monitor._record_and_log
+    original = monitor._recorder.record
 
     def spy(*args, **kwargs):
         record = original(*args, **kwargs)
         seen.append(record)
         return record
 
-    monitor._record_and_log = spy
+    monitor._recorder.record = spy
     with pytest.warns(UserWarning, match="stopping training"):
         trainer, _ = U.fit([monitor, alarm], tmp_path, max_epochs=6, logger=logger)
     audits = _report(trainer)["audits"]

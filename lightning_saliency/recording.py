@@ -1,0 +1,257 @@
+"""What :class:`~lightning_saliency.SaliencyMonitor` leaves behind after each audit: ``report.json``, the maps
+files and probe thumbnails on disk, and scalars, overlay grids, captions and a per-image table on every logger.
+
+One :class:`Recorder` per monitor holds the open report, the sinks (one per logger of the trainer) and the probe
+images shown under the overlays (converted once). The monitor decides when to audit and computes the numbers; the
+recorder only writes them, on rank 0 (under DDP the other ranks call :meth:`Recorder.open` for its collective
+path lookup and nothing else). Writing never kills training: a disk or dashboard failure becomes an error in the
+record, and one warning.
+
+Example:
+    >>> recorder = Recorder(log_images=4, cmap="viridis")
+    >>> recorder.report is None, recorder.sinks
+    (True, [])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from .audit import SIGNED_METHODS, ShardResult
+from .distributed import broadcast, world
+from .maps import normalize
+from .probe import ProbeSet
+from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
+
+__all__ = ["Recorder", "run_dir"]
+
+_MIN_TILE = 96  # smallest side, in pixels, of an overlay on the dashboard
+
+
+def run_dir(trainer: Any) -> str:
+    """The run's own folder: the first logger's ``log_dir`` (TensorBoard, CSV); for loggers without one
+    (W&B) ``<save_dir>/<name>/<version>`` as checkpoints use, so that runs never share a report.
+
+    ``trainer.log_dir`` is a collective under DDP (it broadcasts rank 0's path): every rank must call this.
+
+    Example:
+        >>> class Trainer:  # no logger
+        ...     log_dir, default_root_dir, loggers = None, "runs", []
+        >>> run_dir(Trainer())
+        'runs'
+    """
+    root = trainer.log_dir or trainer.default_root_dir
+    loggers = list(getattr(trainer, "loggers", []) or [])
+    if loggers and getattr(loggers[0], "log_dir", None) is None and loggers[0].save_dir:
+        path = None
+        if world(trainer)[0] == 0:
+            logger = loggers[0]
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            path = os.path.join(str(logger.save_dir), str(logger.name), version)
+        root = broadcast(trainer, path)
+    return str(root)
+
+
+class Recorder:
+    """Writes the monitor's audits: the report and maps on disk, scalars and pictures on the dashboards.
+
+    Args:
+        dirpath: where ``report.json``, maps and PNG grids go (default ``<run dir>/saliency``).
+        save_maps: keep downsampled float16 maps of every audit under ``<dirpath>/maps``, and probe thumbnails.
+        log_images: overlays logged per method and audit (0 disables images).
+        class_names: names for captions (default: class indices).
+        cmap: colormap of the overlays.
+        image_colors: colours of the overlay grids' PNG palette (``None``: full colour).
+
+    Example:
+        >>> Recorder(class_names=["cat", "dog"]).class_names
+        ['cat', 'dog']
+    """
+
+    def __init__(self, dirpath: str | None = None, save_maps: bool = True, log_images: int = 16,
+                 class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256) -> None:
+        self.dirpath, self.save_maps, self.log_images = dirpath, bool(save_maps), int(log_images)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.cmap, self.image_colors = cmap, image_colors
+        self.log_dir: str | None = None
+        self.directory: str | None = None
+        self.report: AuditReport | None = None
+        self.sinks: list[Any] = []
+        self.display: Any = None  # the probe images shown under the overlays, uint8 [n, H, W, 3]
+        self.warned = False  # one warning per monitor for a failing sink or audit
+
+    # -- one run ------------------------------------------------------------------------------------------------
+    def open(self, trainer: Any, pl_module: Any, probe: ProbeSet, config: dict[str, Any],
+             history: Sequence[dict[str, Any]]) -> None:
+        """Find the run's folder (on every rank) and, on rank 0, open its report and one sink per logger.
+
+        ``config`` goes into the report's header; ``history`` (audits restored from a checkpoint) replaces what
+        the report holds after its last epoch.
+        """
+        self.display = None
+        self.log_dir = run_dir(trainer)
+        self.directory = str(self.dirpath) if self.dirpath else os.path.join(self.log_dir, "saliency")
+        if world(trainer)[0] == 0:
+            self._open_report(trainer, pl_module, probe, config, history)
+
+    def _open_report(self, trainer: Any, pl_module: Any, probe: ProbeSet, config: dict[str, Any],
+                     history: Sequence[dict[str, Any]]) -> None:
+        from .files import remove_leftovers
+        from .sinks import sinks_for_loggers
+
+        directory = self.directory
+        assert directory is not None
+        os.makedirs(directory, exist_ok=True)
+        for folder in (directory, os.path.join(directory, "maps")):  # what a killed run left half-written
+            remove_leftovers(folder)
+        report = AuditReport(os.path.join(directory, "report.json"))
+        if os.path.exists(report.path):
+            with contextlib.suppress(Exception):
+                report = AuditReport.load(report.path)
+        report.set_header(
+            run={"log_dir": self.log_dir, "model": type(pl_module).__name__,
+                 "torch": torch.__version__, "lightning": pl.__version__, "precision": str(trainer.precision),
+                 "world_size": world(trainer)[1]},
+            probe=probe_info(probe),
+            config=dict(config),
+        )
+        if history:  # resumed: the checkpoint's audits are the truth, later ones are replaced
+            report.truncate_after(history[-1]["epoch"])
+            for record in history:
+                report.append_audit(record)
+        if self.save_maps:
+            save_probe_thumbnails(directory, probe)
+        report.write()
+        self.report = report
+        self.sinks = sinks_for_loggers(list(trainer.loggers), directory)
+
+    # -- one audit ----------------------------------------------------------------------------------------------
+    def record(self, trainer: Any, result: ShardResult, metrics: dict[str, Any], probe: ProbeSet, epoch: int,
+               started: float, images: bool = True) -> dict[str, Any]:
+        """Build the audit's record, write it (report, maps) and log it (scalars, overlays, table); rank 0 only.
+
+        ``result`` is the merged audit, ``metrics`` its summary; ``images=False`` logs no pictures (an audit
+        being completed was already drawn).
+        """
+        record: dict[str, Any] = {
+            "epoch": int(epoch), "global_step": int(trainer.global_step),
+            "duration_s": round(time.perf_counter() - started, 4),
+            "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
+        }
+        report = self.report
+        if result.maps and self.save_maps:
+            try:
+                record["maps"] = save_maps(self.directory, epoch, result.maps, result.predictions)
+            except Exception as e:  # disk trouble must not kill training
+                record["errors"].append(error_record(e, method=None))
+        if report is not None:
+            record = report.append_audit(record)
+            report.write()
+        step = int(trainer.global_step)
+        finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        overlays = []
+        if result.maps and self.log_images > 0 and self.sinks and images:
+            from .render import Picture, grid
+
+            # drawn and encoded once per audit, whatever the number of sinks
+            overlays = [(method, tiles, captions, Picture(grid(tiles, captions), colors=self.image_colors))
+                        for method, tiles, captions in self.overlays(result, probe)]
+        logging_errors = len(record["errors"])
+        table = self.table(result, probe) if overlays else None
+        for sink in self.sinks:
+            try:
+                sink.log_metrics(finite, step)
+                for method, tiles, captions, picture in overlays:
+                    sink.log_overlays(method, tiles, captions, step, epoch=epoch, picture=picture)
+                if table is not None:
+                    sink.log_table("saliency/probe", *table, step)
+                sink.summary(finite)
+            except Exception as e:
+                record["errors"].append(error_record(e, method=None))
+                if not self.warned:
+                    self.warned = True
+                    warnings.warn(f"lightning-saliency: logging to {type(sink).__name__} failed ({e}); the report "
+                                  "on disk is complete", RuntimeWarning, stacklevel=2)
+        if report is not None and len(record["errors"]) > logging_errors:  # keep the logging failure on disk too
+            record = report.append_audit(record)
+            report.write()
+        if result.errors and not self.warned:
+            self.warned = True
+        return dict(record)
+
+    def caption(self, probe: ProbeSet, i: int, prediction: int) -> str:
+        """``"<label> / <prediction>[ / <group>]"`` of probe image ``i``, with class names when given.
+
+        Example:
+            >>> probe = ProbeSet(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), groups=["a", "b"])
+            >>> Recorder(class_names=["cat", "dog"]).caption(probe, 1, 0)
+            'dog / cat / b'
+        """
+        def name(k: int) -> str:
+            return self.class_names[k] if self.class_names and 0 <= k < len(self.class_names) else str(k)
+
+        parts = [name(int(probe.targets[i])), name(int(prediction))]
+        if probe.groups is not None:
+            parts.append(str(probe.groups[i]))
+        return " / ".join(parts)
+
+    def overlays(self, result: ShardResult, probe: ProbeSet) -> Iterator[tuple[str, list[Any], list[str]]]:
+        """Per method: the first ``log_images`` overlays (uint8 ``[H, W, 3]`` each) and their captions."""
+        import numpy as np
+
+        from .render import overlays, to_image
+
+        n = min(self.log_images, len(probe))
+        # small inputs (CIFAR-sized) are blended at their own size, then enlarged with pixels kept sharp, so
+        # overlays and captions stay legible; blocks of equal pixels also keep the PNG small (3x smaller here)
+        scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
+        if self.display is None or len(self.display) != n:  # the probe is fixed: converted once
+            self.display = np.stack([to_image(probe.inputs[i].float()) for i in range(n)])
+        captions = [self.caption(probe, i, int(result.predictions[i])) for i in range(n)]
+        for method, maps in result.maps.items():
+            shown = normalize(maps[:n].abs() if method in SIGNED_METHODS else maps[:n])
+            tiles = overlays(self.display, shown.numpy(), cmap=self.cmap)
+            if scale > 1:
+                tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
+            yield method, list(tiles), captions
+
+    @staticmethod
+    def table(result: ShardResult, probe: ProbeSet) -> tuple[list[str], list[list[Any]]]:
+        """One row per probe image: index, label, prediction, group and its per-image metric values."""
+        keys = sorted(result.per_image)
+        values = [result.per_image[k].tolist() for k in keys]
+        labels, predictions = probe.targets.tolist(), result.predictions.tolist()
+        groups = probe.groups if probe.groups is not None else [""] * len(probe)
+        rows = [[i, labels[i], predictions[i], str(groups[i]), *(column[i] for column in values)]
+                for i in range(len(probe))]
+        return ["index", "label", "prediction", "group", *keys], rows
+
+    # -- alarms and the end of a run ----------------------------------------------------------------------------
+    def record_alarm(self, firing: dict[str, Any]) -> None:
+        """Write an alarm firing into the report and onto the dashboards (call on rank 0)."""
+        if self.report is not None:
+            self.report.append_alarm(firing)
+            self.report.write()
+        text = (f"{firing['name']}: {firing['metric']} = {firing['value']:.4g} "
+                f"{'>' if firing['mode'] == 'max' else '<'} {firing['threshold']:.4g} at epoch {firing['epoch']} "
+                f"(action: {firing['action']})")
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.log_text("saliency/alarms", text, int(firing["global_step"]))
+                sink.alert("lightning-saliency alarm", text)
+
+    def flush(self) -> None:
+        """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule
+        (TensorBoard: its writer thread, every ``flush_secs``), off the training thread."""
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.flush()
