@@ -2,7 +2,8 @@
 
 The public API (DESIGN §3): :func:`attribute` computes saliency maps, :class:`ProbeSet` is the fixed set of
 images an audit explains, :class:`SaliencyMonitor` and :class:`ShortcutAlarm` are the Lightning callbacks, and
-:mod:`lightning_saliency.metrics` scores maps.
+:mod:`lightning_saliency.metrics` scores maps; :func:`register_metric` adds a metric of yours (its rows:
+:class:`MetricSpec`).
 
 The names are imported on first use, so that ``lightning-saliency gate`` (which only reads a JSON report) does not
 pay for importing Lightning.
@@ -18,17 +19,21 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "attribute": "lightning_saliency.methods.engine",
     "METHODS": "lightning_saliency.methods.engine",
+    "MetricSpec": "lightning_saliency.metrics.registry",
+    "register_metric": "lightning_saliency.metrics.registry",
     "ProbeSet": "lightning_saliency.probe",
     "SaliencyMonitor": "lightning_saliency.callbacks",
     "ShortcutAlarm": "lightning_saliency.callbacks",
     "ShortcutDetected": "lightning_saliency.callbacks",
 }
 
-__all__ = ["METHODS", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute"]
+__all__ = ["METHODS", "MetricSpec", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute",
+           "register_metric"]
 
 if TYPE_CHECKING:
     from lightning_saliency.callbacks import SaliencyMonitor, ShortcutAlarm, ShortcutDetected
     from lightning_saliency.methods.engine import METHODS, attribute
+    from lightning_saliency.metrics.registry import MetricSpec, register_metric
     from lightning_saliency.probe import ProbeSet
 
 

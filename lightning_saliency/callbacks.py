@@ -35,7 +35,6 @@ from torch import nn
 
 from .audit import (
     DEFAULT_METRICS,
-    PERIODIC_METRICS,
     SIGNED_METHODS,
     AuditSpec,
     ShardResult,
@@ -45,6 +44,7 @@ from .audit import (
 )
 from .guard import SideEffectGuard
 from .maps import normalize
+from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
 
@@ -268,8 +268,8 @@ class SaliencyMonitor(_Base):
     def expected_keys(self) -> list[str]:
         """The ``<method>/<metric>`` keys this monitor can report (per-group keys add ``/<group>``)."""
         keys = [f"{m}/{k}" for m in self.spec.methods for k in self.spec.metrics]
-        keys += [f"{m}/{k}_random" for m in self.spec.methods for k in ("deletion_auc", "insertion_auc")
-                 if k in self.spec.metrics]
+        keys += [f"{m}/{k}{suffix}" for m in self.spec.methods for k in self.spec.metrics
+                 for suffix in metric_registry.get_metric(k).extra_keys]
         return keys + ["probe/accuracy"]
 
     @property
@@ -432,7 +432,7 @@ class SaliencyMonitor(_Base):
         self._flush()
 
     def _lacks_periodic(self, record: dict[str, Any]) -> bool:
-        wanted = set(PERIODIC_METRICS) & set(self.spec.metrics)
+        wanted = set(metric_registry.metric_names(periodic=True)) & set(self.spec.metrics)
         return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
     def _final_epoch(self, trainer: Any) -> bool:
@@ -658,7 +658,9 @@ class ShortcutAlarm(_Base):
         metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``.
         threshold: the limit.
         mode: ``"max"``: ``threshold`` is the largest acceptable value (fires when the metric is above it);
-            ``"min"``: the smallest acceptable value (fires when below).
+            ``"min"``: the smallest acceptable value (fires when below). ``None`` (default): from the metric
+            registry, ``"min"`` for a metric where higher is better, else ``"max"`` (a metric you register
+            must be registered before the alarm is made).
         patience: consecutive violating audits before it fires.
         action: ``"warn"`` (a warning, the report and the dashboard), ``"stop"`` (also ends training after this
             epoch, on every rank together) or ``"raise"`` (raises :class:`ShortcutDetected`).
@@ -675,12 +677,13 @@ class ShortcutAlarm(_Base):
         self,
         metric: str = "gradcam/spurious_mass",
         threshold: float = 0.35,
-        mode: Literal["max", "min"] = "max",
+        mode: Literal["max", "min"] | None = None,
         patience: int = 1,
         action: Literal["warn", "stop", "raise"] = "warn",
         min_audits: int = 1,
         name: str | None = None,
     ) -> None:
+        mode = metric_registry.alarm_mode(str(metric)) if mode is None else mode
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' (threshold is the largest acceptable value) or 'min', got {mode!r}")
         if action not in ("warn", "stop", "raise"):

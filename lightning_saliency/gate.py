@@ -340,6 +340,10 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
         msg += f" (it is recorded at epoch(s) {shown}; choose one with --epoch)"
     if hint:
         msg += f"; closest match: {hint!r}"
+    from .metrics.registry import missing_key_hint  # torch-free: the registry's name-level facts
+
+    if not elsewhere and missing_key_hint(key):
+        msg += f" ({missing_key_hint(key)})"
     if available:
         shown = available[:60]
         more = f" ... and {len(available) - 60} more" if len(available) > 60 else ""

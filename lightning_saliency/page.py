@@ -55,8 +55,6 @@ MAX_POINTS = 300
 MAX_SERIES = 200
 MAX_ROWS = 200
 MAX_METHODS = 24
-CHART_ORDER = ("spurious_mass", "object_mass", "attention_disparity", "pointing_game", "group_divergence",
-               "stability", "drift")
 MAX_TEXT = 2000
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -474,9 +472,13 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
     def has_alarm(item: tuple[str, list[str]]) -> bool:
         return any(a == k or a.startswith(k + "/") for k in item[1] for a in alarmed)
 
-    # charts watched by an alarm first, then the headline metrics, then the rest by name
+    # charts watched by an alarm first, then the metrics in the registry's order, then the rest by name
+    from .metrics.registry import metric_names
+
+    chart_order = metric_names()
+
     def rank(item: tuple[str, list[str]]) -> tuple[bool, int]:
-        order = CHART_ORDER.index(item[0]) if item[0] in CHART_ORDER else len(CHART_ORDER)
+        order = chart_order.index(item[0]) if item[0] in chart_order else len(chart_order)
         return not has_alarm(item), order
 
     by_metric = OrderedDict(sorted(by_metric.items(), key=rank))
