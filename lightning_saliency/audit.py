@@ -260,17 +260,17 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
                        signed=frozenset(SIGNED_METHODS), previous_maps=previous_maps, previous_ranks=previous_ranks)
     have = {"object_masks": probe.object_masks is not None, "spurious_masks": probe.spurious_masks is not None}
     wanted = set(spec.metrics)
-    for row in specs():
+    for row in specs():  # the per-image rows of the metric registry, each for every method it applies to
+        rows = where[row.images]
         if row.name not in wanted or row.compute is None or (row.periodic and not expensive) \
-                or any(not have[k] for k in row.needs if k in have) or (where[row.images] is not None
-                                                                        and not len(where[row.images])):
+                or any(not have[k] for k in row.needs if k in have) or (rows is not None and not len(rows)):
             continue
         scored = [m for m in methods if "signed" not in row.needs or m in SIGNED_METHODS]
         for group in ([tuple(scored)] if row.one_pass and scored else [(m,) for m in scored]):
             keys = {m + suffix: f"{m}/{row.name}{suffix}" for m in group for suffix in ("", *row.extra_keys)}
             try:
                 for key, values in row.compute(ctx, group).items():
-                    per_image[keys[key]] = _padded(values, n, where[row.images])
+                    per_image[keys[key]] = _padded(values, n, rows)
             except Exception as e:
                 method = None if row.one_pass else group[0]
                 fail(e, method, f"metric {row.name!r}" + (f" of {method!r}" if method else ""))
@@ -325,9 +325,9 @@ def _nanmean(v: Tensor) -> float:
 def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str, float]:
     """Reduce a (merged) result over the whole probe into the report's metric dict.
 
-    Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the
-    mask-based metrics), ``<method>/attention_disparity``, ``<method>/group_divergence``, ``probe/accuracy``,
-    ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
+    Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the rows
+    reported ``per_group``), the probe-level rows' values (their ``summary``: ``attention_disparity``,
+    ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
     """
     out: dict[str, float] = {}
     groups = probe.groups
