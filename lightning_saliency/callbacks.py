@@ -143,9 +143,9 @@ class SaliencyMonitor(_Base):
             :data:`lightning_saliency.methods.engine.METHODS`.
         layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
         every_n_epochs: audit every n-th training epoch.
-        metrics: metric names (see :mod:`lightning_saliency.audit`); default: the cheap ones (region masses,
-            pointing game, stability, drift, attention disparity, group divergence). The expensive ones
-            (faithfulness, sanity) are opt-in.
+        metrics: metric names: the rows of :mod:`lightning_saliency.metrics.registry` (and metrics added with
+            :func:`~lightning_saliency.register_metric`); default: the rows marked default (the cheap ones). The
+            expensive ones (faithfulness, sanity) are opt-in.
         log_images: overlays logged per method and audit (0 disables images).
         batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
         on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on)
