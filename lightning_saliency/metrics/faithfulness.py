@@ -11,7 +11,8 @@
   (Integrated Gradients, input x gradient), ``x′`` the baseline.
 
 Every function takes the model (``model(x) -> logits [N, K]``), runs its forwards under ``torch.no_grad()`` in
-eval mode and restores each module's ``training`` flag afterwards; nothing else about the model is touched.
+eval mode inside a :class:`~lightning_saliency.guard.SideEffectGuard` (each module's ``training`` flag, the
+gradients and the global RNGs are restored afterwards); nothing else about the model is touched.
 Per-image results are float32 tensors ``[N]`` on the inputs' device. ``targets=None`` explains the class the
 model predicts for the clean input.
 

@@ -408,7 +408,7 @@ def register_metric(name: str, fn: Callable[[Tensor, Any], Tensor], *, higher_is
             rows (one rank's shard under DDP).
         higher_is_better: ``True``, ``False`` or ``None`` (watch); sets :class:`ShortcutAlarm`'s default mode.
         per_group: also report ``<method>/<name>/<group>`` when the probe has groups.
-        periodic: ``fn`` runs the model again: compute it every ``expensive_every_n_audits`` audits only.
+        periodic: ``fn`` is costly: compute it every ``expensive_every_n_audits`` audits (and at the last) only.
 
     The audit reports ``<method>/<name>``, the mean over the images with a finite value. Name the metric in
     ``SaliencyMonitor(metrics=...)`` or ``AuditSpec(metrics=...)`` to compute it.
@@ -444,8 +444,7 @@ def register_metric(name: str, fn: Callable[[Tensor, Any], Tensor], *, higher_is
 
     doc = (getattr(fn, "__doc__", None) or f"registered metric {name}").strip().splitlines()[0]
     spec = MetricSpec(name, higher_is_better, doc,
-                      per_group=bool(per_group), periodic=bool(periodic), compute=compute, builtin=False,
-                      needs=("model",) if periodic else ())
+                      per_group=bool(per_group), periodic=bool(periodic), compute=compute, builtin=False)
     _REGISTRY[name] = spec
     return spec
 
