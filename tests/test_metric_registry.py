@@ -162,11 +162,11 @@ def test_monitor_expected_keys_carry_the_extra_keys(corner):
 
 
 def test_gate_suggestions_know_the_registry():
-    data = make_report_data(2, with_maps=False)
+    full, data = make_report_data(2, with_maps=False), make_report_data(2, with_maps=False)
     for audit in data["audits"]:  # a run whose probe had no spurious masks
         audit["metrics"] = {k: v for k, v in audit["metrics"].items() if "spurious_mass" not in k}
 
-    def message(key: str) -> str:
+    def message(key: str, data: dict = data) -> str:
         with pytest.raises(GateError) as info:
             evaluate(data, [Rule(key=key, mode="max", threshold=0.2)])
         return str(info.value)
@@ -177,6 +177,12 @@ def test_gate_suggestions_know_the_registry():
     assert "stability is not reported per group" in message("gradcam/stability/site_a")
     assert "did you mean 'pointing_game'" in message("gradcam/pointing_gme")
     assert "needs" not in message("gradcam/made_up_thing")
+    # needs that the audit shows met are not mentioned: groups (per-group keys) and masks (the metric recorded)
+    assert "group_divergence needs groups on the probe" in message("gradcam/group_divergence")
+    assert message("gradcam/group_divergence", full).count("needs") == 0  # it has per-group keys
+    assert "was not computed: is it in SaliencyMonitor(metrics=...)?" in message("gradcam/group_divergence", full)
+    assert "needs object masks" not in message("gradcam/object_mass/site_z")
+    assert "runs the model again" not in message("gradcam/stability/site_a")
 
 
 def test_custom_scalars_layout_follows_the_registry_order(corner):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -360,8 +360,11 @@ _NEED_TEXT = {
 }
 
 
-def missing_key_hint(key: str) -> str:
+def missing_key_hint(key: str, present: Iterable[str] = ()) -> str:
     """What the registry knows about a report key that an audit lacks: why it may be missing (``""``: nothing).
+
+    ``present`` are the keys the audit has: a need they show met (the metric recorded for another method, or
+    per-group keys) is not mentioned.
 
     Example:
         >>> missing_key_hint("gradcam/spurious_mass")
@@ -377,17 +380,26 @@ def missing_key_hint(key: str) -> str:
         close = difflib.get_close_matches(parts[1], list(_REGISTRY), n=1, cutoff=0.6)
         return f"no metric is named {parts[1]!r} (did you mean {close[0]!r}?)" if close else ""
     spec, _, group = found
+    present = [str(k).split("/", 2) for k in present]
+    recorded = any(len(p) > 1 and p[1] == spec.name for p in present)  # then its needs are met
+    grouped = any(len(p) == 3 and p[0] != "probe" for p in present)
     notes = []
     if group is not None and not spec.per_group:
         notes.append(f"{spec.name} is not reported per group")
-    notes += [f"{spec.name} needs {_NEED_TEXT[n]}" for n in spec.needs if n in _NEED_TEXT]
-    if group is not None and spec.per_group and "groups" not in spec.needs:
+    elif group is not None and not grouped:
         notes.append(f"per-group keys need {_NEED_TEXT['groups']}")
+    if recorded:
+        return "; ".join(notes)
+    needs = [f"{spec.name} needs {_NEED_TEXT[n]}" for n in spec.needs
+             if n in _NEED_TEXT and not (n == "groups" and grouped)]
+    notes += needs
     if spec.periodic:
         notes.append(f"{spec.name} runs the model again: it is computed every expensive_every_n_audits audits and "
                      "at the last audit")
     if not spec.default:
         notes.append(f"{spec.name} is not in the default set: add it to SaliencyMonitor(metrics=...)")
+    elif not needs:
+        notes.append(f"{spec.name} was not computed: is it in SaliencyMonitor(metrics=...)?")
     return "; ".join(notes)
 
 
