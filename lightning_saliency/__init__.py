@@ -2,7 +2,8 @@
 
 The public API (DESIGN §3): :func:`attribute` computes saliency maps, :class:`ProbeSet` is the fixed set of
 images an audit explains, :class:`SaliencyMonitor` and :class:`ShortcutAlarm` are the Lightning callbacks, and
-:mod:`lightning_saliency.metrics` scores maps.
+:mod:`lightning_saliency.metrics` scores maps; :func:`register_metric` adds a metric of yours (its rows:
+:class:`MetricSpec`).
 
 The names are imported on first use, so that ``lightning-saliency gate`` (which only reads a JSON report) does not
 pay for importing Lightning.
@@ -22,6 +23,8 @@ _EXPORTS = {
     "method_names": "lightning_saliency.methods.registry",
     "register_method": "lightning_saliency.methods.registry",
     "unregister_method": "lightning_saliency.methods.registry",
+    "MetricSpec": "lightning_saliency.metrics.registry",
+    "register_metric": "lightning_saliency.metrics.registry",
     "ProbeSet": "lightning_saliency.probe",
     "SaliencyMonitor": "lightning_saliency.callbacks",
     "ShortcutAlarm": "lightning_saliency.callbacks",
@@ -31,6 +34,8 @@ _EXPORTS = {
 __all__ = ["METHODS", "MethodSpec", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute",
            "method_names", "register_method", "unregister_method"]
 _LIVE = ("METHODS",)  # read at each access (methods registered later included), never cached
+__all__ = ["METHODS", "MetricSpec", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute",
+           "register_metric"]
 
 if TYPE_CHECKING:
     from lightning_saliency.callbacks import SaliencyMonitor, ShortcutAlarm, ShortcutDetected
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
         register_method,
         unregister_method,
     )
+    from lightning_saliency.metrics.registry import MetricSpec, register_metric
     from lightning_saliency.probe import ProbeSet
 
 

@@ -5,31 +5,16 @@ knows which metrics need which inputs and how to reduce them into the report's `
 nothing about trainers, ranks or loggers. The callback runs :func:`audit_shard` on each rank's shard, gathers
 the :class:`ShardResult` objects, :func:`merge` s them on rank 0 and calls :func:`summarize`.
 
-Metric names (``metrics=`` of :class:`~lightning_saliency.SaliencyMonitor`):
+Metric names (``metrics=`` of :class:`~lightning_saliency.SaliencyMonitor`): the rows of the metric registry,
+:mod:`lightning_saliency.metrics.registry` (its module docstring has the table; ``print(metric_table())``), the one
+place that lists them with their direction, what they need and whether they are periodic. ``audit_shard`` loops
+over the rows: each row's ``compute`` gives per-image values, and ``summarize`` reduces them (and calls the
+probe-level rows' ``summary``).
 
-========================== ======================================================== ===========
-name                       what is logged                                           cost
-========================== ======================================================== ===========
-``object_mass``            mean relevance mass inside the object masks, per group   free
-``spurious_mass``          mean relevance mass inside the spurious masks, per group free
-``pointing_game``          share of maps whose maximum lies in the object mask       free
-``stability``              Spearman of maps under input noise, k draws              k x maps on
-                                                                                    a subset;
-                                                                                    periodic
-``drift``                  Spearman with the previous audit's maps                  free
-``attention_disparity``    gap between group means of spurious (else object) mass   free
-``group_divergence``       1 - Pearson between groups' mean maps (no masks needed)  free
-``deletion_auc``           RISE deletion (and its random-ranking reference)         expensive
-``insertion_auc``          RISE insertion (and its random-ranking reference)        expensive
-``infidelity``             squared error of the map's linear prediction of drops    expensive
-``max_sensitivity``        worst relative change of the map under small noise       expensive
-``completeness_gap``       ``integrated_gradients`` and ``input_x_gradient`` only   expensive
-``randomization_similarity`` Spearman with the maps of a re-initialised copy        expensive
-========================== ======================================================== ===========
-
-Stability and the expensive metrics run the model again (:data:`PERIODIC_METRICS`); the monitor computes them
-every ``expensive_every_n_audits`` audits and at the last audit of a fit, validate or test, so that the final
-report (the one a CI gate reads) always has them. The others come from the audit's own maps, every audit.
+The periodic rows run the model again (:func:`~lightning_saliency.metrics.registry.metric_names` with
+``periodic=True``: stability and the expensive ones); the monitor computes them every
+``expensive_every_n_audits`` audits and at the last audit of a fit, validate or test, so that the final report
+(the one a CI gate reads) always has them. The others come from the audit's own maps, every audit.
 
 Besides the metrics, every audit reports the probe's accuracy: ``probe/accuracy``, per class
 ``probe/accuracy/class_<k>`` and per group ``probe/accuracy/<group>``, because disparity is read next to accuracy.
@@ -58,18 +43,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import metrics as M
 from .layers import TargetLayer
 from .methods.engine import attribute
 from .methods.registry import SIGNED_METHODS, method_names
+from .metrics.registry import AuditContext, get_metric, metric_names, specs
 from .probe import ProbeSet
 from .report import error_record
 
 __all__ = [
     "ALL_METRICS",
-    "CHEAP_METRICS",
     "DEFAULT_METRICS",
-    "EXPENSIVE_METRICS",
     "PERIODIC_METRICS",
     "AuditSpec",
     "ShardResult",
@@ -79,15 +62,12 @@ __all__ = [
     "validate_metrics",
 ]
 
-CHEAP_METRICS = ("object_mass", "spurious_mass", "pointing_game", "stability", "drift", "attention_disparity",
-                 "group_divergence")
-EXPENSIVE_METRICS = ("deletion_auc", "insertion_auc", "infidelity", "max_sensitivity", "completeness_gap",
-                     "randomization_similarity")
-ALL_METRICS = CHEAP_METRICS + EXPENSIVE_METRICS
-DEFAULT_METRICS = CHEAP_METRICS  # the expensive ones are opt-in, and then run every few audits only
+# derived from the metric registry (the built-in rows; metric_names() also lists registered metrics)
+ALL_METRICS = metric_names(builtin=True)
+DEFAULT_METRICS = metric_names(default=True)  # the expensive ones are opt-in, and then run every few audits only
 # the metrics that run the model again (the others are computed from the audit's own maps): the monitor runs
 # them every `expensive_every_n_audits` audits and at the last audit of a fit, validate or test
-PERIODIC_METRICS = ("stability",) + EXPENSIVE_METRICS
+PERIODIC_METRICS = metric_names(builtin=True, periodic=True)
 
 
 def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -99,12 +79,13 @@ def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """
     import difflib
 
-    out = []
+    out, known = [], metric_names()
     for name in metrics:
-        if name not in ALL_METRICS:
-            close = difflib.get_close_matches(str(name), ALL_METRICS, n=1)
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(ALL_METRICS)}")
+            raise ValueError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(known)} (or add yours "
+                             "with lightning_saliency.register_metric)")
         out.append(str(name))
     return tuple(dict.fromkeys(out))
 
@@ -208,7 +189,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     (``"collect"``), or raised (``"raise"``): :data:`lightning_saliency.methods.engine.ON_ERROR`.
     ``previous_maps`` (the last audit's maps of the same images) feed ``drift``, or ``previous_ranks`` (the last
     result's ``ranks``: the same, already ranked, so each map is ranked once); ``expensive=False`` skips
-    the metrics that run the model again (:data:`PERIODIC_METRICS`: stability and the expensive ones).
+    the metrics that run the model again (the registry's periodic rows: stability and the expensive ones).
 
     Example:
         >>> import torch
@@ -268,91 +249,32 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         predictions, targets, dtype = info.predictions, info.targets, info.forward_dtype
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
-    ranks: dict[str, Tensor] = {}
-    wanted = set(spec.metrics)
-
-    def explain_all(x: Tensor, t: Tensor) -> dict[str, Tensor]:  # one pass serves every method's noisy maps
-        return spec.explain(model, x, t, methods)
 
     # subsets are chosen by position in the whole probe, so a sharded (DDP) audit scores the same images
     positions = getattr(probe, "indices", None)
     positions = torch.as_tensor(positions).cpu() if positions is not None else torch.arange(n)
-    stab = (positions < (spec.stability_images if spec.stability_images is not None else n + 1)).nonzero()[:, 0]
-    exp = (positions < (spec.expensive_images if spec.expensive_images is not None else n + 1)).nonzero()[:, 0]
-
-    def run(method: str, metric: str, fn: Callable[[], Tensor], where: Tensor | None = None) -> None:
-        try:
-            per_image[f"{method}/{metric}"] = _padded(fn(), n, where)
-        except Exception as e:
-            fail(e, method, f"metric {metric!r} of {method!r}")
-
-    def run_multi(metric: str, fn: Callable[[], dict[str, Tensor]], where: Tensor) -> None:
-        try:
-            for method, values in fn().items():
-                per_image[f"{method}/{metric}"] = _padded(values, n, where)
-        except Exception as e:
-            fail(e, None, f"metric {metric!r}")
-
-    dev = inputs.device
-    stab_d, exp_d = stab.to(dev), exp.to(dev)
-    for method in methods:
-        m = maps[method].abs() if method in SIGNED_METHODS else maps[method]
-        if "object_mass" in wanted and probe.object_masks is not None:
-            run(method, "object_mass", lambda m=m: M.region_mass(m, probe.object_masks))
-        if "spurious_mass" in wanted and probe.spurious_masks is not None:
-            run(method, "spurious_mass", lambda m=m: M.region_mass(m, probe.spurious_masks))
-        if "pointing_game" in wanted and probe.object_masks is not None:
-            run(method, "pointing_game", lambda m=m: M.pointing_game(m, probe.object_masks))
-        if "drift" in wanted:
+    where = {"all": None}
+    for subset, limit in (("stability", spec.stability_images), ("expensive", spec.expensive_images)):
+        where[subset] = (positions < (limit if limit is not None else n + 1)).nonzero()[:, 0]
+    ctx = AuditContext(model=model, probe=probe, spec=spec, maps=maps, targets=targets,
+                       subsets={k: v.to(inputs.device) for k, v in where.items() if v is not None},
+                       signed=frozenset(SIGNED_METHODS), previous_maps=previous_maps, previous_ranks=previous_ranks)
+    have = {"object_masks": probe.object_masks is not None, "spurious_masks": probe.spurious_masks is not None}
+    wanted = set(spec.metrics)
+    for row in specs():  # the per-image rows of the metric registry, each for every method it applies to
+        rows = where[row.images]
+        if row.name not in wanted or row.compute is None or (row.periodic and not expensive) \
+                or any(not have[k] for k in row.needs if k in have) or (rows is not None and not len(rows)):
+            continue
+        scored = [m for m in methods if "signed" not in row.needs or m in SIGNED_METHODS]
+        for group in ([tuple(scored)] if row.one_pass and scored else [(m,) for m in scored]):
+            keys = {m + suffix: f"{m}/{row.name}{suffix}" for m in group for suffix in ("", *row.extra_keys)}
             try:
-                ranks[method] = M.map_ranks(m)  # compared now, and kept for the next audit
+                for key, values in row.compute(ctx, group).items():
+                    per_image[keys[key]] = _padded(values, n, rows)
             except Exception as e:
-                fail(e, method, f"metric 'drift' of {method!r}")
-            prev_ranks = None
-            if previous_ranks is not None and method in previous_ranks:
-                prev_ranks = previous_ranks[method].to(m.device)
-            elif previous_maps is not None and method in previous_maps and previous_maps[method].shape == m.shape:
-                prev_ranks = M.map_ranks(previous_maps[method].to(m.device))
-            if method in ranks and prev_ranks is not None and prev_ranks.shape == ranks[method].shape:
-                run(method, "drift", lambda r=ranks[method], prev=prev_ranks: M.drift_from_ranks(prev, r))
-    if expensive and "stability" in wanted and len(stab) and methods:
-        run_multi("stability", lambda: M.stability(
-            explain_all, inputs[stab_d], targets[stab_d], k=spec.stability_k, sigma=spec.stability_sigma,
-            seed=spec.seed, maps={m: maps[m][stab_d] for m in methods}, batch_size=spec.batch_size), stab)
-    if expensive and len(exp) and methods and "max_sensitivity" in wanted:
-        run_multi("max_sensitivity", lambda: M.max_sensitivity(
-            explain_all, inputs[exp_d], targets[exp_d], seed=spec.seed,
-            maps={m: maps[m][exp_d] for m in methods}, batch_size=spec.batch_size), exp)
-    if expensive and len(exp):
-        xs, ts = inputs[exp_d], targets[exp_d]
-        ig_baseline = spec.method_options.get("ig_baseline")
-        for method in methods:
-            m = maps[method][exp_d]
-            if "deletion_auc" in wanted or "insertion_auc" in wanted:
-                for name, fn in (("deletion_auc", M.deletion_auc), ("insertion_auc", M.insertion_auc)):
-                    if name not in wanted:
-                        continue
-                    try:
-                        out = fn(model, xs, ts, m.abs(), seed=spec.seed, batch_size=spec.batch_size or 64)
-                        per_image[f"{method}/{name}"] = _padded(out["auc"], n, exp)
-                        if "random_auc" in out:
-                            per_image[f"{method}/{name}_random"] = _padded(out["random_auc"], n, exp)
-                    except Exception as e:
-                        fail(e, method, f"metric {name!r} of {method!r}")
-            if "infidelity" in wanted:
-                run(method, "infidelity", lambda m=m: M.infidelity(model, xs, ts, m, seed=spec.seed,
-                                                                    batch_size=spec.batch_size), exp)
-            if "completeness_gap" in wanted and method in SIGNED_METHODS:
-                # IG is complete with respect to its own baseline; input x gradient to zero
-                base = ig_baseline if method == "integrated_gradients" and ig_baseline is not None else 0.0
-                if isinstance(base, Tensor) and base.shape[:1] == inputs.shape[:1]:
-                    base = base[exp_d]
-                run(method, "completeness_gap", lambda m=m, base=base: M.completeness_gap(
-                    model, xs, ts, m, baseline=base, batch_size=spec.batch_size), exp)
-            if "randomization_similarity" in wanted:
-                run(method, "randomization_similarity", lambda method=method, m=m: M.randomization_similarity(
-                    model, lambda mdl, x, t, method=method: spec.explain(mdl, x, t, (method,))[method],
-                    xs, ts, maps=m, seed=spec.seed)["all"], exp)
+                method = None if row.one_pass else group[0]
+                fail(e, method, f"metric {row.name!r}" + (f" of {method!r}" if method else ""))
     return ShardResult(
         indices=getattr(probe, "indices", None) if getattr(probe, "indices", None) is not None
         else torch.arange(n),
@@ -361,7 +283,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         per_image=per_image,
         errors=errors,
         dtype=dtype,
-        ranks={k: v.detach().cpu() for k, v in ranks.items()},
+        ranks={k: v.detach().cpu() for k, v in ctx.ranks.items()},
     )
 
 
@@ -404,9 +326,9 @@ def _nanmean(v: Tensor) -> float:
 def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str, float]:
     """Reduce a (merged) result over the whole probe into the report's metric dict.
 
-    Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the
-    mask-based metrics), ``<method>/attention_disparity``, ``<method>/group_divergence``, ``probe/accuracy``,
-    ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
+    Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the rows
+    reported ``per_group``), the probe-level rows' values (their ``summary``: ``attention_disparity``,
+    ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
     """
     out: dict[str, float] = {}
     groups = probe.groups
@@ -421,23 +343,17 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
             out[f"probe/accuracy/{g}"] = float(correct[sel].mean())
     for key, values in result.per_image.items():
         out[key] = _nanmean(values)
-        method, metric = key.split("/", 1)
-        if groups is not None and metric in ("object_mass", "spurious_mass", "pointing_game"):
+        row = get_metric(key.split("/", 1)[1])
+        if groups is not None and row is not None and row.per_group:
             for g in sorted(set(groups)):
                 sel = torch.tensor([x == g for x in groups])
                 out[f"{key}/{g}"] = _nanmean(values[sel])
-    wanted = set(spec.metrics)
-    for method in spec.methods:
-        if groups is None or method not in result.maps:
+    for row in specs():  # the probe-level rows: computed over the groups from the merged result
+        if row.summary is None or row.name not in spec.metrics or ("groups" in row.needs and groups is None):
             continue
-        if "attention_disparity" in wanted:
-            stat = result.per_image.get(f"{method}/spurious_mass", result.per_image.get(f"{method}/object_mass"))
-            if stat is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out[f"{method}/attention_disparity"] = M.attention_disparity(stat, groups)["disparity"]
-        if "group_divergence" in wanted:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[f"{method}/group_divergence"] = M.group_divergence(result.maps[method], groups)["divergence"]
+        for method in spec.methods:
+            if method in result.maps:
+                value = row.summary(result, probe, method)
+                if value is not None:
+                    out[f"{method}/{row.name}"] = value
     return out

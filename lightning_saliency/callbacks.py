@@ -39,7 +39,6 @@ from ._lightning import overrides as _overrides
 from ._lightning import stage as _stage
 from .audit import (
     DEFAULT_METRICS,
-    PERIODIC_METRICS,
     AuditSpec,
     ShardResult,
     audit_shard,
@@ -52,6 +51,7 @@ from .distributed import rank0_buffers as _rank0_buffers
 from .distributed import world as _world
 from .guard import SideEffectGuard
 from .methods.engine import check_on_error
+from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
 from .report import error_record
@@ -179,9 +179,9 @@ class SaliencyMonitor(_Base):
             :func:`lightning_saliency.methods.registry.method_names` (registered methods too).
         layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
         every_n_epochs: audit every n-th training epoch.
-        metrics: metric names (see :mod:`lightning_saliency.audit`); default: the cheap ones (region masses,
-            pointing game, stability, drift, attention disparity, group divergence). The expensive ones
-            (faithfulness, sanity) are opt-in.
+        metrics: metric names: the rows of :mod:`lightning_saliency.metrics.registry` (and metrics added with
+            :func:`~lightning_saliency.register_metric`); default: the rows marked default (the cheap ones). The
+            expensive ones (faithfulness, sanity) are opt-in.
         log_images: overlays logged per method and audit (0 disables images).
         batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
         on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on),
@@ -291,8 +291,8 @@ class SaliencyMonitor(_Base):
     def expected_keys(self) -> list[str]:
         """The ``<method>/<metric>`` keys this monitor can report (per-group keys add ``/<group>``)."""
         keys = [f"{m}/{k}" for m in self.spec.methods for k in self.spec.metrics]
-        keys += [f"{m}/{k}_random" for m in self.spec.methods for k in ("deletion_auc", "insertion_auc")
-                 if k in self.spec.metrics]
+        keys += [f"{m}/{k}{suffix}" for m in self.spec.methods for k in self.spec.metrics
+                 for suffix in metric_registry.get_metric(k).extra_keys]
         return keys + ["probe/accuracy"]
 
     @property
@@ -369,7 +369,7 @@ class SaliencyMonitor(_Base):
         self._recorder.flush()
 
     def _lacks_periodic(self, record: dict[str, Any]) -> bool:
-        wanted = set(PERIODIC_METRICS) & set(self.spec.metrics)
+        wanted = set(metric_registry.metric_names(periodic=True)) & set(self.spec.metrics)
         return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
@@ -469,7 +469,9 @@ class ShortcutAlarm(_Base):
         metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``.
         threshold: the limit.
         mode: ``"max"``: ``threshold`` is the largest acceptable value (fires when the metric is above it);
-            ``"min"``: the smallest acceptable value (fires when below).
+            ``"min"``: the smallest acceptable value (fires when below). ``None`` (default): from the metric
+            registry, ``"min"`` for a metric where higher is better, else ``"max"`` (a metric you register
+            must be registered before the alarm is made).
         patience: consecutive violating audits before it fires.
         action: ``"warn"`` (a warning, the report and the dashboard), ``"stop"`` (also ends training after this
             epoch, on every rank together) or ``"raise"`` (raises :class:`ShortcutDetected`).
@@ -486,12 +488,13 @@ class ShortcutAlarm(_Base):
         self,
         metric: str = "gradcam/spurious_mass",
         threshold: float = 0.35,
-        mode: Literal["max", "min"] = "max",
+        mode: Literal["max", "min"] | None = None,
         patience: int = 1,
         action: Literal["warn", "stop", "raise"] = "warn",
         min_audits: int = 1,
         name: str | None = None,
     ) -> None:
+        mode = metric_registry.alarm_mode(str(metric)) if mode is None else mode
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' (threshold is the largest acceptable value) or 'min', got {mode!r}")
         if action not in ("warn", "stop", "raise"):

@@ -275,6 +275,10 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
     if elsewhere:
         shown = ", ".join(str(e) for e in elsewhere[-5:])
         msg += f" (it is recorded at epoch(s) {shown}; choose one with --epoch)"
+    from .metrics.registry import missing_key_hint  # torch-free: the registry's name-level facts
+
+    why = "" if elsewhere else missing_key_hint(key, available)
+    msg += f"; {why}" if why else ""
     if hint:
         msg += f"; closest match: {hint!r}"
     if available:

@@ -56,8 +56,6 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 MAX_SERIES = 200
 MAX_ROWS = 200
 MAX_METHODS = 24
-CHART_ORDER = ("spurious_mass", "object_mass", "attention_disparity", "pointing_game", "group_divergence",
-               "stability", "drift")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -304,9 +302,13 @@ def _section_curves(audits: list[dict], alarms: list[dict]) -> str:
     def has_alarm(item: tuple[str, list[str]]) -> bool:
         return any(a == k or a.startswith(k + "/") for k in item[1] for a in alarmed)
 
-    # charts watched by an alarm first, then the headline metrics, then the rest by name
+    # charts watched by an alarm first, then the metrics in the registry's order, then the rest by name
+    from .metrics.registry import metric_names
+
+    chart_order = metric_names()
+
     def rank(item: tuple[str, list[str]]) -> tuple[bool, int]:
-        order = CHART_ORDER.index(item[0]) if item[0] in CHART_ORDER else len(CHART_ORDER)
+        order = chart_order.index(item[0]) if item[0] in chart_order else len(chart_order)
         return not has_alarm(item), order
 
     by_metric = OrderedDict(sorted(by_metric.items(), key=rank))

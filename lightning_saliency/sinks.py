@@ -123,7 +123,7 @@ def custom_scalars_layout(keys: Iterable[str]) -> dict[str, dict[str, list[Any]]
     """The TensorBoard custom-scalars layout for metric keys: one chart per metric, a line per method.
 
     Per-group keys (``<method>/<metric>/<group>``) get a chart per method and metric, a line per group, in a
-    second category.
+    second category. Charts follow the metric registry's order (the headline metrics first), then by name.
 
     Example:
         >>> custom_scalars_layout(["gradcam/object_mass", "gradient/object_mass", "gradcam/object_mass/a"])
@@ -137,9 +137,13 @@ def custom_scalars_layout(keys: Iterable[str]) -> dict[str, dict[str, list[Any]]
             by_metric.setdefault(metric, []).append(_tag(key))
         else:
             by_group.setdefault(f"{method}/{metric}", []).append(_tag(key))
+    from .metrics.registry import metric_names
+
+    order = {name: i for i, name in enumerate(metric_names())}  # the registry's chart order, then by name
     layout: dict[str, dict[str, list[Any]]] = {}
     if by_metric:
-        layout[PREFIX] = {m: ["Multiline", tags] for m, tags in sorted(by_metric.items())}
+        layout[PREFIX] = {m: ["Multiline", tags]
+                          for m, tags in sorted(by_metric.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))}
     if by_group:
         layout[f"{PREFIX} per group"] = {m: ["Multiline", tags] for m, tags in sorted(by_group.items())}
     return layout

@@ -14,25 +14,31 @@ Return convention:
 Maps are ``[N, H, W]``; metrics that compare maps read ``|M|`` (signed maps by magnitude). No metric returns
 NaN: each undefined case (all-zero map, constant map, a single group, ``y(x) = y(x′)``) returns the documented
 defined value and emits :class:`UndefinedMetricWarning`.
+
+The names are imported on first use (``from lightning_saliency.metrics import region_mass`` works as usual), so
+that reading the metric registry (:mod:`lightning_saliency.metrics.registry`, torch-free) does not import torch.
 """
 
-from .disparity import attention_disparity, group_divergence
-from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
-from .localization import pointing_game, region_mass
-from .sanity import randomization_similarity
-from .stability import (
-    UndefinedMetricWarning,
-    drift,
-    drift_from_ranks,
-    map_ranks,
-    max_sensitivity,
-    pearson,
-    rank,
-    spearman,
-    stability,
-)
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    **dict.fromkeys(("attention_disparity", "group_divergence"), "disparity"),
+    **dict.fromkeys(("completeness_gap", "deletion_auc", "gaussian_blur", "infidelity", "insertion_auc"),
+                    "faithfulness"),
+    **dict.fromkeys(("pointing_game", "region_mass"), "localization"),
+    "randomization_similarity": "sanity",
+    **dict.fromkeys(("drift", "drift_from_ranks", "map_ranks", "max_sensitivity", "stability"), "stability"),
+    **dict.fromkeys(("UndefinedMetricWarning", "pearson", "rank", "spearman"), "_common"),
+    **dict.fromkeys(("MetricSpec", "register_metric"), "registry"),
+}
 
 __all__ = [
+    "MetricSpec",
     "UndefinedMetricWarning",
     "attention_disparity",
     "completeness_gap",
@@ -50,6 +56,42 @@ __all__ = [
     "randomization_similarity",
     "rank",
     "region_mass",
+    "register_metric",
     "spearman",
     "stability",
 ]
+
+if TYPE_CHECKING:
+    from ._common import UndefinedMetricWarning, pearson, rank, spearman
+    from .disparity import attention_disparity, group_divergence
+    from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
+    from .localization import pointing_game, region_mass
+    from .registry import MetricSpec, register_metric
+    from .sanity import randomization_similarity
+    from .stability import drift, drift_from_ranks, map_ranks, max_sensitivity, stability
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """Keeps the function ``stability`` from being shadowed by the submodule ``stability`` when that submodule
+    is imported (the import system sets it on the package), as the eager ``from .stability import stability``
+    used to."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS:  # no export is a module
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..maps import normalize as _normalize
-from .stability import _check_maps, _warn, pearson
+from ._common import _check_maps, _warn, pearson
 
 __all__ = ["attention_disparity", "group_divergence"]
 

@@ -11,7 +11,8 @@
   (Integrated Gradients, input x gradient), ``x′`` the baseline.
 
 Every function takes the model (``model(x) -> logits [N, K]``), runs its forwards under ``torch.no_grad()`` in
-eval mode and restores each module's ``training`` flag afterwards; nothing else about the model is touched.
+eval mode inside a :class:`~lightning_saliency.guard.SideEffectGuard` (each module's ``training`` flag, the
+gradients and the global RNGs are restored afterwards); nothing else about the model is touched.
 Per-image results are float32 tensors ``[N]`` on the inputs' device. ``targets=None`` explains the class the
 model predicts for the clean input.
 
@@ -23,47 +24,16 @@ as they are; for ``[N, H, W]`` maps the perturbation ``I`` is one value per pixe
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..guard import SideEffectGuard
-from .stability import _check_maps, _generator, _warn
+from ._common import _check_maps, _evaluating, _forward, _generator, _targets, _warn
 
 __all__ = ["deletion_auc", "insertion_auc", "infidelity", "completeness_gap", "gaussian_blur"]
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no grad for the duration, inside a :class:`~lightning_saliency.guard.SideEffectGuard`:
-    every module's ``training`` flag (and the RNG states) restored, also on errors."""
-    with SideEffectGuard(model, enable_grad=False), torch.no_grad():
-        yield model
-
-
-def _forward(model: nn.Module, x: Tensor, batch_size: int | None) -> Tensor:
-    step = x.shape[0] if not batch_size else batch_size
-    out = [model(x[i : i + step]) for i in range(0, x.shape[0], step)]
-    logits = torch.cat(out) if len(out) > 1 else out[0]
-    if not isinstance(logits, Tensor) or logits.ndim != 2:
-        raise ValueError(
-            "the model must return logits of shape [N, num_classes]; wrap it, e.g. "
-            "lambda x: model(x).logits, in an nn.Module"
-        )
-    return logits.float()
-
-
-def _targets(model: nn.Module, inputs: Tensor, targets: Tensor | None, batch_size: int | None) -> Tensor:
-    if targets is None:
-        return _forward(model, inputs, batch_size).argmax(dim=1)
-    targets = torch.as_tensor(targets, device=inputs.device).reshape(-1).long()
-    if targets.shape[0] != inputs.shape[0]:
-        raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
-    return targets
 
 
 def _check_inputs(inputs: Tensor, name: str) -> None:

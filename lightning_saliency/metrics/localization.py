@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..maps import normalize as _normalize
-from .stability import _check_maps, _warn
+from ._common import _check_maps, _warn
 
 __all__ = ["region_mass", "pointing_game"]
 

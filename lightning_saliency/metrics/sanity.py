@@ -23,8 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .faithfulness import _evaluating, _targets
-from .stability import _check_maps, _seeded_global_rng, spearman
+from ._common import _check_maps, _evaluating, _seeded_global_rng, _targets, spearman
 
 __all__ = ["randomization_similarity"]
 
