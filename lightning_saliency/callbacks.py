@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import time
 import warnings
@@ -45,12 +44,14 @@ from .audit import (
     merge,
     summarize,
 )
+from .checks import check_alarm, key_problem
 from .distributed import broadcast as _broadcast
 from .distributed import gather as _gather
 from .distributed import rank0_buffers as _rank0_buffers
 from .distributed import world as _world
 from .guard import SideEffectGuard
 from .methods.engine import check_on_error
+from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
@@ -91,9 +92,9 @@ def _check_arguments(probe: Any, every_n_epochs: int, on_error: str, expensive_e
         raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
 
 
-def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> Any:
+def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec: AuditSpec) -> Any:
     """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit) and
-    resolve the CAM methods' target layer."""
+    the options' values, and resolve the target layer when a method of ``spec`` needs one (else ``None``)."""
     example = probe.inputs[:2].to(pl_module.device)
     param = next(pl_module.parameters(), None)
     if param is not None and param.is_floating_point() and example.is_floating_point():
@@ -112,6 +113,14 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> An
     if int(probe.targets.max()) >= logits.shape[1]:
         raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
                          f"classes; build the probe from the model's own dataset")
+    opts = {**all_options(), **spec.method_options}
+    for method in (m for m in spec.methods if get_method(m).validate is not None):
+        try:  # a bad value fails here, not at every audit
+            get_method(method).validate(opts, probe.inputs)
+        except ValueError as e:
+            raise ValueError(f"SaliencyMonitor(method_options=...): {e}") from e
+    if not any(needs_layer(m) for m in spec.methods):
+        return None  # gradient-only (or any layer-free methods): a model without a spatial layer is fine
     from .layers import resolve_layer
 
     try:
@@ -332,9 +341,10 @@ class SaliencyMonitor(_Base):
                     f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
                     "be comparable. Resume with the same probe, or pass allow_probe_change=True")
             self.history = []
-        target = _target_layer(pl_module, probe, self.layer)
-        self.spec.layer = target
-        self.layer_name = target.name
+        target = _target_layer(pl_module, probe, self.layer, self.spec)
+        self.spec.layer, self.layer_name = (target, target.name) if target is not None else (self.layer, None)
+        for alarm in self._alarms:  # the probe's masks and groups are known now: can each alarm ever fire?
+            check_alarm(alarm.metric, self.spec.methods, self.spec.metrics, probe)
         rank, world = _world(trainer)
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)
@@ -536,18 +546,11 @@ class ShortcutAlarm(_Base):
         if not monitors:
             raise ValueError("ShortcutAlarm needs a SaliencyMonitor in the same Trainer: "
                              "Trainer(callbacks=[SaliencyMonitor(probe, ...), ShortcutAlarm(...)])")
-        keys = {k for m in monitors for k in m.expected_keys()}
-        owner = [m for m in monitors if self._matches(self.metric, m.expected_keys())]
+        # the names now; the probe's masks and groups too when it is known, else when it is drawn (fit start)
+        owner = [m for m in monitors if key_problem(self.metric, m.spec.methods, m.spec.metrics, m.probe) is None]
         if not owner:
-            close = difflib.get_close_matches(self.metric, sorted(keys), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"ShortcutAlarm(metric={self.metric!r}) watches a key no SaliencyMonitor reports.{hint} "
-                             f"Available: {', '.join(sorted(keys))} (per-group keys add '/<group>')")
+            check_alarm(self.metric, monitors[0].spec.methods, monitors[0].spec.metrics, monitors[0].probe)
         owner[0]._register(self)
-
-    @staticmethod
-    def _matches(metric: str, keys: Sequence[str]) -> bool:
-        return any(metric == k or metric.startswith(k + "/") for k in keys) or metric.startswith("probe/accuracy")
 
     def check(self, trainer: Any, monitor: SaliencyMonitor, record: dict[str, Any]) -> None:
         """Called by the monitor after each audit, on every rank with the same record.

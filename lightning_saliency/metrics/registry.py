@@ -48,8 +48,10 @@ __all__ = [
     "metric_names",
     "metric_of_key",
     "missing_key_hint",
+    "need_text",
     "register_metric",
     "specs",
+    "unmet_needs",
     "unregister_metric",
 ]
 
@@ -358,6 +360,42 @@ _NEED_TEXT = {
     "previous": "a previous audit to compare with (it is missing from the first audit)",
     "signed": "a signed method (integrated_gradients, input_x_gradient)",
 }
+
+
+_PROBE_NEEDS = ("object_masks", "spurious_masks", "masks", "groups")  # what the probe, not the setup, provides
+
+
+def need_text(need: str) -> str:
+    """What a need (:data:`NEEDS`) asks for, with how to provide it.
+
+    Example:
+        >>> need_text("groups")
+        'groups on the probe (ProbeSet(groups=...) or from_dataset(group_fn=...))'
+    """
+    return _NEED_TEXT.get(need, need)
+
+
+def unmet_needs(key: str, have: Iterable[str]) -> tuple[str, ...]:
+    """The needs of report key ``key`` that a probe providing ``have`` leaves unmet (names of :data:`NEEDS`).
+
+    Only what a probe provides is judged: masks (``"masks"`` is met by either kind) and groups, which a
+    per-group key ``<method>/<metric>/<group>`` needs too. ``()`` for a key of no registered metric.
+
+    Example:
+        >>> unmet_needs("gradcam/spurious_mass/site_a", {"object_masks"})
+        ('spurious_masks', 'groups')
+        >>> unmet_needs("gradcam/attention_disparity", {"object_masks", "groups"})
+        ()
+    """
+    found = metric_of_key(key)
+    if found is None:
+        return ()
+    spec, _, group = found
+    have = set(have) | ({"masks"} if set(have) & {"object_masks", "spurious_masks"} else set())
+    wanted = [n for n in spec.needs if n in _PROBE_NEEDS]
+    if group is not None and spec.per_group and "groups" not in wanted:
+        wanted.append("groups")
+    return tuple(n for n in wanted if n not in have)
 
 
 def missing_key_hint(key: str, present: Iterable[str] = ()) -> str:

@@ -1,0 +1,193 @@
+"""Setup checks: whether an audit's configuration can give what it is asked for, decided before training.
+
+:class:`~lightning_saliency.SaliencyMonitor` and :class:`~lightning_saliency.ShortcutAlarm` call these at
+construction and setup, so that a configuration that cannot work fails before the first training step with the
+fix in the message, instead of warning at every audit or staying silent:
+
+- :func:`check_method_options`: every ``method_options`` key is an option of some method (else the closest
+  option and the method it belongs to); the options the audit sets itself are refused; an option of a method
+  the audit does not compute warns that it has no effect.
+- :func:`key_problem`: why an audit of these methods and metrics on this probe never reports a key (an alarm's
+  ``metric``): an unknown metric or method, a method or metric not configured, a need (masks, groups, a signed
+  method) the probe or the method does not meet, a group or class the probe does not have.
+- :func:`check_alarm`: :func:`key_problem` as a ``ValueError`` that says the fix and lists the keys the
+  configuration does report.
+
+What a metric needs is read from the metric registry (``MetricSpec.needs``,
+:func:`~lightning_saliency.metrics.registry.unmet_needs`), option names and owners from the method registry:
+no name is listed here.
+
+Example:
+    >>> import torch
+    >>> from lightning_saliency.probe import ProbeSet
+    >>> probe = ProbeSet(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+    >>> key_problem("gradcam/stability", ("gradcam",), ("stability",), probe) is None
+    True
+    >>> print(key_problem("gradcam/spurious_mass", ("gradcam",), ("spurious_mass",), probe))
+    spurious_mass needs spurious masks on the probe (ProbeSet(spurious_masks=...) or from_dataset(spurious_mask_fn=...)), and the probe has none
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .methods import registry as method_registry
+from .metrics import registry as metric_registry
+from .sampling import _MASK_KEYS  # the item keys a drawn probe reads its masks from
+
+__all__ = ["AUDIT_SETS", "check_alarm", "check_method_options", "key_problem", "reported_keys"]
+
+#: engine options of :func:`~lightning_saliency.attribute` that the audit passes itself at every call
+AUDIT_SETS = {"on_error": "SaliencyMonitor(on_error=...)", "return_info": "nothing: the audit always asks for it"}
+
+
+def check_method_options(options: Mapping[str, Any] | None, methods: Sequence[str]) -> dict[str, Any]:
+    """``options`` as a dict, once every key is known to the method registry.
+
+    An unknown key is a ``ValueError`` naming the closest option and its method; ``on_error`` and
+    ``return_info`` (:data:`AUDIT_SETS`) are refused; an option of a method not in ``methods`` (nor a part of
+    one, as ``gradcam`` is of ``guided_gradcam``) has no effect and warns so.
+
+    Example:
+        >>> check_method_options({"ig_steps": 8}, ("integrated_gradients",))
+        {'ig_steps': 8}
+        >>> check_method_options({"ig_step": 8}, ("integrated_gradients",))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: method_options: unknown option 'ig_step' (did you mean 'ig_steps', an option of integrated_gradients?); the options are: ...
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"method_options must be a dict of option -> value, got {type(options).__name__}")
+    options = dict(options or {})
+    known = list(method_registry.all_options())
+    computed = set(methods) | {p for m in methods for p in method_registry.get_method(m).parts}
+    for key in options:
+        owner = method_registry.option_owner(key) if isinstance(key, str) else None
+        if owner is None:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}, an option of {method_registry.option_owner(close[0])}?)" \
+                if close else ""
+            raise ValueError(f"method_options: unknown option {key!r}{hint}; the options are: {', '.join(known)}")
+        if key in AUDIT_SETS:
+            raise ValueError(f"method_options: {key!r} is set by the audit itself; use {AUDIT_SETS[key]}")
+        if owner != "attribute" and owner not in computed:
+            warnings.warn(f"method_options: {key!r} is an option of {owner}, which is not among the methods "
+                          f"({', '.join(methods)}): it has no effect; add {owner!r} to methods or drop the option",
+                          UserWarning, stacklevel=3)
+    return options
+
+
+def _have(probe: Any) -> set[str]:
+    """The needs (:data:`~lightning_saliency.metrics.registry.NEEDS`) that ``probe`` meets."""
+    return {name for name, value in (("object_masks", probe.object_masks), ("spurious_masks", probe.spurious_masks),
+                                     ("groups", probe.groups)) if value is not None}
+
+
+def _probe_key_problem(key: str, probe: Any) -> str | None:
+    parts = key.split("/", 2)
+    if len(parts) < 2 or parts[1] != "accuracy" or (len(parts) == 3 and not parts[2]):
+        return (f"{key!r} is not a key the audit reports: the probe's are probe/accuracy, "
+                "probe/accuracy/class_<k> and probe/accuracy/<group>")
+    if len(parts) == 2 or probe is None or probe.targets.ndim != 1:
+        return None
+    names = [f"class_{k}" for k in sorted(set(probe.targets.tolist()))] + probe.group_names
+    if parts[2] in names:
+        return None
+    close = difflib.get_close_matches(parts[2], names, n=1)
+    return (f"the probe has no class or group {parts[2]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; probe/accuracy/<name> is reported for: {', '.join(names)}")
+
+
+def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe: Any = None) -> str | None:
+    """Why an audit of ``methods`` and ``metrics`` on ``probe`` never reports ``key`` (``None``: it may).
+
+    With ``probe=None`` (a probe drawn at the start of fit) only the names are judged; the masks, groups and
+    classes once the probe is known.
+
+    Example:
+        >>> key_problem("gradcam/drift", ("gradcam",), ("drift",)) is None
+        True
+        >>> key_problem("gradcam/drift", ("gradient",), ("drift",))
+        "the monitor does not compute 'gradcam' (its methods: gradient): add it to SaliencyMonitor(methods=...)"
+    """
+    key = str(key)
+    if key.split("/", 1)[0] == "probe":
+        return _probe_key_problem(key, probe)
+    parts = key.split("/", 2)
+    if len(parts) < 2 or not all(parts):
+        return f"{key!r} is not a report key: keys are <method>/<metric> and, per group, <method>/<metric>/<group>"
+    method = parts[0]
+    found = metric_registry.metric_of_key(key)
+    if found is None:
+        close = difflib.get_close_matches(parts[1], metric_registry.metric_names(), n=1)
+        return f"no metric is named {parts[1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    spec, _, group = found
+    if method not in methods:
+        if method not in method_registry.method_names():
+            return f"no method is named {method!r} (the monitor's methods: {', '.join(methods)})"
+        return f"the monitor does not compute {method!r} (its methods: {', '.join(methods)}): add it to " \
+               "SaliencyMonitor(methods=...)"
+    if spec.name not in metrics:
+        return f"{spec.name} is not among the monitor's metrics ({', '.join(metrics)}): add it to " \
+               "SaliencyMonitor(metrics=...)"
+    if "signed" in spec.needs and not method_registry.is_signed(method):
+        return f"{spec.name} is computed for signed methods only ({', '.join(method_registry.SIGNED_METHODS)}), " \
+               f"and {method!r} is not one"
+    if group is not None and not spec.per_group:
+        return f"{spec.name} is not reported per group: watch {method}/{spec.name}"
+    if probe is None:
+        return None
+    unmet = metric_registry.unmet_needs(key, _have(probe))
+    if unmet:
+        who = {n: "per-group keys need" if n == "groups" and n not in spec.needs else f"{spec.name} needs"
+               for n in unmet}
+        return "; ".join(f"{who[n]} {metric_registry.need_text(n)}, and the probe has none" for n in unmet)
+    if group is not None and group not in probe.group_names:
+        close = difflib.get_close_matches(group, probe.group_names, n=1)
+        return (f"the probe has no group {group!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; its groups: {', '.join(probe.group_names)}")
+    return None
+
+
+def reported_keys(methods: Sequence[str], metrics: Sequence[str], probe: Any = None) -> list[str]:
+    """The probe-level keys (no per-group ones) an audit of ``methods`` and ``metrics`` on ``probe`` may report.
+
+    Example:
+        >>> reported_keys(("gradient",), ("drift", "deletion_auc"))
+        ['gradient/drift', 'gradient/deletion_auc', 'gradient/deletion_auc_random', 'probe/accuracy']
+    """
+    keys = [f"{m}/{k}{suffix}" for m in methods for k in metrics
+            for suffix in ("", *metric_registry.get_metric(k).extra_keys)] + ["probe/accuracy"]
+    return [k for k in keys if key_problem(k, methods, metrics, probe) is None]
+
+
+def check_alarm(metric: str, methods: Sequence[str], metrics: Sequence[str], probe: Any = None) -> None:
+    """A ``ValueError`` saying why and how to fix it when an alarm on ``metric`` could never fire.
+
+    Example:
+        >>> check_alarm("gradient/drift", ("gradient",), ("drift",))
+        >>> check_alarm("gradient/drfit", ("gradient",), ("drift",))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ShortcutAlarm(metric='gradient/drfit') watches a key this configuration never reports: no metric is named 'drfit' (did you mean 'drift'?). Did you mean 'gradient/drift'? Keys it reports: gradient/drift, probe/accuracy ...
+    """
+    problem = key_problem(metric, methods, metrics, probe)
+    if problem is None:
+        return
+    keys = reported_keys(methods, metrics, probe)
+    found = metric_registry.metric_of_key(metric)
+    hint = ""
+    if found is None or str(metric).split("/", 1)[0] not in methods:  # a name problem: the closest name helps
+        close = difflib.get_close_matches(str(metric), keys, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+    elif probe is not None and metric_registry.unmet_needs(metric, _have(probe)):
+        unmet = metric_registry.unmet_needs(metric, _have(probe))
+        drawn = [f"{key!r}" for need, key in _MASK_KEYS.items() if need in unmet or "masks" in unmet]
+        hint = (" A probe drawn from the validation data (probe=None) takes masks from the items' "
+                f"{' and '.join(drawn)} entries." if drawn else "") + " Or watch a key this configuration reports."
+    groups = " (per-group keys add '/<group>')" if probe is None or probe.groups is not None else ""
+    raise ValueError(f"ShortcutAlarm(metric={metric!r}) watches a key this configuration never reports: {problem}."
+                     f"{hint} Keys it reports: {', '.join(keys)}{groups}")
