@@ -9,7 +9,8 @@ audit's metrics:
 * Exit codes: ``0`` every rule passed; ``1`` at least one rule failed; ``2`` the gate could not decide: the
   report is missing, unreadable, truncated, of an unknown schema, holds no audits, the requested epoch is not
   there, a rule's key is absent from the chosen audit (the message lists the available keys and the closest
-  match), or the rules themselves are malformed.
+  match; for a metric needing masks or groups the report's probe did not have, it says that instead), or the
+  rules themselves are malformed.
 
 Which audit (``--epoch``, or ``epoch`` in the config file):
 
@@ -32,7 +33,8 @@ Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Pyt
     "gradcam/stability" = 0.8
 
 Keys contain ``/`` so they are quoted. Rules from the command line are added to the file's rules; a
-command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2).
+command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2), and so is
+``epoch`` written after a table header (TOML reads it as part of that table): the message says to move it up.
 
 Outputs: a plain aligned table (rule, value, threshold, verdict) on stdout; ``--json`` prints one JSON object
 instead; ``--junit FILE`` writes JUnit XML with one test case per rule (a failing rule is a ``<failure>``,
@@ -235,6 +237,12 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         if not isinstance(table, dict):
             raise GateError(f"gate config {path}: [{mode}] must be a table of \"key\" = number entries")
         for key, value in table.items():
+            if key in _CONFIG_KEYS:  # TOML puts every key after a [table] header into that table
+                raise GateError(
+                    f"gate config {path}: {key!r} under [{mode}] is not a metric key; top-level settings "
+                    f"({', '.join(k for k in _CONFIG_KEYS if k not in ('max', 'min'))}) must come before the "
+                    "first [table]: TOML reads every key after a [table] header as part of that table"
+                )
             if isinstance(value, dict):
                 raise GateError(
                     f"gate config {path}: [{mode}] entry {key!r} is a table; quote metric keys that contain "
@@ -290,6 +298,20 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
     return msg
 
 
+def _probe_lacks(key: str, probe: Any) -> str:
+    """Why the report's probe could never give ``key`` (masks or groups it did not have), else ``""``."""
+    from .metrics.registry import metric_of_key, need_text, unmet_needs  # torch-free
+
+    if not isinstance(probe, dict) or metric_of_key(key) is None:
+        return ""
+    known = [n for n in ("object_masks", "spurious_masks", "groups") if n in probe]  # older reports: judge less
+    unmet = [n for n in unmet_needs(key, {n for n in known if probe[n]})
+             if n in known or (n == "masks" and len(known) >= 2)]
+    spec = metric_of_key(key)[0]
+    who = {n: "per-group keys need" if n == "groups" and n not in spec.needs else f"{spec.name} needs" for n in unmet}
+    return "; ".join(f"{who[n]} {need_text(n)}, and this report's probe had none" for n in unmet)
+
+
 def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule]) -> tuple[int, str]:
     """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``).
 
@@ -336,6 +358,11 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
     audits = data.get("audits") or []
+    for rule in rules:  # a need the probe did not meet: say so, rather than suggest the closest other key
+        why = "" if any(rule.key in a["metrics"] for a in audits) else _probe_lacks(rule.key, data.get("probe"))
+        if why:
+            raise GateError(f"metric {rule.key!r} is in no audit of this report: {why}; available keys: "
+                            + ", ".join(sorted(audits[-1]["metrics"])[:60] if audits else ["none"]))
     index, selection = select_audit(audits, epoch, rules)
     audit = audits[index]
     where = f"the {selection} audit (epoch {audit.get('epoch')}, audit {index + 1} of {len(audits)})"
