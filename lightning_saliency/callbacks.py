@@ -186,7 +186,7 @@ class SaliencyMonitor(_Base):
             validation dataloader with ``probe_size`` and ``probe_seed``.
         methods: attribution methods, e.g. ``("gradcam", "gradient")``; see
             :func:`lightning_saliency.methods.registry.method_names` (registered methods too).
-        layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
+        layer: target layer of the CAM-family methods: ``"auto"``, a dotted name or a module (unused without one).
         every_n_epochs: audit every n-th training epoch.
         metrics: metric names: the rows of :mod:`lightning_saliency.metrics.registry` (and metrics added with
             :func:`~lightning_saliency.register_metric`); default: the rows marked default (the cheap ones). The
@@ -207,7 +207,7 @@ class SaliencyMonitor(_Base):
         cmap: colormap of the overlays (``"jet"`` or ``"viridis"``, any matplotlib name).
         image_colors: colours of the overlay grids' PNG palette (256: the eye sees no difference and the
             file is less than half; ``None``: full-colour PNG).
-        method_options: extra options for :func:`~lightning_saliency.attribute` (e.g. ``{"ig_steps": 16}``).
+        method_options: options for :func:`~lightning_saliency.attribute` (``{"ig_steps": 16}``), checked now.
         stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
         expensive_images: probe images used by the expensive metrics.
         seed: seed of the metrics' own random draws (never the global generators).
