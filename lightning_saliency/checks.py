@@ -76,7 +76,7 @@ def check_method_options(options: Mapping[str, Any] | None, methods: Sequence[st
         if owner != "attribute" and owner not in computed:
             warnings.warn(f"method_options: {key!r} is an option of {owner}, which is not among the methods "
                           f"({', '.join(methods)}): it has no effect; add {owner!r} to methods or drop the option",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=4)
     return options
 
 

@@ -215,7 +215,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 class _Reader:
-    """``sys.stdout`` for a reader that may leave early (``lightning-saliency gate --json ... | head``).
+    """``sys.stdout`` (or stderr) for a reader that may leave early (``lightning-saliency gate --json ... | head``).
 
     Once the pipe is closed, what is left to print is dropped: no ``BrokenPipeError`` traceback, and the command
     ends with its own exit code (a gate's verdict does not change because its reader stopped reading). The
@@ -267,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     import contextlib
 
-    reader = _Reader(sys.stdout)
-    with contextlib.redirect_stdout(reader):  # type: ignore[type-var]
+    out, err = _Reader(sys.stdout), _Reader(sys.stderr)  # stderr too: `... 2>&1 | head` shares the pipe
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
         code = _main(argv)
-        reader.flush()  # a block-buffered pipe is written here: a reader gone by now is met here
+        out.flush()  # a block-buffered pipe is written here: a reader gone by now is met here
+        err.flush()
     return code
 
 

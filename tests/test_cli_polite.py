@@ -38,16 +38,17 @@ def test_the_command_import_path_loads_neither_torch_nor_numpy():
     assert done.stdout.split() == ["[0,", "0,", "0,", "0]", "[]", "[]", "True"]
 
 
-def _closed_pipe_run(args: list[str]) -> tuple[int, str]:
-    """Run the command with its stdout on a pipe whose reader is already gone (``| head`` that exited)."""
+def _closed_pipe_run(args: list[str], both: bool = False) -> tuple[int, str]:
+    """Run the command with its stdout (``both``: and stderr, ``2>&1 | head``) on a pipe whose reader is
+    already gone (a ``head`` that exited)."""
     read, write = os.pipe()
     os.close(read)
     try:
-        done = subprocess.run([*COMMAND, *args], stdout=write, stderr=subprocess.PIPE, text=True, env=ENV,
-                              timeout=120)
+        done = subprocess.run([*COMMAND, *args], stdout=write, stderr=write if both else subprocess.PIPE,
+                              text=True, env=ENV, timeout=120)
     finally:
         os.close(write)
-    return done.returncode, done.stderr
+    return done.returncode, done.stderr or ""
 
 
 @pytest.mark.parametrize("args, code", [
@@ -64,6 +65,12 @@ def test_a_closed_pipe_ends_quietly_with_the_commands_own_exit_code(tmp_path, ar
     assert rc == code
     if code != 2:
         assert stderr == ""
+
+
+@pytest.mark.parametrize("rule, code", [("gradcam/spurious_mass=1", 0), ("nope/nope=1", 2)])
+def test_stdout_and_stderr_on_one_closed_pipe_keep_the_exit_code(tmp_path, rule, code):
+    run = make_run(tmp_path, n_epochs=2, with_maps=False)
+    assert _closed_pipe_run(["gate", str(run), "--max", rule], both=True)[0] == code  # a traceback would give 1
 
 
 def test_an_open_pipe_still_gets_the_whole_output(tmp_path):
