@@ -138,13 +138,19 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
                f"and {method!r} is not one"
     if group is not None and not spec.per_group:
         return f"{spec.name} is not reported per group: watch {method}/{spec.name}"
-    if probe is None:
-        return None
-    unmet = metric_registry.unmet_needs(key, _have(probe))
+    unmet = () if probe is None else metric_registry.unmet_needs(key, _have(probe))
     if unmet:
         who = {n: "per-group keys need" if n == "groups" and n not in spec.needs else f"{spec.name} needs"
                for n in unmet}
         return "; ".join(f"{who[n]} {metric_registry.need_text(n)}, and the probe has none" for n in unmet)
+    read = {r: key_problem(f"{method}/{r}", methods, metrics, probe) for r in spec.reads}
+    if read and all(read.values()):  # a probe-level row over other rows' values: none of them is computed
+        absent = [r for r in spec.reads if r not in metrics]
+        why = "; ".join(p for r, p in read.items() if r in metrics) or "none of them is among the monitor's metrics"
+        return (f"{spec.name} is computed from {' or '.join(spec.reads)}: {why}"
+                + (f"; add {' or '.join(absent)} to SaliencyMonitor(metrics=...)" if absent else ""))
+    if probe is None:
+        return None
     if group is not None and group not in probe.group_names:
         close = difflib.get_close_matches(group, probe.group_names, n=1)
         return (f"the probe has no group {group!r}" + (f" (did you mean {close[0]!r}?)" if close else "")

@@ -182,3 +182,38 @@ def test_alarms_the_configuration_can_produce_are_accepted(tmp_path):
     assert all(k in monitor.latest["metrics"] for k in keys)  # each one reported, as the check promised
     assert sorted(map(id, monitor._alarms)) == sorted(map(id, alarms))
     assert os.path.exists(os.path.join(trainer.log_dir, "saliency", "report.json"))
+
+
+# -------------------------------------------------------------------------------- the check agrees with the audit
+
+
+@pytest.mark.parametrize("masks", ["none", "object", "spurious", "both"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_key_problem_agrees_with_what_an_audit_reports(masks, grouped):
+    """Over probes with and without each kind of mask and groups, and metric sets whose probe-level rows lack
+    what they read: a key is in the audit's summary exactly when :func:`key_problem` finds nothing against it."""
+    from lightning_saliency.audit import DEFAULT_METRICS, AuditSpec, audit_shard, summarize
+    from lightning_saliency.checks import reported_keys
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    region = torch.zeros(4, 8, 8)
+    region[:, :4] = 1
+    probe = ProbeSet(torch.rand(4, 3, 8, 8, generator=g), torch.tensor([0, 1, 0, 1]),
+                     groups=["a", "b", "a", "b"] if grouped else None,
+                     object_masks=region if masks in ("object", "both") else None,
+                     spurious_masks=1 - region if masks in ("spurious", "both") else None)
+    methods = ("gradient", "input_x_gradient")
+    metric_sets = [tuple(m for m in DEFAULT_METRICS if m != "drift") + ("completeness_gap",),
+                   ("attention_disparity",), ("attention_disparity", "object_mass")]
+    for metrics in metric_sets:
+        spec = AuditSpec(methods=methods, metrics=metrics, stability_k=1, expensive_images=2)
+        reported = summarize(audit_shard(model, probe, spec, on_error="raise"), probe, spec)
+        candidates = reported_keys(methods, metrics) + ["probe/accuracy/class_1", "probe/accuracy/a",
+                                                        "probe/accuracy/z"]
+        candidates += [f"{k}/{grp}" for k in reported_keys(methods, metrics) if not k.startswith("probe/")
+                       for grp in ("a", "z")]
+        for key in candidates:
+            problem = key_problem(key, methods, metrics, probe)
+            assert (key in reported) == (problem is None), (key, metrics, problem)

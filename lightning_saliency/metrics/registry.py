@@ -80,6 +80,8 @@ class MetricSpec:
         compute: ``compute(ctx: AuditContext, methods) -> {method[+suffix]: values [n]}`` (per-image rows).
         summary: ``summary(result, probe, method) -> float | None`` (probe-level rows, computed over groups).
         builtin: a row of the package (``False``: added with :func:`register_metric`).
+        reads: metrics whose per-image values ``summary`` reads, in order of preference (one suffices): a
+            probe-level row is reported only when one of them is computed too.
 
     Example:
         >>> get_metric("object_mass").direction, get_metric("object_mass").per_group
@@ -99,6 +101,7 @@ class MetricSpec:
     compute: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False, compare=False)
     summary: Callable[..., float | None] | None = field(default=None, repr=False, compare=False)
     builtin: bool = True
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -241,8 +244,12 @@ def _quiet(fn: Callable[[], dict]) -> dict:
         return fn()
 
 
+_DISPARITY_READS = ("spurious_mass", "object_mass")  # the per-image statistic: spurious mass, else object mass
+
+
 def _disparity(result: Any, probe: Any, method: str) -> float | None:
-    stat = result.per_image.get(f"{method}/spurious_mass", result.per_image.get(f"{method}/object_mass"))
+    stat = next((result.per_image[k] for k in (f"{method}/{r}" for r in _DISPARITY_READS) if k in result.per_image),
+                None)
     if stat is None:
         return None
     return _quiet(lambda: _f().attention_disparity(stat, probe.groups))["disparity"]
@@ -261,7 +268,7 @@ _BUILTIN = (
                needs=("object_masks",), per_group=True, default=True,
                compute=_mask_metric("region_mass", "object_masks")),
     MetricSpec("attention_disparity", False, "gap between group means of spurious (else object) mass",
-               needs=("groups", "masks"), default=True, summary=_disparity),
+               needs=("groups", "masks"), default=True, summary=_disparity, reads=_DISPARITY_READS),
     MetricSpec("pointing_game", True, "share of maps whose maximum lies in the object mask, per group",
                needs=("object_masks",), per_group=True, default=True,
                compute=_mask_metric("pointing_game", "object_masks")),
