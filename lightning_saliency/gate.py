@@ -33,8 +33,7 @@ Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Pyt
     "gradcam/stability" = 0.8
 
 Keys contain ``/`` so they are quoted. Rules from the command line are added to the file's rules; a
-command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2), and so is
-``epoch`` written after a table header (TOML reads it as part of that table): the message says to move it up.
+command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2).
 
 Outputs: a plain aligned table (rule, value, threshold, verdict) on stdout; ``--json`` prints one JSON object
 instead; ``--junit FILE`` writes JUnit XML with one test case per rule (a failing rule is a ``<failure>``,
@@ -214,6 +213,9 @@ def _load_toml(path: Path) -> dict:
 def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
     """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector.
 
+    ``epoch`` written after a table header is an error that says to move it up: TOML reads every key after
+    ``[max]`` as part of that table, so it would otherwise be taken for a metric named "epoch".
+
     Example:
         >>> import pathlib, tempfile
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "gate.toml"
@@ -275,6 +277,24 @@ def _closest(key: str, candidates: Any) -> str | None:
     return matches[0] if matches else None
 
 
+def _probe_lacks(key: str, data: dict) -> str:
+    """Why no audit of report ``data`` has ``key``, when its probe lacked the masks or groups it needs (else "")."""
+    from .metrics.registry import metric_of_key, need_text, unmet_needs  # torch-free
+
+    probe, audits = data.get("probe"), data.get("audits") or []
+    if not isinstance(probe, dict) or not audits or metric_of_key(key) is None or \
+            any(key in a["metrics"] for a in audits):
+        return ""
+    known = [n for n in ("object_masks", "spurious_masks", "groups") if n in probe]  # older reports: judge less
+    unmet = [n for n in unmet_needs(key, {n for n in known if probe[n]})
+             if n in known or (n == "masks" and len(known) >= 2)]
+    spec = metric_of_key(key)[0]
+    who = {n: "per-group keys need" if n == "groups" and n not in spec.needs else f"{spec.name} needs" for n in unmet}
+    why = "; ".join(f"{who[n]} {need_text(n)}, and this report's probe had none" for n in unmet)
+    shown = ", ".join(sorted(audits[-1]["metrics"])[:60]) or "none"
+    return f"metric {key!r} is in no audit of this report: {why}; available keys: {shown}" if why else ""
+
+
 def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) -> str:
     available = sorted(audit["metrics"])
     hint = _closest(key, available)
@@ -296,20 +316,6 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
     else:
         msg += "; that audit recorded no metrics (see its errors with `lightning-saliency show`)"
     return msg
-
-
-def _probe_lacks(key: str, probe: Any) -> str:
-    """Why the report's probe could never give ``key`` (masks or groups it did not have), else ``""``."""
-    from .metrics.registry import metric_of_key, need_text, unmet_needs  # torch-free
-
-    if not isinstance(probe, dict) or metric_of_key(key) is None:
-        return ""
-    known = [n for n in ("object_masks", "spurious_masks", "groups") if n in probe]  # older reports: judge less
-    unmet = [n for n in unmet_needs(key, {n for n in known if probe[n]})
-             if n in known or (n == "masks" and len(known) >= 2)]
-    spec = metric_of_key(key)[0]
-    who = {n: "per-group keys need" if n == "groups" and n not in spec.needs else f"{spec.name} needs" for n in unmet}
-    return "; ".join(f"{who[n]} {need_text(n)}, and this report's probe had none" for n in unmet)
 
 
 def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule]) -> tuple[int, str]:
@@ -357,12 +363,10 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     """
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
+    why = next(filter(None, (_probe_lacks(rule.key, data) for rule in rules)), "")
+    if why:  # a need the probe did not meet: said, rather than the closest other key suggested
+        raise GateError(why)
     audits = data.get("audits") or []
-    for rule in rules:  # a need the probe did not meet: say so, rather than suggest the closest other key
-        why = "" if any(rule.key in a["metrics"] for a in audits) else _probe_lacks(rule.key, data.get("probe"))
-        if why:
-            raise GateError(f"metric {rule.key!r} is in no audit of this report: {why}; available keys: "
-                            + ", ".join(sorted(audits[-1]["metrics"])[:60] if audits else ["none"]))
     index, selection = select_audit(audits, epoch, rules)
     audit = audits[index]
     where = f"the {selection} audit (epoch {audit.get('epoch')}, audit {index + 1} of {len(audits)})"
