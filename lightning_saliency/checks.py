@@ -5,8 +5,7 @@ construction and setup, so that a configuration that cannot work fails before th
 fix in the message, instead of warning at every audit or staying silent:
 
 - :func:`check_method_options`: every ``method_options`` key is an option of some method (else the closest
-  option and the method it belongs to); the options the audit sets itself are refused; an option of a method
-  the audit does not compute warns that it has no effect.
+  option and the method it belongs to); the options the audit sets itself are refused.
 - :func:`key_problem`: why an audit of these methods and metrics on this probe never reports a key (an alarm's
   ``metric``): an unknown metric or method, a method or metric not configured, a need (masks, groups, a signed
   method) the probe or the method does not meet, a group or class the probe does not have.
@@ -15,7 +14,7 @@ fix in the message, instead of warning at every audit or staying silent:
 
 What a metric needs is read from the metric registry (``MetricSpec.needs``,
 :func:`~lightning_saliency.metrics.registry.unmet_needs`), option names and owners from the method registry:
-no name is listed here.
+no method, metric or option of theirs is named here.
 
 Example:
     >>> import torch
@@ -30,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,8 +46,9 @@ def check_method_options(options: Mapping[str, Any] | None, methods: Sequence[st
     """``options`` as a dict, once every key is known to the method registry.
 
     An unknown key is a ``ValueError`` naming the closest option and its method; ``on_error`` and
-    ``return_info`` (:data:`AUDIT_SETS`) are refused; an option of a method not in ``methods`` (nor a part of
-    one, as ``gradcam`` is of ``guided_gradcam``) has no effect and warns so.
+    ``return_info`` (:data:`AUDIT_SETS`) are refused. An option of a method not in ``methods`` is accepted:
+    a metric may run that method itself with the audit's options (the agreement metrics run ``shapley``), and a
+    config file's options may outlive a method dropped on the command line; it changes nothing otherwise.
 
     Example:
         >>> check_method_options({"ig_steps": 8}, ("integrated_gradients",))
@@ -63,20 +62,14 @@ def check_method_options(options: Mapping[str, Any] | None, methods: Sequence[st
         raise ValueError(f"method_options must be a dict of option -> value, got {type(options).__name__}")
     options = dict(options or {})
     known = list(method_registry.all_options())
-    computed = set(methods) | {p for m in methods for p in method_registry.get_method(m).parts}
     for key in options:
-        owner = method_registry.option_owner(key) if isinstance(key, str) else None
-        if owner is None:
+        if not isinstance(key, str) or method_registry.option_owner(key) is None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}, an option of {method_registry.option_owner(close[0])}?)" \
                 if close else ""
             raise ValueError(f"method_options: unknown option {key!r}{hint}; the options are: {', '.join(known)}")
         if key in AUDIT_SETS:
             raise ValueError(f"method_options: {key!r} is set by the audit itself; use {AUDIT_SETS[key]}")
-        if owner != "attribute" and owner not in computed:
-            warnings.warn(f"method_options: {key!r} is an option of {owner}, which is not among the methods "
-                          f"({', '.join(methods)}): it has no effect; add {owner!r} to methods or drop the option",
-                          UserWarning, stacklevel=4)
     return options
 
 
@@ -86,11 +79,15 @@ def _have(probe: Any) -> set[str]:
                                      ("groups", probe.groups)) if value is not None}
 
 
-def _probe_key_problem(key: str, probe: Any) -> str | None:
+def _probe_level(spec: Any) -> bool:
+    """Whether a row scores the model on the probe (keys ``probe/<name>``) rather than a method's maps."""
+    return bool(getattr(spec, "probe_level", False))
+
+
+def _accuracy_problem(key: str, probe: Any) -> str | None:
     parts = key.split("/", 2)
-    if len(parts) < 2 or parts[1] != "accuracy" or (len(parts) == 3 and not parts[2]):
-        return (f"{key!r} is not a key the audit reports: the probe's are probe/accuracy, "
-                "probe/accuracy/class_<k> and probe/accuracy/<group>")
+    if len(parts) == 3 and not parts[2]:
+        return f"{key!r} is not a key the audit reports: probe/accuracy/class_<k> and probe/accuracy/<group> are"
     if len(parts) == 2 or probe is None or probe.targets.ndim != 1:
         return None
     names = [f"class_{k}" for k in sorted(set(probe.targets.tolist()))] + probe.group_names
@@ -114,10 +111,10 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
         "the monitor does not compute 'gradcam' (its methods: gradient): add it to SaliencyMonitor(methods=...)"
     """
     key = str(key)
-    if key.split("/", 1)[0] == "probe":
-        return _probe_key_problem(key, probe)
     parts = key.split("/", 2)
-    if len(parts) < 2 or not all(parts):
+    if parts[:2] == ["probe", "accuracy"]:
+        return _accuracy_problem(key, probe)
+    if len(parts) < 2 or not all(parts[:2]):
         return f"{key!r} is not a report key: keys are <method>/<metric> and, per group, <method>/<metric>/<group>"
     method = parts[0]
     found = metric_registry.metric_of_key(key)
@@ -125,7 +122,10 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
         close = difflib.get_close_matches(parts[1], metric_registry.metric_names(), n=1)
         return f"no metric is named {parts[1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
     spec, _, group = found
-    if method not in methods:
+    if (method == "probe") != _probe_level(spec):
+        return f"{spec.name} scores the model on the probe: watch probe/{spec.name}" if _probe_level(spec) else \
+            f"{spec.name} is reported per method, not for the probe: watch <method>/{spec.name}"
+    if method not in methods and not _probe_level(spec):
         if method not in method_registry.method_names():
             return f"no method is named {method!r} (the monitor's methods: {', '.join(methods)})"
         return f"the monitor does not compute {method!r} (its methods: {', '.join(methods)}): add it to " \
@@ -165,8 +165,9 @@ def reported_keys(methods: Sequence[str], metrics: Sequence[str], probe: Any = N
         >>> reported_keys(("gradient",), ("drift", "deletion_auc"))
         ['gradient/drift', 'gradient/deletion_auc', 'gradient/deletion_auc_random', 'probe/accuracy']
     """
-    keys = [f"{m}/{k}{suffix}" for m in methods for k in metrics
-            for suffix in ("", *metric_registry.get_metric(k).extra_keys)] + ["probe/accuracy"]
+    rows = [metric_registry.get_metric(k) for k in metrics]
+    keys = [f"{m}/{r.name}{suffix}" for r in rows for m in (("probe",) if _probe_level(r) else methods)
+            for suffix in ("", *r.extra_keys)] + ["probe/accuracy"]
     return [k for k in keys if key_problem(k, methods, metrics, probe) is None]
 
 
