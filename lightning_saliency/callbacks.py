@@ -92,9 +92,11 @@ def _check_arguments(probe: Any, every_n_epochs: int, on_error: str, expensive_e
         raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
 
 
-def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec: AuditSpec) -> Any:
-    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit) and
-    the options' values, and resolve the target layer when a method of ``spec`` needs one (else ``None``)."""
+def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec: AuditSpec,
+                  alarms: Sequence[Any] = ()) -> Any:
+    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit), the
+    options' values and that each alarm can fire on this probe; resolve the target layer when a method of
+    ``spec`` needs one (else ``None``)."""
     example = probe.inputs[:2].to(pl_module.device)
     param = next(pl_module.parameters(), None)
     if param is not None and param.is_floating_point() and example.is_floating_point():
@@ -119,6 +121,8 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec:
             get_method(method).validate(opts, probe.inputs)
         except ValueError as e:
             raise ValueError(f"SaliencyMonitor(method_options=...): {e}") from e
+    for alarm in alarms:  # the probe's masks and groups are known now
+        check_alarm(alarm.metric, spec.methods, spec.metrics, probe)
     if not any(needs_layer(m) for m in spec.methods):
         return None  # gradient-only (or any layer-free methods): a model without a spatial layer is fine
     from .layers import resolve_layer
@@ -341,10 +345,8 @@ class SaliencyMonitor(_Base):
                     f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
                     "be comparable. Resume with the same probe, or pass allow_probe_change=True")
             self.history = []
-        target = _target_layer(pl_module, probe, self.layer, self.spec)
+        target = _target_layer(pl_module, probe, self.layer, self.spec, self._alarms)
         self.spec.layer, self.layer_name = (target, target.name) if target is not None else (self.layer, None)
-        for alarm in self._alarms:  # the probe's masks and groups are known now: can each alarm ever fire?
-            check_alarm(alarm.metric, self.spec.methods, self.spec.metrics, probe)
         rank, world = _world(trainer)
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)

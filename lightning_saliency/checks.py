@@ -32,14 +32,19 @@ import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .methods import registry as method_registry
-from .metrics import registry as metric_registry
-from .sampling import _MASK_KEYS  # the item keys a drawn probe reads its masks from
+from .metrics import registry as metric_registry  # torch-free: the gate reads report_probe_problem from here
 
-__all__ = ["AUDIT_SETS", "check_alarm", "check_method_options", "key_problem", "reported_keys"]
+__all__ = ["AUDIT_SETS", "check_alarm", "check_method_options", "key_problem", "report_probe_problem", "reported_keys"]
 
 #: engine options of :func:`~lightning_saliency.attribute` that the audit passes itself at every call
 AUDIT_SETS = {"on_error": "SaliencyMonitor(on_error=...)", "return_info": "nothing: the audit always asks for it"}
+
+
+def _methods() -> Any:
+    """The method registry, imported on use: importing this module (the gate does) does not import torch."""
+    from .methods import registry
+
+    return registry
 
 
 def check_method_options(options: Mapping[str, Any] | None, methods: Sequence[str]) -> dict[str, Any]:
@@ -61,11 +66,11 @@ def check_method_options(options: Mapping[str, Any] | None, methods: Sequence[st
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"method_options must be a dict of option -> value, got {type(options).__name__}")
     options = dict(options or {})
-    known = list(method_registry.all_options())
+    known = list(_methods().all_options())
     for key in options:
-        if not isinstance(key, str) or method_registry.option_owner(key) is None:
+        if not isinstance(key, str) or _methods().option_owner(key) is None:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}, an option of {method_registry.option_owner(close[0])}?)" \
+            hint = f" (did you mean {close[0]!r}, an option of {_methods().option_owner(close[0])}?)" \
                 if close else ""
             raise ValueError(f"method_options: unknown option {key!r}{hint}; the options are: {', '.join(known)}")
         if key in AUDIT_SETS:
@@ -126,15 +131,15 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
         return f"{spec.name} scores the model on the probe: watch probe/{spec.name}" if _probe_level(spec) else \
             f"{spec.name} is reported per method, not for the probe: watch <method>/{spec.name}"
     if method not in methods and not _probe_level(spec):
-        if method not in method_registry.method_names():
+        if method not in _methods().method_names():
             return f"no method is named {method!r} (the monitor's methods: {', '.join(methods)})"
         return f"the monitor does not compute {method!r} (its methods: {', '.join(methods)}): add it to " \
                "SaliencyMonitor(methods=...)"
     if spec.name not in metrics:
         return f"{spec.name} is not among the monitor's metrics ({', '.join(metrics)}): add it to " \
                "SaliencyMonitor(metrics=...)"
-    if "signed" in spec.needs and not method_registry.is_signed(method):
-        return f"{spec.name} is computed for signed methods only ({', '.join(method_registry.SIGNED_METHODS)}), " \
+    if "signed" in spec.needs and not _methods().is_signed(method):
+        return f"{spec.name} is computed for signed methods only ({', '.join(_methods().SIGNED_METHODS)}), " \
                f"and {method!r} is not one"
     if group is not None and not spec.per_group:
         return f"{spec.name} is not reported per group: watch {method}/{spec.name}"
@@ -192,9 +197,35 @@ def check_alarm(metric: str, methods: Sequence[str], metrics: Sequence[str], pro
         hint = f" Did you mean {close[0]!r}?" if close else ""
     elif probe is not None and metric_registry.unmet_needs(metric, _have(probe)):
         unmet = metric_registry.unmet_needs(metric, _have(probe))
+        from .sampling import _MASK_KEYS  # the item keys a drawn probe reads its masks from
+
         drawn = [f"{key!r}" for need, key in _MASK_KEYS.items() if need in unmet or "masks" in unmet]
         hint = (" A probe drawn from the validation data (probe=None) takes masks from the items' "
                 f"{' and '.join(drawn)} entries." if drawn else "") + " Or watch a key this configuration reports."
     groups = " (per-group keys add '/<group>')" if probe is None or probe.groups is not None else ""
     raise ValueError(f"ShortcutAlarm(metric={metric!r}) watches a key this configuration never reports: {problem}."
                      f"{hint} Keys it reports: {', '.join(keys)}{groups}")
+
+
+def report_probe_problem(key: str, data: Mapping[str, Any]) -> str:
+    """Why no audit of report ``data`` has ``key`` when its probe lacked the masks or groups ``key`` needs (the
+    gate's message then says so instead of suggesting the closest other key), else ``""``. Torch-free.
+
+    Example:
+        >>> data = {"probe": {"object_masks": True, "spurious_masks": False, "groups": None},
+        ...         "audits": [{"metrics": {"gradcam/object_mass": 0.5}}]}
+        >>> print(report_probe_problem("gradcam/spurious_mass", data))  # doctest: +ELLIPSIS
+        metric 'gradcam/spurious_mass' is in no audit of this report: spurious_mass needs spurious masks ..., and this report's probe had none; available keys: gradcam/object_mass
+    """
+    probe, audits = data.get("probe"), data.get("audits") or []
+    found = metric_registry.metric_of_key(key)
+    if not isinstance(probe, dict) or not audits or found is None or any(key in a["metrics"] for a in audits):
+        return ""
+    known = [n for n in ("object_masks", "spurious_masks", "groups") if n in probe]  # older reports: judge less
+    unmet = [n for n in metric_registry.unmet_needs(key, {n for n in known if probe[n]})
+             if n in known or (n == "masks" and len(known) >= 2)]
+    who = {n: "per-group keys need" if n == "groups" and n not in found[0].needs else f"{found[0].name} needs"
+           for n in unmet}
+    why = "; ".join(f"{who[n]} {metric_registry.need_text(n)}, and this report's probe had none" for n in unmet)
+    shown = ", ".join(sorted(audits[-1]["metrics"])[:60]) or "none"
+    return f"metric {key!r} is in no audit of this report: {why}; available keys: {shown}" if why else ""

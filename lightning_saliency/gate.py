@@ -277,24 +277,6 @@ def _closest(key: str, candidates: Any) -> str | None:
     return matches[0] if matches else None
 
 
-def _probe_lacks(key: str, data: dict) -> str:
-    """Why no audit of report ``data`` has ``key``, when its probe lacked the masks or groups it needs (else "")."""
-    from .metrics.registry import metric_of_key, need_text, unmet_needs  # torch-free
-
-    probe, audits = data.get("probe"), data.get("audits") or []
-    if not isinstance(probe, dict) or not audits or metric_of_key(key) is None or \
-            any(key in a["metrics"] for a in audits):
-        return ""
-    known = [n for n in ("object_masks", "spurious_masks", "groups") if n in probe]  # older reports: judge less
-    unmet = [n for n in unmet_needs(key, {n for n in known if probe[n]})
-             if n in known or (n == "masks" and len(known) >= 2)]
-    spec = metric_of_key(key)[0]
-    who = {n: "per-group keys need" if n == "groups" and n not in spec.needs else f"{spec.name} needs" for n in unmet}
-    why = "; ".join(f"{who[n]} {need_text(n)}, and this report's probe had none" for n in unmet)
-    shown = ", ".join(sorted(audits[-1]["metrics"])[:60]) or "none"
-    return f"metric {key!r} is in no audit of this report: {why}; available keys: {shown}" if why else ""
-
-
 def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) -> str:
     available = sorted(audit["metrics"])
     hint = _closest(key, available)
@@ -363,7 +345,9 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     """
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
-    why = next(filter(None, (_probe_lacks(rule.key, data) for rule in rules)), "")
+    from .checks import report_probe_problem  # torch-free
+
+    why = next(filter(None, (report_probe_problem(rule.key, data) for rule in rules)), "")
     if why:  # a need the probe did not meet: said, rather than the closest other key suggested
         raise GateError(why)
     audits = data.get("audits") or []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,20 +23,24 @@ ENV = {**os.environ, "PYTHONPATH": ROOT}
 COMMAND = [sys.executable, "-c", "import sys; from lightning_saliency.cli import main; sys.exit(main())"]
 
 
-def test_the_command_import_path_loads_neither_torch_nor_numpy():
-    script = textwrap.dedent("""
+def test_the_command_import_path_loads_neither_torch_nor_numpy(tmp_path):
+    report = _report_without(tmp_path, spurious_masks=False, groups=True)  # the gate's probe-needs message path
+    script = textwrap.dedent(f"""
         import contextlib, io, sys
         import lightning_saliency.cli as cli
         heavy = ("torch", "numpy", "lightning", "pytorch_lightning", "matplotlib")
         after_import = [m for m in heavy if m in sys.modules]
-        with contextlib.redirect_stdout(io.StringIO()) as out:
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
             codes = [cli.main(["--help"]), cli.main(["gate", "--help"]), cli.main(["show", "--help"]),
                      cli.main(["report", "--help"])]
-        print(codes, after_import, [m for m in heavy if m in sys.modules], "--max KEY=VALUE" in out.getvalue())
+            after_help = [m for m in heavy if m in sys.modules]
+            codes.append(cli.main(["gate", {str(report)!r}, "--max", "gradcam/spurious_mass=0.2"]))
+        print(codes, after_import, after_help, "torch" in sys.modules, "--max KEY=VALUE" in out.getvalue(),
+              "probe had none" in err.getvalue())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[0,", "0,", "0,", "0]", "[]", "[]", "True"]
+    assert done.stdout.split() == ["[0,", "0,", "0,", "0,", "2]", "[]", "[]", "False", "True", "True"]
 
 
 def _closed_pipe_run(args: list[str], both: bool = False) -> tuple[int, str]:
@@ -92,8 +97,8 @@ def test_a_top_level_key_after_a_table_gets_a_hint(tmp_path):
     late.write_text('[min]\n"gradcam/stability" = 0.0\nepoch = 1\n')  # TOML reads epoch as [min] epoch
     code, err = _gate(run, config=str(late))
     assert code == 2
-    assert "'epoch' under [min] is not a metric key; top-level settings (epoch) must come before the first [table]" \
-        in err
+    assert re.search(r"'epoch' under \[min\] is not a metric key; top-level settings \(epoch[^)]*\) must come before "
+                     r"the first \[table\]", err), err
     early = tmp_path / "early.toml"
     early.write_text('epoch = 1\n[min]\n"gradcam/stability" = 0.0\n')
     assert _gate(run, config=str(early)) == (0, "")
