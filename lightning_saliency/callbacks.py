@@ -478,7 +478,8 @@ class ShortcutAlarm(_Base):
     recorded (the order of the callbacks does not matter). Several alarms may watch different metrics.
 
     Args:
-        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``.
+        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``; one the
+            monitor never reports (a mask metric on a probe without masks, say) fails at setup, saying why.
         threshold: the limit.
         mode: ``"max"``: ``threshold`` is the largest acceptable value (fires when the metric is above it);
             ``"min"``: the smallest acceptable value (fires when below). ``None`` (default): from the metric

@@ -191,12 +191,12 @@ def check_alarm(metric: str, methods: Sequence[str], metrics: Sequence[str], pro
         return
     keys = reported_keys(methods, metrics, probe)
     found = metric_registry.metric_of_key(metric)
+    unmet = () if probe is None else metric_registry.unmet_needs(metric, _have(probe))
     hint = ""
     if found is None or str(metric).split("/", 1)[0] not in methods:  # a name problem: the closest name helps
         close = difflib.get_close_matches(str(metric), keys, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-    elif probe is not None and metric_registry.unmet_needs(metric, _have(probe)):
-        unmet = metric_registry.unmet_needs(metric, _have(probe))
+    elif unmet:
         from .sampling import _MASK_KEYS  # the item keys a drawn probe reads its masks from
 
         drawn = [f"{key!r}" for need, key in _MASK_KEYS.items() if need in unmet or "masks" in unmet]
