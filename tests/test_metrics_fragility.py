@@ -213,14 +213,18 @@ def test_audit_reports_both_keys_for_every_method():
 
 
 def test_monitor_fit_writes_finite_fragility_for_every_method(tmp_path):
-    monitor = SaliencyMonitor(U.probe(), methods=("gradcam", "gradient"), metrics=(*DEFAULT_METRICS, "fragility"),
+    """Acceptance 3 (part): a 2-epoch fit with the default metrics plus fragility writes both keys, finite and
+    in [0, 1], for a gradient-attacked method of each family and for occlusion (random-restart search)."""
+    methods = ("gradcam", "gradient", "occlusion")
+    monitor = SaliencyMonitor(U.probe(), methods=methods, metrics=(*DEFAULT_METRICS, "fragility"),
                               expensive_every_n_audits=1, log_images=0)
     trainer, _ = U.fit([monitor], tmp_path, max_epochs=2)
     with open(os.path.join(trainer.log_dir, "saliency", "report.json")) as f:
         audits = json.load(f)["audits"]
     assert len(audits) == 2
     for audit in audits:
-        for m in ("gradcam", "gradient"):
+        assert not audit["errors"]
+        for m in methods:
             for key in (f"{m}/fragility", f"{m}/fragility_random"):
                 value = audit["metrics"][key]
                 assert value is not None and 0.0 <= value <= 1.0, (key, value)

@@ -228,6 +228,7 @@ def fragility_scores(
     explain: Explain | None = None,
     value_range: tuple[float, float] | None = None,
     batch_size: int | None = None,
+    attack: bool = True,
     **options: Any,
 ) -> dict[str, Tensor]:
     """The top-k attack and its random control (module docstring), per image.
@@ -247,6 +248,8 @@ def fragility_scores(
             :func:`~lightning_saliency.attribute` with ``method``, ``layer``, ``reshape`` and ``options``.
         value_range: ``(lo, hi)`` to clip attacked inputs to and to scale ``ε``; default the inputs' min and max.
         batch_size: most images per surrogate pass and per forward.
+        attack: ``False`` computes the control only (what :func:`fragility_random` returns); ``"fragility"``
+            is then the random-restart search of the control's draws.
 
     Returns:
         ``{"fragility": [N], "random": [N], "inputs": [N, C, H, W] the best attacked inputs (``x`` where no
@@ -325,7 +328,7 @@ def fragility_scores(
 
         gradient = torch.zeros(n, dtype=torch.bool, device=x0.device)
         best, best_x = searched.clone(), searched_x
-        if gradient_attackable(method):
+        if attack and gradient_attackable(method):
             try:
                 sur = _Surrogate.build(model, method, beta, layer, reshape, x0[:1])
             except Exception as err:  # noqa: BLE001 - a model that cannot be copied: the search stands
@@ -394,4 +397,5 @@ def fragility_random(model: nn.Module, inputs: Tensor, targets: Tensor | None = 
         >>> fragility_random(lin, torch.rand(4, 1, 4, 4)).tolist()
         [0.0, 0.0, 0.0, 0.0]
     """
+    kwargs.setdefault("attack", False)  # the control's draws come first: the same values as with the attack
     return fragility_scores(model, inputs, targets, method, epsilon, steps, k, **kwargs)["random"]
