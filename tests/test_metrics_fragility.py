@@ -228,3 +228,21 @@ def test_monitor_fit_writes_finite_fragility_for_every_method(tmp_path):
             for key in (f"{m}/fragility", f"{m}/fragility_random"):
                 value = audit["metrics"][key]
                 assert value is not None and 0.0 <= value <= 1.0, (key, value)
+
+
+def test_surrogate_maps_are_the_engine_maps_on_a_network_without_relu():
+    """With nothing to swap, the surrogate's differentiable maps are the engine's maps (CAM: HiResCAM's formula,
+    equal to CAM up to the pool's 1/hw on a global-average-pool + linear head)."""
+    from lightning_saliency.metrics.fragility import _Surrogate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 5, 3, padding=1), nn.Tanh(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    x = _images(0, n=3, size=8)
+    t = torch.tensor([0, 1, 2])
+    methods = ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "gradient", "input_x_gradient")
+    ref = attribute(model, x, t, methods=methods, layer="3")
+    for m in methods:
+        got = _Surrogate.build(model, m, 30.0, "3", None, x[:1]).map(x.clone().requires_grad_(True), t)
+        want = ref[m].abs() / (64 if m == "cam" else 1)  # cam: the pool averages 8x8 activations
+        assert torch.allclose(got.detach(), want, rtol=1e-4, atol=1e-6), m
