@@ -81,6 +81,11 @@ def test_attacked_inputs_keep_the_class_and_stay_in_the_ball_and_range():
     assert float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
     with torch.no_grad():
         assert torch.equal(model(xa).argmax(1), model(x).argmax(1))
+    # by default each image's own range bounds it, and ε is 2 % of that range
+    own = fragility_scores(model, x, method="gradient")["inputs"]
+    lo, hi = x.flatten(1).amin(1), x.flatten(1).amax(1)
+    assert bool((own.flatten(1).amin(1) >= lo).all() and (own.flatten(1).amax(1) <= hi).all())
+    assert bool(((own - x).flatten(1).abs().amax(1) <= 0.02 * (hi - lo) + 1e-6).all())
     # the value reported is the one of the inputs returned, measured on the real model
     m0 = attribute(model, x, model(x).argmax(1), methods=("gradient",))["gradient"]
     ma = attribute(model, xa, model(x).argmax(1), methods=("gradient",))["gradient"]
@@ -246,3 +251,14 @@ def test_surrogate_maps_are_the_engine_maps_on_a_network_without_relu():
         got = _Surrogate.build(model, m, 30.0, "3", None, x[:1]).map(x.clone().requires_grad_(True), t)
         want = ref[m].abs() / (64 if m == "cam" else 1)  # cam: the pool averages 8x8 activations
         assert torch.allclose(got.detach(), want, rtol=1e-4, atol=1e-6), m
+
+
+def test_an_image_scores_the_same_whichever_images_it_is_scored_with():
+    """Per-image range, ε and seeds: a DDP shard scores its images as the whole probe does."""
+    model, x = _cnn(0), _images(0, n=8)
+    whole = fragility_scores(model, x, method="gradient")
+    part = fragility_scores(model, x[3:6], method="gradient", positions=torch.tensor([3, 4, 5]))
+    assert torch.equal(part["random"], whole["random"][3:6])
+    assert torch.equal(part["fragility"], whole["fragility"][3:6])
+    shifted = fragility_scores(model, x[3:6], method="gradient")  # positions 0..2: other draws
+    assert not torch.equal(shifted["random"], whole["random"][3:6])

@@ -6,15 +6,17 @@ original map's top-``k`` pixels::
 
     x' ← clip_ε(x' − α · sign(∇ D(x'))),   α = 2.5 ε / steps  (Madry et al.'s step for a few steps)
 
-and clipped to the inputs' value range. A step that changes the real model's predicted class is rejected
+and clipped to the value range: each image's own ``[min, max]`` unless ``value_range`` is given (so the value of
+an image does not depend on the other images it is scored with, e.g. a DDP shard). ``ε`` defaults to
+:data:`DEFAULT_EPSILON` of that range. A step that changes the real model's predicted class is rejected
 (``x'`` stays, and that image's step is halved). The map of every accepted ``x'`` is measured on the **real**
 model, and the value per image is the best attack found::
 
     fragility = max over the accepted x' of  1 − |top_k(M(x)) ∩ top_k(M(x'))| / k        (0 at x' = x)
 
 :func:`fragility_random` is the control: ``steps`` draws of random-sign noise ``x + ε·s``, ``s ∈ {−1, +1}^d``
-(same ``ε``, same clipping, same class-preserving rejection, same measurement), averaged over the draws that
-keep the class: what noise of the attack's size does to the map by chance. ``fragility`` well above
+(same ``ε``, same clipping, same class-preserving rejection, same measurement; each image's signs seeded by
+``seed``, its position and the draw), averaged over the draws that keep the class: what noise of the attack's size does to the map by chance. ``fragility`` well above
 ``fragility_random`` means the map can be steered, not merely that it is noisy. Lower is better for both.
 
 **The surrogate.** For a ReLU network a gradient map is piecewise constant in ``x`` (its gradient with respect
@@ -67,7 +69,7 @@ from ._common import _check_maps, _forward, _generator, _is_constant, _warn
 __all__ = ["fragility", "fragility_random", "fragility_scores", "gradient_attackable", "softplus_surrogate",
            "top_k_mask", "DEFAULT_EPSILON", "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_BETA"]
 
-#: ``ε`` when none is given: this fraction of the inputs' value range ``max − min`` (about 5/255 for [0, 1]).
+#: ``ε`` when none is given: this fraction of the value range ``max − min`` (about 5/255 for [0, 1] images).
 DEFAULT_EPSILON = 0.02
 #: attack steps (and random draws of the control).
 DEFAULT_STEPS = 5
@@ -206,6 +208,11 @@ class _Surrogate:
         return torch.zeros_like(x) if d is None else torch.nan_to_num(d.detach(), nan=0.0)
 
 
+def _draw_seed(seed: int, position: int, draw: int) -> int:
+    """The seed of one image's ``draw``-th random signs: a function of the seed, the position and the draw only."""
+    return (int(seed) * 2_654_435_761 + position * 40_503 + draw * 1_000_003 + 97_531) % (2**63 - 1)
+
+
 def _chunks(n: int, batch_size: int | None) -> list[slice]:
     step = n if not batch_size else int(batch_size)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -229,6 +236,7 @@ def fragility_scores(
     value_range: tuple[float, float] | None = None,
     batch_size: int | None = None,
     attack: bool = True,
+    positions: Tensor | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """The top-k attack and its random control (module docstring), per image.
@@ -246,10 +254,13 @@ def fragility_scores(
         maps: ``M(x)`` if already computed (signed maps are read by magnitude).
         explain: ``explain(inputs, targets) -> maps [n, H, W]`` on the real model; default
             :func:`~lightning_saliency.attribute` with ``method``, ``layer``, ``reshape`` and ``options``.
-        value_range: ``(lo, hi)`` to clip attacked inputs to and to scale ``ε``; default the inputs' min and max.
+        value_range: ``(lo, hi)`` to clip attacked inputs to and to scale ``ε``; default each image's own min
+            and max.
         batch_size: most images per surrogate pass and per forward.
         attack: ``False`` computes the control only (what :func:`fragility_random` returns); ``"fragility"``
             is then the random-restart search of the control's draws.
+        positions: ``[N]`` each image's position in the whole probe, which seeds its random signs (default
+            ``0..N-1``): the same image gets the same draws whichever images it is scored with.
 
     Returns:
         ``{"fragility": [N], "random": [N], "inputs": [N, C, H, W] the best attacked inputs (``x`` where no
@@ -275,11 +286,19 @@ def fragility_scores(
     n, _, h, w = inputs.shape
     kk = _k_of(k, h * w)
     x0 = inputs.detach()
-    lo, hi = value_range if value_range is not None else (float(x0.min()), float(x0.max()))
-    lo, hi = float(lo), float(hi)
-    eps = DEFAULT_EPSILON * (hi - lo) if epsilon is None else float(epsilon)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"fragility: epsilon must be a finite number >= 0, got {epsilon!r}")
+    view = (n,) + (1,) * (x0.ndim - 1)
+    if value_range is None:
+        lo, hi = x0.reshape(n, -1).amin(1).reshape(view), x0.reshape(n, -1).amax(1).reshape(view)
+    else:
+        lo, hi = (torch.full(view, float(v), device=x0.device, dtype=x0.dtype) for v in value_range)
+    if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
+                                or not math.isfinite(epsilon) or epsilon < 0):
+        raise ValueError(f"fragility: epsilon must be a finite number >= 0 (input units), got {epsilon!r}")
+    eps = DEFAULT_EPSILON * (hi - lo) if epsilon is None else torch.full(view, float(epsilon), device=x0.device,
+                                                                         dtype=x0.dtype)
+    positions = torch.arange(n) if positions is None else torch.as_tensor(positions).reshape(-1).cpu().long()
+    if positions.shape[0] != n:
+        raise ValueError(f"fragility: {n} inputs but {positions.shape[0]} positions")
     if explain is None:
         def explain(x: Tensor, t: Tensor) -> Tensor:
             return attribute(model, x, t, methods=(method,), layer=layer, reshape=reshape,
@@ -300,24 +319,24 @@ def fragility_scores(
             return 1.0 - (top & top0).sum(1).float() / kk, kept
 
         def clip(x: Tensor) -> Tensor:
-            return torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp(lo, hi)
+            return torch.minimum(torch.maximum(x, torch.maximum(x0 - eps, lo)), torch.minimum(x0 + eps, hi))
 
         m0 = _check_maps(explain(x0, t) if maps is None else maps).to(x0.device)
         if tuple(m0.shape) != (n, h, w):
             raise ValueError(f"fragility: maps must be [N, H, W] = {(n, h, w)}, got {tuple(m0.shape)}")
         top0 = top_k_mask(m0, kk)
         undefined = ~top0.any(1)
-        gen = _generator(torch.device("cpu"), seed)
-
-        def corner() -> Tensor:
-            s = torch.randint(0, 2, x0.shape, generator=gen).to(device=x0.device, dtype=x0.dtype) * 2 - 1
-            return clip(x0 + eps * s)
+        def corner(draw: int) -> Tensor:
+            s = torch.stack([torch.randint(0, 2, x0.shape[1:], generator=_generator(torch.device("cpu"),
+                                                                                    _draw_seed(seed, int(p), draw)))
+                             for p in positions])
+            return clip(x0 + eps * (s.to(device=x0.device, dtype=x0.dtype) * 2 - 1))
 
         # the control: `steps` random corners, each measured; their mean over the class-preserving ones
         total, count = torch.zeros(n, device=x0.device), torch.zeros(n, device=x0.device)
         searched, searched_x = torch.zeros(n, device=x0.device), x0.clone()
-        for _ in range(steps):
-            xr = corner()
+        for draw in range(steps):
+            xr = corner(draw)
             value, kept = measure(xr)
             total += torch.where(kept, value, torch.zeros_like(value))
             count += kept.float()
@@ -346,12 +365,12 @@ def fragility_scores(
 
 
 def _attack(sur: _Surrogate, x0: Tensor, t: Tensor, top0: Tensor, clip: Callable[[Tensor], Tensor],
-            measure: Callable[[Tensor], tuple[Tensor, Tensor]], eps: float, steps: int, batch_size: int | None,
+            measure: Callable[[Tensor], tuple[Tensor, Tensor]], eps: Tensor, steps: int, batch_size: int | None,
             searched: Tensor, searched_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """PGD on the surrogate's ``D``; images with no gradient to follow keep the random search's result."""
     n = x0.shape[0]
     view = (-1,) + (1,) * (x0.ndim - 1)
-    step = torch.full((n,), 2.5 * eps / steps, device=x0.device, dtype=x0.dtype)
+    step = (2.5 / steps) * eps.reshape(n)
     x, best, best_x = x0.clone(), torch.zeros(n, device=x0.device), x0.clone()
     followed = torch.ones(n, dtype=torch.bool, device=x0.device)
     for j in range(steps):

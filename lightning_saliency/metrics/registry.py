@@ -239,7 +239,7 @@ def _fragility(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]
         r = _f().fragility_scores(
             ctx.model, inputs[rows], ctx.targets[rows], method=m, maps=ctx.maps[m][rows],
             explain=lambda x, t, m=m: ctx.explain(x, t, (m,))[m], layer=s.layer, reshape=s.reshape, seed=s.seed,
-            batch_size=s.batch_size, value_range=(float(inputs.min()), float(inputs.max())))
+            batch_size=s.batch_size, positions=ctx.probe.indices[rows.cpu()])
         out[m], out[m + "_random"] = r["fragility"], r["random"]
     return out
 
