@@ -70,8 +70,8 @@ EPS = 1e-12  # the span below which lightning_saliency.maps.normalize makes a ma
 LOGITS = "logits"  # the health entry of the model's outputs
 _PART = re.compile(r"^(?P<what>[^:]+): (?P<k>\d+) of (?P<n>\d+)$")
 _HINTS = {
-    "non-finite logits": "the model's outputs are NaN or inf (diverged weights? a bad input?): every metric and "
-                         "probe/accuracy are null",
+    "non-finite logits": "the model outputs NaN or inf, e.g. its weights diverged: every metric and probe/accuracy "
+                         "are null",
     "non-finite maps": "NaN or inf in the maps: their metrics are null",
     "constant maps": "constant or all-zero maps rank no pixel: their metrics are null (an untrained or dead "
                      "network, or a target layer whose output is all zero?)",
