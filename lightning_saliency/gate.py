@@ -12,10 +12,9 @@ audit's metrics:
   the problem. ``--allow-unhealthy`` gates the rules alone. Reports without ``health`` (older ones) count as
   healthy.
 * Exit codes: ``0`` every rule passed; ``1`` at least one rule failed, or the audit is unhealthy; ``2`` the gate
-  could not decide: the
-  report is missing, unreadable, truncated, of an unknown schema, holds no audits, the requested epoch is not
-  there, a rule's key is absent from the chosen audit (the message lists the available keys and the closest
-  match), or the rules themselves are malformed.
+  could not decide: the report is missing, unreadable, truncated, of an unknown schema, holds no audits, the
+  requested epoch is not there, a rule's key is absent from the chosen audit (the message lists the available
+  keys and the closest match), or the rules themselves are malformed.
 
 Which audit (``--epoch``, or ``epoch`` in the config file):
 
