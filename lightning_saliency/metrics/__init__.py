@@ -7,13 +7,16 @@ Return convention:
   the monitor takes the mean (or the mean per group);
 * ``deletion_auc`` / ``insertion_auc`` return ``{"auc": [N], "curve": [N, T+1], "random_auc": [N],
   "random_curve": [N, T+1]}``;
+* ``fragility`` / ``fragility_random`` return ``[N]`` (``fragility_scores`` both at once, with the attacked
+  inputs);
 * ``randomization_similarity`` returns ``{"all": [N], "cascading/<unit>" | "independent/<unit>": [N], ...}``;
 * ``attention_disparity`` / ``group_divergence`` return a dict of Python numbers with the scalar under
   ``"disparity"`` / ``"divergence"`` and per-group details.
 
 Maps are ``[N, H, W]``; metrics that compare maps read ``|M|`` (signed maps by magnitude). No metric returns
 NaN: each undefined case (all-zero map, constant map, a single group, ``y(x) = y(x′)``) returns the documented
-defined value and emits :class:`UndefinedMetricWarning`.
+defined value and emits :class:`UndefinedMetricWarning`. The one exception is ``fragility``: a constant map has
+no top-k pixels and any number would read as robust, so it is NaN there (with the warning).
 
 The names are imported on first use (``from lightning_saliency.metrics import region_mass`` works as usual), so
 that reading the metric registry (:mod:`lightning_saliency.metrics.registry`, torch-free) does not import torch.
@@ -32,6 +35,7 @@ _EXPORTS = {
                     "faithfulness"),
     **dict.fromkeys(("pointing_game", "region_mass"), "localization"),
     "randomization_similarity": "sanity",
+    **dict.fromkeys(("fragility", "fragility_random", "fragility_scores"), "fragility"),
     **dict.fromkeys(("drift", "drift_from_ranks", "map_ranks", "max_sensitivity", "stability"), "stability"),
     **dict.fromkeys(("UndefinedMetricWarning", "pearson", "rank", "spearman"), "_common"),
     **dict.fromkeys(("MetricSpec", "register_metric"), "registry"),
@@ -45,6 +49,9 @@ __all__ = [
     "deletion_auc",
     "drift",
     "drift_from_ranks",
+    "fragility",
+    "fragility_random",
+    "fragility_scores",
     "gaussian_blur",
     "group_divergence",
     "infidelity",
@@ -65,6 +72,7 @@ if TYPE_CHECKING:
     from ._common import UndefinedMetricWarning, pearson, rank, spearman
     from .disparity import attention_disparity, group_divergence
     from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
+    from .fragility import fragility, fragility_random, fragility_scores
     from .localization import pointing_game, region_mass
     from .registry import MetricSpec, register_metric
     from .sanity import randomization_similarity
