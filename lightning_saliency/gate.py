@@ -11,11 +11,13 @@ audit's metrics:
   there, a rule's key is absent from the chosen audit (the message lists the available keys and the closest
   match), or the rules themselves are malformed.
 
-Which audit (``--epoch``, or ``epoch`` in the config file):
+Which audit (``--stage`` and ``--epoch``, or ``stage`` and ``epoch`` in the config file): among the audits of
+the stage (``fit``, ``validate`` or ``test``; default: the fit audits, or every audit when the report has no
+fit audit, e.g. only a test),
 
-* ``last`` (default): the last audit in the report (the most recent one).
-* ``N``: the last audit whose ``epoch`` is ``N``.
-* ``best``: the audit that passes the most rules; a rule whose key is absent from an audit, or whose value is
+* ``last`` (default): the last one (the latest epoch, then the most recent);
+* ``N``: the last one whose ``epoch`` is ``N`` (the last trained epoch of the weights audited);
+* ``best``: the one that passes the most rules; a rule whose key is absent from an audit, or whose value is
   null, counts as not passed; ties go to the latest audit. Use it to gate a checkpoint selected on the
   audit, not the final weights.
 
@@ -23,6 +25,7 @@ Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Pyt
 
     # gate.toml: rules for `lightning-saliency gate REPORT --config gate.toml`
     epoch = "last"            # optional: "last" (default), "best" or an epoch number
+    stage = "fit"             # optional: "fit" (default, when the report has fit audits), "validate", "test"
 
     [max]                     # value <= threshold
     "gradcam/spurious_mass" = 0.2
@@ -32,7 +35,7 @@ Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Pyt
     "gradcam/stability" = 0.8
 
 Keys contain ``/`` so they are quoted. Rules from the command line are added to the file's rules; a
-command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2).
+command-line ``--epoch`` and ``--stage`` override the file's. Unknown top-level entries are an error (exit 2).
 
 Outputs: a plain aligned table (rule, value, threshold, verdict) on stdout; ``--json`` prints one JSON object
 instead; ``--junit FILE`` writes JUnit XML with one test case per rule (a failing rule is a ``<failure>``,
@@ -69,6 +72,7 @@ __all__ = [
     "GateResult",
     "parse_rule",
     "load_config",
+    "load_selection",
     "select_audit",
     "evaluate",
     "format_table",
@@ -81,7 +85,8 @@ EXIT_PASS = 0
 EXIT_FAIL = 1
 EXIT_ERROR = 2
 
-_CONFIG_KEYS = ("epoch", "max", "min")
+_CONFIG_KEYS = ("epoch", "stage", "max", "min")
+STAGES = ("fit", "validate", "test")  # the report's stages (report.STAGES; not imported: gate stays light)
 
 
 class GateError(Exception):
@@ -156,6 +161,7 @@ class GateResult:
     epoch: Any
     global_step: Any
     results: list[RuleResult] = field(default_factory=list)
+    stage: str = "fit"
 
     @property
     def passed(self) -> bool:
@@ -210,7 +216,8 @@ def _load_toml(path: Path) -> dict:
 
 
 def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
-    """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector.
+    """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector
+    (the optional ``stage``: :func:`load_selection`).
 
     Example:
         >>> import pathlib, tempfile
@@ -219,6 +226,11 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         >>> load_config(p)
         ([Rule(key='gradcam/spurious_mass', mode='max', threshold=0.2)], None)
     """
+    return load_selection(path)[:2]
+
+
+def load_selection(path: str | os.PathLike) -> tuple[list[Rule], str | None, str | None]:
+    """:func:`load_config` and the optional ``stage`` selector: ``(rules, epoch, stage)``."""
     path = Path(path)
     data = _load_toml(path)
     for name in data:
@@ -248,7 +260,10 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, str)):
             raise GateError(f"gate config {path}: epoch must be \"last\", \"best\" or an integer, got {epoch!r}")
         epoch = str(epoch)
-    return rules, epoch
+    stage = data.get("stage")
+    if stage is not None and stage not in STAGES:
+        raise GateError(f"gate config {path}: stage must be one of {', '.join(map(repr, STAGES))}, got {stage!r}")
+    return rules, epoch, stage
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -290,18 +305,34 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
     return msg
 
 
-def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule]) -> tuple[int, str]:
-    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``).
+def _stage(audit: dict) -> str:
+    return str(audit.get("stage") or "fit")
+
+
+def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule],
+                 stage: str | None = None) -> tuple[int, str]:
+    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``), among
+    the audits of ``stage`` (default: the fit audits, or all of them when there is none).
 
     Example:
-        >>> select_audit([{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}}], "0", [])
-        (0, 'epoch 0')
+        >>> audits = [{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}},
+        ...           {"stage": "test", "epoch": 1, "metrics": {}}]
+        >>> select_audit(audits, "0", []), select_audit(audits, None, []), select_audit(audits, None, [], "test")
+        ((0, 'epoch 0'), (1, 'last'), (2, 'last'))
     """
     if not audits:
         raise GateError("the report holds no audits yet: did training reach the first audit epoch?")
+    if stage is not None and stage not in STAGES:
+        raise GateError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    stages = {_stage(a) for a in audits}
+    wanted_stage = stage or ("fit" if "fit" in stages else None)
+    pool = [i for i, a in enumerate(audits) if wanted_stage in (None, _stage(a))]
+    if not pool:
+        raise GateError(f"the report holds no {stage} audit (its stages: {', '.join(sorted(stages))})")
+    all_audits, audits = audits, [audits[i] for i in pool]
     sel = "last" if epoch is None else str(epoch).strip().lower()
     if sel == "last":
-        return len(audits) - 1, "last"
+        return pool[-1], "last"
     if sel == "best":
         for rule in rules:
             if not any(rule.key in a["metrics"] for a in audits):
@@ -311,7 +342,7 @@ def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule])
             score = sum(rule.check(_value(audit["metrics"].get(rule.key))) for rule in rules)
             if score >= best_score:  # ties -> latest
                 best_i, best_score = i, score
-        return best_i, "best"
+        return pool[best_i], "best"
     try:
         wanted = int(sel)
     except ValueError:
@@ -319,13 +350,15 @@ def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule])
     for i in range(len(audits) - 1, -1, -1):
         e = audits[i].get("epoch")
         if isinstance(e, int) and not isinstance(e, bool) and e == wanted:
-            return i, f"epoch {wanted}"
+            return pool[i], f"epoch {wanted}"
     epochs = [a.get("epoch") for a in audits]
     shown = ", ".join(str(e) for e in epochs[:30]) + (" ..." if len(epochs) > 30 else "")
-    raise GateError(f"no audit at epoch {wanted}; audited epochs: {shown}")
+    raise GateError(f"no audit at epoch {wanted} (stage {_stage(audits[0])}); audited epochs: {shown}"
+                    + ("; other stages: choose one with --stage" if len(audits) < len(all_audits) else ""))
 
 
-def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "") -> GateResult:
+def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "",
+             stage: str | None = None) -> GateResult:
     """Check ``rules`` against the chosen audit of report ``data``; :class:`GateError` when undecidable.
 
     Example:
@@ -336,16 +369,18 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
     audits = data.get("audits") or []
-    index, selection = select_audit(audits, epoch, rules)
+    index, selection = select_audit(audits, epoch, rules, stage)
     audit = audits[index]
-    where = f"the {selection} audit (epoch {audit.get('epoch')}, audit {index + 1} of {len(audits)})"
+    where = (f"the {selection} {_stage(audit)} audit (epoch {audit.get('epoch')}, audit {index + 1} of "
+             f"{len(audits)})")
     results = []
     for rule in rules:
         if rule.key not in audit["metrics"]:
             raise GateError(_missing_key_message(rule.key, audit, audits, where))
         value = _value(audit["metrics"][rule.key])
         results.append(RuleResult(rule, value, rule.check(value)))
-    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results)
+    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results,
+                      _stage(audit))
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -371,7 +406,7 @@ def format_table(result: GateResult) -> str:
     head = (
         f"lightning-saliency gate: {_safe(result.report)}\n"
         f"audit: {result.selection} -> epoch {_safe(result.epoch)}, step {_safe(result.global_step)} "
-        f"(audit {result.audit_index + 1} of {result.n_audits})"
+        f"(audit {result.audit_index + 1} of {result.n_audits}, stage {_safe(result.stage)})"
     )
     rows = [("rule", "value", "threshold", "verdict")]
     for r in result.results:
@@ -412,6 +447,7 @@ def to_json(result: GateResult | None = None, error: str | None = None) -> str:
             "exit_code": result.exit_code,
             "report": result.report,
             "selection": result.selection,
+            "stage": result.stage,
             "audit_index": result.audit_index,
             "n_audits": result.n_audits,
             "epoch": result.epoch,
@@ -460,6 +496,7 @@ def to_junit(result: GateResult | None = None, error: str | None = None) -> byte
         for name, value in (
             ("report", result.report),
             ("selection", result.selection),
+            ("stage", result.stage),
             ("epoch", result.epoch),
             ("global_step", result.global_step),
         ):
@@ -490,6 +527,7 @@ def run_gate(
     as_json: bool = False,
     out: Any = None,
     err: Any = None,
+    stage: str | None = None,
 ) -> int:
     """The ``gate`` command: evaluate, print the table (or JSON), write JUnit; return the exit code.
 
@@ -507,15 +545,16 @@ def run_gate(
     try:
         rules: list[Rule] = []
         if config is not None:
-            file_rules, file_epoch = load_config(config)
+            file_rules, file_epoch, file_stage = load_selection(config)
             rules.extend(file_rules)
             epoch = epoch if epoch is not None else file_epoch
+            stage = stage if stage is not None else file_stage
         rules.extend(parse_rule(t, "max") for t in max_rules or [])
         rules.extend(parse_rule(t, "min") for t in min_rules or [])
         if not rules:
             raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
         loaded = load_report(report)
-        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path))
+        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path), stage=stage)
     except (GateError, ReportError) as exc:
         error = str(exc)
     code = result.exit_code if result is not None else EXIT_ERROR
