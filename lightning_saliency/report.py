@@ -38,7 +38,7 @@ and fsync'ed, then renamed over ``report.json`` with ``os.replace``): a killed r
 report, never half of one. Fit audits are keyed by epoch (:func:`place_record`): appending a fit audit for an
 epoch already present replaces it, and :meth:`AuditReport.truncate_after` drops the fit audits after a resumed
 checkpoint's epoch, so a resumed run never duplicates an epoch. Validate and test audits are appended, never
-replaced by another audit. Records are sorted by epoch, then step, in the order they were made.
+replaced by another audit. Records are sorted by epoch, then in the order they were made.
 
 Example:
     >>> import tempfile, os
@@ -103,8 +103,9 @@ def place_record(records: list[dict[str, Any]], record: dict[str, Any], replace:
 
     ``replace`` (default: ``True`` for a fit audit, ``False`` for validate and test) replaces the last record of
     the same stage and epoch in place (a fit audit redone after a resume, an audit completed at fit end);
-    otherwise the record is added. The result is sorted by ``(epoch, global_step)``, stably: records of one
-    epoch and step keep the order they were made in (fit, then validate, then test).
+    otherwise the record is added. The result is sorted by epoch, stably: the records of one epoch keep the
+    order they were made in (fit, then validate, then test; a validate in a fresh process is at its trainer's
+    ``global_step``, 0, whatever the checkpoint's).
 
     Example:
         >>> recs = place_record([], {"stage": "fit", "epoch": 1, "global_step": 6, "v": 1})
@@ -122,7 +123,7 @@ def place_record(records: list[dict[str, Any]], record: dict[str, Any], replace:
         out[same[-1]] = record
     else:
         out.append(record)
-    out.sort(key=lambda r: (r["epoch"], r["global_step"]))
+    out.sort(key=lambda r: r["epoch"])
     return out
 
 
@@ -370,7 +371,7 @@ class AuditReport:
     # -- reading ------------------------------------------------------------------------------------------
     @property
     def audits(self) -> list[dict[str, Any]]:
-        """The audit records, sorted by epoch (then step, then the order they were made in)."""
+        """The audit records, sorted by epoch (then in the order they were made)."""
         return self.data["audits"]
 
     @property
