@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TOML file with [max] / [min] tables of \"key\" = value and an optional epoch")
     gate.add_argument("--epoch", metavar="last|best|N",
                       help="which audit: last (default), best (passes the most rules; ties -> latest), or epoch N")
-    gate.add_argument("--stage", choices=("fit", "validate", "test"),
+    from lightning_saliency.gate import STAGES  # torch- and NumPy-free
+
+    gate.add_argument("--stage", choices=STAGES,
                       help="which stage's audits: fit (default, when the report has any), validate or test")
     gate.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one test case per rule")
     gate.add_argument("--json", dest="as_json", action="store_true", help="print a JSON verdict instead of a table")

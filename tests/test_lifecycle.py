@@ -146,6 +146,20 @@ def test_fit_validate_test_are_three_stages_of_one_run(tmp_path):
     assert len(load_report(moved).audits) == 5
 
 
+def test_a_resume_with_another_probe_is_another_run(tmp_path):
+    """allow_probe_change=True resumes training, but the audits are not comparable: a new report; the old one
+    is moved aside, whole."""
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1)
+    U.fit([_monitor(), ckpt], tmp_path, max_epochs=1, logger=False, enable_checkpointing=True)
+    changed = _monitor(probe_seed=1, allow_probe_change=True)
+    U.fit([changed], tmp_path, max_epochs=2, logger=False, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    saliency = tmp_path / "saliency"
+    assert _stages(load_report(saliency)) == [("fit", 1)]
+    assert load_report(saliency).data["probe"]["fingerprint"] == changed.probe.fingerprint
+    [moved] = _previous(saliency)
+    assert _stages(load_report(moved)) == [("fit", 0)]
+
+
 def test_resume_from_an_old_checkpoint_without_run_id_continues_its_report(tmp_path):
     """Reports and checkpoints written before run ids: the same probe and a history found in the report is
     a resume; the same probe and an empty history is another run."""
