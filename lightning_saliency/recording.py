@@ -137,7 +137,11 @@ class Recorder:
             if old is not None and same_run(old.data, run_id, probe.fingerprint, history):
                 report, fresh = old, False
             else:
-                moved = move_aside(directory, old.data if old is not None else None)
+                try:
+                    moved = move_aside(directory, old.data if old is not None else None)
+                except OSError as e:  # never written over: this run keeps no report, its dashboards go on
+                    self.report, self.sinks = None, sinks_for_loggers(list(trainer.loggers), directory)
+                    return self._failed(e, f"moving another run's {report.path} aside", "no report is written")
                 rank_zero_info(f"lightning-saliency: {report.path} belonged to another run; moved it (and its "
                                f"maps) to {moved}, a new report starts")
         report.set_header(
@@ -162,11 +166,11 @@ class Recorder:
         self._write()
         self.sinks = sinks_for_loggers(list(trainer.loggers), directory)
 
-    def _failed(self, exc: BaseException, what: str = "writing the maps") -> None:
+    def _failed(self, exc: BaseException, what: str = "writing the maps", then: str = "recorded in the report") -> None:
         if not self.warned:
             self.warned = True
-            warnings.warn(f"lightning-saliency: {what} failed ({type(exc).__name__}: {exc}); recorded in the "
-                          "report, training goes on", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"lightning-saliency: {what} failed ({type(exc).__name__}: {exc}); {then}, training "
+                          "goes on", RuntimeWarning, stacklevel=3)
 
     def _write(self, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Write the report; when that fails (``ENOSPC``...), warn once and keep the failure in ``record`` (in

@@ -334,3 +334,20 @@ def test_a_full_disk_is_warned_recorded_and_never_corrupts_the_report(tmp_path, 
     assert "No space left on device" in final.audits[1]["errors"][0]["message"]
     assert not final.audits[0]["errors"] and not final.audits[2]["errors"]
     assert not list((tmp_path / "saliency").glob(".*.tmp"))
+
+
+def test_a_report_that_cannot_be_moved_aside_is_never_written_over(tmp_path, monkeypatch):
+    import lightning_saliency.runs as runs
+
+    old = AuditReport(tmp_path / "saliency" / "report.json")
+    old.append_audit(_rec("fit", 0, 3, 0.1))
+    old.write()
+    before = old.path.read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(runs, "move_aside", refuse)
+    with pytest.warns(RuntimeWarning, match="aside"):
+        trainer, _ = U.fit([_monitor()], tmp_path, max_epochs=1, logger=False)
+    assert trainer.current_epoch == 1 and old.path.read_bytes() == before
