@@ -33,9 +33,11 @@ import torch
 from torch import nn
 
 from ._lightning import Base as _Base
+from ._lightning import audit_stage as _audit_stage
 from ._lightning import eval_source as _eval_source
 from ._lightning import overrides as _overrides
 from ._lightning import stage as _stage
+from ._lightning import trained_epoch as _trained_epoch
 from .audit import (
     DEFAULT_METRICS,
     AuditSpec,
@@ -55,7 +57,7 @@ from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
-from .report import error_record
+from .report import error_record, place_record, stage_of
 
 __all__ = ["SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected"]
 
@@ -278,7 +280,8 @@ class SaliencyMonitor(_Base):
         self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
         self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
         self._prev_ranks_used: dict[str, torch.Tensor] | None = None
-        self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last audit this process made
+        self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last fit audit this process made
+        self._run_id, self._weights_epoch = None, -1  # lightning_saliency.runs; the weights' last trained epoch
         # report.json, maps files, dashboards: written by the recorder, on rank 0
         self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images, on_error=on_error,
                                   class_names=self.class_names, cmap=cmap, image_colors=self.image_colors)
@@ -294,10 +297,10 @@ class SaliencyMonitor(_Base):
 
     def state_dict(self) -> dict[str, Any]:
         fingerprint = self.probe.fingerprint if self.probe is not None else self._loaded_fingerprint
-        return {"fingerprint": fingerprint, "history": [dict(r) for r in self.history]}
+        return {"fingerprint": fingerprint, "history": [dict(r) for r in self.history], "run_id": self._run_id}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_fingerprint = state_dict.get("fingerprint")
+        self._loaded_fingerprint, self._run_id = state_dict.get("fingerprint"), state_dict.get("run_id")
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self._prepared_for = None  # re-check the probe against the checkpoint's at the next start
 
@@ -320,6 +323,9 @@ class SaliencyMonitor(_Base):
             raise ValueError("SaliencyMonitor has no probe: pass probe=ProbeSet.from_dataset(val_set, size=64), or "
                              "give the Trainer validation data to draw one from (val_dataloaders=..., a datamodule "
                              "or a model that defines val_dataloader())")
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._weights_epoch = _trained_epoch(checkpoint)  # the weights audited next are the checkpoint's (-1: ?)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._prepare(trainer, pl_module)
@@ -344,7 +350,7 @@ class SaliencyMonitor(_Base):
                     "the probe set differs from the one in the checkpoint being resumed (fingerprint "
                     f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
                     "be comparable. Resume with the same probe, or pass allow_probe_change=True")
-            self.history = []
+            self.history, self._run_id = [], None  # another probe: another run, another report
         target = _target_layer(pl_module, probe, self.layer, self.spec, self._alarms)
         self.spec.layer, self.layer_name = (target, target.name) if target is not None else (self.layer, None)
         rank, world = _world(trainer)
@@ -355,9 +361,9 @@ class SaliencyMonitor(_Base):
         self._prev_maps = None
         self._prev_ranks = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank opens, here
-        self._recorder.open(trainer, pl_module, probe, history=self.history, config={
-            "methods": list(self.spec.methods), "layer": self.layer_name, "metrics": list(self.spec.metrics),
-            "every_n_epochs": self.every_n_epochs})
+        self._run_id = self._recorder.open(trainer, pl_module, probe, history=self.history, run_id=self._run_id,
+            stage=_audit_stage(trainer), config={"methods": list(self.spec.methods), "layer": self.layer_name,
+                                                 "metrics": list(self.spec.metrics), "every_n_epochs": self.every_n_epochs})
 
     # -- when to audit ------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -368,11 +374,11 @@ class SaliencyMonitor(_Base):
                        periodic=len(self.history) % self.expensive_every_n_audits == 0 or _final_epoch(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        epoch = max(int(trainer.current_epoch) - 1, 0)
+        epoch = self._weights_epoch = max(int(trainer.current_epoch) - 1, 0)
         if self._prepared_for == (id(trainer), id(pl_module)):
-            if not any(r["epoch"] == epoch for r in self.history):
+            if not any(r["epoch"] == epoch and stage_of(r) == "fit" for r in self.history):
                 self.audit(trainer, pl_module, epoch=epoch, periodic=True)
-            elif self._lacks_periodic(self.history[-1]) and \
+            elif self._lacks_periodic(self.history[-1]) and stage_of(self.history[-1]) == "fit" and \
                     self._last_audit == (id(trainer), self.history[-1]["epoch"]):
                 # training ended where nobody could tell in advance (an alarm's stop, a time limit, ...): the last
                 # audit, made in this fit, gets the periodic metrics it skipped, from the same weights and the same
@@ -395,40 +401,41 @@ class SaliencyMonitor(_Base):
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
-            self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
+            self.audit(trainer, pl_module, periodic=True)
             self._recorder.flush()
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
-        self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
+        self.audit(trainer, pl_module, periodic=True)
         self._recorder.flush()
 
     # -- one audit ----------------------------------------------------------------------------------------------
-    def audit(self, trainer: Any, pl_module: Any, epoch: int, periodic: bool = True,
+    def audit(self, trainer: Any, pl_module: Any, epoch: int | None = None, periodic: bool = True,
               _completing: dict[str, Any] | None = None) -> dict[str, Any]:
         """Audit now and return the record (on every rank). Called by the hooks; callable by hand too.
 
-        ``periodic=False`` skips the metrics that run the model again (stability and the expensive ones; see
-        :data:`~lightning_saliency.audit.PERIODIC_METRICS`); the hooks pass it for all but every
-        ``expensive_every_n_audits``-th audit and the last one.
+        ``stage``: the trainer's; ``epoch``: the weights' last trained epoch (-1: not known). ``periodic=False``
+        skips the metrics that run the model again (:data:`~lightning_saliency.audit.PERIODIC_METRICS`); the hooks
+        pass it for all but every ``expensive_every_n_audits``-th audit and the last one.
         """
         self._prepare(trainer, pl_module)
-        rank, _ = _world(trainer)
-        started = time.perf_counter()
+        (rank, _), epoch = _world(trainer), self._weights_epoch if epoch is None else epoch
+        stage, started = _audit_stage(trainer), time.perf_counter()
         with _rank0_buffers(trainer, pl_module):
             result = self._audit_shard(pl_module, bool(periodic))
-        self._prev_maps_used, self._prev_ranks_used = self._prev_maps, self._prev_ranks
-        if result.maps:
-            self._prev_maps, self._prev_ranks = result.maps, result.ranks or None
+        if stage == "fit":  # drift compares with the last fit audit: validate/test maps never become the reference
+            self._prev_maps_used, self._prev_ranks_used = self._prev_maps, self._prev_ranks
+            if result.maps:
+                self._prev_maps, self._prev_ranks = result.maps, result.ranks or None
         gathered = _gather(trainer, result)
         record = None
         if rank == 0:
             merged = merge(gathered)
             metrics = summarize(merged, self.probe, self.spec) if merged.maps else {}
             record = self._recorder.record(trainer, merged, metrics, self.probe, epoch, started,
-                                           images=_completing is None)
+                                           images=_completing is None, stage=stage)
         record = _broadcast(trainer, record)
-        self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
-        self._last_audit = (id(trainer), int(record["epoch"]))
+        self.history = place_record(self.history, record)
+        self._last_audit = (id(trainer), int(record["epoch"])) if stage == "fit" else self._last_audit
         for alarm in self._alarms:
             # completing an audit: only the alarms on the metrics it adds have something new to read
             if _completing is None or alarm.metric not in _completing.get("metrics", {}):
@@ -574,7 +581,7 @@ class ShortcutAlarm(_Base):
             return
         self.fired_in_streak = True
         firing = {"name": self.name, "metric": self.metric, "threshold": self.threshold, "mode": self.mode,
-                  "epoch": int(record["epoch"]), "global_step": int(record["global_step"]), "value": float(value),
+                  "stage": stage_of(record), "epoch": int(record["epoch"]), "global_step": int(record["global_step"]), "value": float(value),
                   "action": self.action}
         self.firings.append(firing)
         monitor.record_alarm(trainer, firing)

@@ -3,7 +3,8 @@
 Usage::
 
     lightning-saliency gate REPORT [--max KEY=VALUE]... [--min KEY=VALUE]... [--config gate.toml]
-                               [--epoch last|best|N] [--junit FILE] [--json] [--allow-unhealthy]
+                               [--epoch last|best|N] [--stage fit|validate|test] [--junit FILE] [--json]
+                               [--allow-unhealthy]
     lightning-saliency report LOG_DIR [-o audit.html] [--max-images N] [--max-epochs N] [--cmap NAME]
     lightning-saliency show LOG_DIR
     lightning-saliency --version
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TOML file with [max] / [min] tables of \"key\" = value and an optional epoch")
     gate.add_argument("--epoch", metavar="last|best|N",
                       help="which audit: last (default), best (passes the most rules; ties -> latest), or epoch N")
+    from lightning_saliency.gate import STAGES  # torch- and NumPy-free
+
+    gate.add_argument("--stage", choices=STAGES,
+                      help="which stage's audits: fit (default, when the report has any), validate or test")
     gate.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one test case per rule")
     gate.add_argument("--json", dest="as_json", action="store_true", help="print a JSON verdict instead of a table")
     gate.add_argument("--allow-unhealthy", action="store_true",
@@ -133,9 +138,14 @@ def show(report: str, out: Any = None) -> int:
     latest = audits[-1]
     lines.append(
         f"latest audit: epoch {_safe(latest.get('epoch'))}, step {_safe(latest.get('global_step'))} "
-        f"(audit {len(audits)} of {len(audits)}, {_fmt(latest.get('duration_s'))} s)"
+        f"(audit {len(audits)} of {len(audits)}, {_fmt(latest.get('duration_s'))} s), stage "
+        f"{_safe(latest.get('stage') or 'fit')}"
     )
     lines.append(f"health: {_safe(health_line(latest.get('health')))}")
+    stages = [str(a.get("stage") or "fit") for a in audits]
+    if set(stages) != {"fit"}:
+        lines.append("stages: " + ", ".join(f"{s} {stages.count(s)}" for s in ("fit", "validate", "test")
+                                            if s in stages))
     # metric x method table of the latest audit; per-group keys are counted, not listed
     table: dict[str, dict[str, Any]] = {}
     methods: list[str] = []
@@ -290,7 +300,7 @@ def _main(argv: list[str] | None) -> int:
         from lightning_saliency.gate import run_gate
 
         return run_gate(args.report, max_rules=args.max_rules, min_rules=args.min_rules, config=args.config,
-                        epoch=args.epoch, junit=args.junit, as_json=args.as_json,
+                        epoch=args.epoch, junit=args.junit, as_json=args.as_json, stage=args.stage,
                         allow_unhealthy=args.allow_unhealthy)
     if args.command == "report":
         return _report(args)

@@ -242,7 +242,8 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
 
     methods = [m for m in methods if any(m in arrays for _, arrays, _, _ in per_epoch)] or methods
     last = len(per_epoch) - 1
-    labels = [(_int(e) if _int(e) is not None else f"#{i}") for i, (e, _, _, _) in enumerate(per_epoch)]
+    labels = [f"{_int(a.get('epoch')) if _int(a.get('epoch')) is not None else f'#{i}'}"  # + a validate/test stage
+              + ("" if a.get("stage") in (None, "fit") else f" {str(a.get('stage'))[:10]}".replace(",", " ")) for i, a in enumerate(chosen)]
     out = [
         '<section id="overlays"><h2>Overlays</h2>',
         '<div class="slider"><label for="epoch-slider">Epoch</label>'
@@ -370,7 +371,7 @@ def _section_latest(latest: dict | None) -> str:
         if method not in methods:
             methods.append(method)
     info = (
-        f'<p class="note">epoch {_e(latest.get("epoch"))}, step {_e(latest.get("global_step"))}, '
+        f'<p class="note">{_e(latest.get("stage") or "fit")} audit, epoch {_e(latest.get("epoch"))}, step {_e(latest.get("global_step"))}, '
         f'{_e(latest.get("time", ""))}, took {_e(_fmt(latest.get("duration_s")))} s, '
         f'precision {_e(latest.get("precision", "n/a"))}; health: {_e(health_line(latest.get("health")), 500)}</p>'
         + _unhealthy(latest.get("health"))
@@ -522,7 +523,7 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
         '<a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
         "<main>",
         overlays,
-        _section_curves(audits, alarms),
+        _section_curves([a for a in audits if a.get("stage") in (None, "fit")] or audits, alarms),  # over fit epochs
         _section_latest(latest),
         _section_groups(latest, probe),
         _section_alarms(alarms),

@@ -134,10 +134,13 @@ def test_trainer_validate_and_test_audit_under_inference_mode(tmp_path):
     trainer.validate(U.model(), datamodule=dm)
     trainer.test(U.model(), datamodule=dm)
     report = _report(trainer)
-    assert len(report["audits"]) == 1  # same epoch 0: the test audit replaces the validate one
-    maps = load_maps(os.path.join(trainer.log_dir, "saliency"), 0)
-    assert all(torch.isfinite(torch.as_tensor(maps[m])).all() for m in ("gradcam", "gradient"))
-    assert maps["gradient"].max() > 0
+    # two records, never a replacement; the weights were neither trained nor restored here: epoch -1
+    assert [(a["stage"], a["epoch"]) for a in report["audits"]] == [("validate", -1), ("test", -1)]
+    assert [a["maps"] for a in report["audits"]] == ["maps/validate_001.npz", "maps/test_001.npz"]
+    for audit in report["audits"]:
+        maps = load_maps(os.path.join(trainer.log_dir, "saliency", audit["maps"]))
+        assert all(torch.isfinite(torch.as_tensor(maps[m])).all() for m in ("gradcam", "gradient"))
+        assert maps["gradient"].max() > 0
 
 
 def test_bf16_mixed_precision_gives_finite_maps_and_records_precision(tmp_path):
