@@ -302,7 +302,7 @@ def test_recorder_writes_health_and_its_errors_and_logs_the_text_once_warned():
         record = recorder.record(Trainer(), result, {"gradcam/object_mass": math.nan}, _probe(2), 3, 0.0)
     assert record["health"] == {"logits": "ok", "gradcam": "constant maps: 2 of 2"}
     assert [e["method"] for e in record["errors"]] == ["gradcam"] and not result.errors
-    assert recorder.sinks[0].texts == [("saliency/health", "epoch 3: UNHEALTHY: gradcam: constant maps: 2 of 2", 7)]
+    assert recorder.sinks[0].texts == [("saliency/health", "fit epoch 3: UNHEALTHY: gradcam: constant maps: 2 of 2", 7)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per monitor
         recorder.record(Trainer(), result, {}, _probe(2), 4, 0.0)
