@@ -7,6 +7,9 @@ in all, milliseconds per probe image, and the ratio to the cost of the maps. The
 default metric set of the monitor (region masses, pointing game, stability with k=4, attention disparity,
 group divergence, drift), with stability scoring both methods from the same noisy passes, and the same set
 without stability, which the monitor runs every ``expensive_every_n_audits`` audits and at the last one only.
+``shap_agreement`` and ``lime_agreement`` run as the audit runs them: on the first ``--expensive-images``
+images, two runs of the reference (``shapley`` or ``lime`` at their default settings, seeds 0 and 1) serving
+both methods.
 
 Each figure is the median of ``--repeats`` rounds after one warm-up round. CPU by default, on the threads
 torch is given (set ``OMP_NUM_THREADS`` or ``--threads``).
@@ -34,6 +37,7 @@ from lightning_saliency.layers import resolve_layer
 from lightning_saliency.methods import attribute
 from lightning_saliency.metrics import (
     UndefinedMetricWarning,
+    agreement,
     attention_disparity,
     completeness_gap,
     deletion_auc,
@@ -47,6 +51,7 @@ from lightning_saliency.metrics import (
     region_mass,
     stability,
 )
+from lightning_saliency.patches import pool
 
 METHODS = ("gradcam", "gradient")
 DEFAULT_SET = ("object_mass", "spurious_mass", "pointing_game", "stability", "attention_disparity",
@@ -111,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stability-images", type=int, default=8,
                         help="probe images stability scores (the monitor's default: the first 8)")
+    parser.add_argument("--expensive-images", type=int, default=16,
+                        help="probe images the agreement metrics score (the monitor's default: the first 16)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,6 +141,19 @@ def main(argv: list[str] | None = None) -> None:
     ks = min(args.stability_images, args.images)
     prev = {k: v.roll(1, dims=-1) for k, v in maps.items()}
     ixg = attribute(model, x, targets, methods=("input_x_gradient",))["input_x_gradient"]
+
+    ke = min(args.expensive_images, args.images)
+
+    def agreement_of(reference: str) -> Callable[[], None]:
+        def run() -> None:  # as the audit does it: two reference runs, then every method against them
+            xs, ts = x[:ke], targets[:ke]
+            first = attribute(model, xs, ts, methods=(reference,))[reference]
+            second = attribute(model, xs, ts, methods=(reference,), **{f"{reference}_seed": 1})[reference]
+            ref, again = pool(first.abs(), 8), pool(second.abs(), 8)
+            for m in METHODS:
+                agreement(pool(maps[m][:ke].abs(), 8), ref, again)
+
+        return run
 
     def each(fn: Callable[[torch.Tensor, str], object]) -> Callable[[], None]:
         return lambda: [fn(maps[m], m) for m in METHODS]
@@ -160,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         "randomization (cascading)": ("per top-level unit", each(
             lambda m, name: randomization_similarity(
                 model, explain_model(model, name), x, targets, mode="cascading", maps=m))),
+        "shap_agreement": (f"8x8 cells, 16 permutations x 2 seeds, first {ke} images", agreement_of("shapley")),
+        "lime_agreement": (f"8x8 cells, 500 samples x 2 seeds, first {ke} images", agreement_of("lime")),
     }  # fmt: skip
 
     seconds = {name: timed(fn, args.repeats, args.device) for name, (_, fn) in work.items()}

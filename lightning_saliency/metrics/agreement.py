@@ -14,8 +14,9 @@ and random maps agree a little by chance. So each measure ``a`` is calibrated (:
 ``(a - floor) / (ceiling - floor)``, where the **ceiling** is the agreement of two runs of the reference with
 different seeds and the **floor** the agreement of random maps (i.i.d. uniform cell values, a seeded private
 generator) with the reference. 1 means "agrees with the reference as well as the reference agrees with
-itself", 0 "no better than chance". The ceiling and floor used are the means over the scored images, so that the
-mean of the per-image calibrated values is the calibration of the mean raw value. When the ceiling is less than
+itself", 0 "no better than chance" (values above 1 or below 0 can occur). The ceiling and floor used are the
+means over the scored images, so that the mean of the per-image calibrated values is the calibration of the mean
+raw value (under DDP each rank calibrates with the references of its own shard). When the ceiling is less than
 ``min_gap`` above the floor the reference cannot tell agreement from chance: the calibrated value is NaN (null
 in the report) with an :class:`~lightning_saliency.metrics.UndefinedMetricWarning`, never a made-up 1.0; the
 raw values and both references stay in the report and show why. A constant map has no ranking and no top-k:
