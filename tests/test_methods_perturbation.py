@@ -213,6 +213,7 @@ def test_private_generators_seeded_maps_and_the_global_state_untouched(trained):
     ({"lime_samples": 2.5}, "lime_samples must be a positive int"),
     ({"shapley_grid": 40}, "shapley_grid \\(40, 40\\) has more cells than the image has pixels"),
     ({"lime_sample": 5}, "did you mean 'lime_samples'"),
+    ({"lime_samples": 2, "lime_ridge": 0.0}, "ridge fit is singular .* use lime_ridge > 0 or more lime_samples"),
 ])
 def test_bad_options_say_the_fix(options, match):
     model = PatchAdditive(16, 16, (2, 2))

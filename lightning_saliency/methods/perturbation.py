@@ -158,7 +158,11 @@ def ridge_fit(features: Tensor, targets: Tensor, weights: Tensor, ridge: float) 
     penalty[0] = 0.0
     A = X.T @ (w * X) + torch.diag(penalty)
     B = X.T @ (w * targets.double())
-    return torch.linalg.solve(A, B)[1:].T
+    try:
+        return torch.linalg.solve(A, B)[1:].T
+    except RuntimeError as err:  # torch.linalg.LinAlgError: a singular system (ridge 0, too few samples)
+        raise ValueError(f"the weighted ridge fit is singular ({features.shape[0]} samples, {features.shape[1]} "
+                         f"features, ridge strength {ridge}): use lime_ridge > 0 or more lime_samples") from err
 
 
 def lime(scorer: Scorer, x: Tensor, grid: Any = 8, samples: int = 500, baseline: float | str = 0.0,
