@@ -42,6 +42,7 @@ from lightning_saliency.metrics import (
     completeness_gap,
     deletion_auc,
     drift,
+    fragility_scores,
     group_divergence,
     infidelity,
     insertion_auc,
@@ -177,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         "completeness_gap": ("input_x_gradient", lambda: completeness_gap(model, x, targets, ixg)),
         "randomization_similarity": ("mode=all", each(
             lambda m, name: randomization_similarity(model, explain_model(model, name), x, targets, maps=m))),
+        "fragility (+ fragility_random)": ("steps=5, k=8%, eps=2% of each image's range", each(
+            lambda m, name: fragility_scores(model, x, targets, name, maps=m, layer=layer))),
+        "fragility_random alone": ("5 random-sign draws", each(
+            lambda m, name: fragility_scores(model, x, targets, name, maps=m, layer=layer, attack=False))),
         "randomization (cascading)": ("per top-level unit", each(
             lambda m, name: randomization_similarity(
                 model, explain_model(model, name), x, targets, mode="cascading", maps=m))),

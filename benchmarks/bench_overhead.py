@@ -86,6 +86,7 @@ def instrumented(timings: Timings) -> Iterator[None]:
     import lightning_saliency.callbacks as callbacks
     import lightning_saliency.metrics as metrics
     import lightning_saliency.probe as probe_mod
+    import lightning_saliency.recording as recording
     import lightning_saliency.render as render
     import lightning_saliency.report as report
     import lightning_saliency.sinks as sinks
@@ -101,11 +102,11 @@ def instrumented(timings: Timings) -> Iterator[None]:
         timings.wrap(callbacks, "audit_shard", "audit_shard (maps + metrics)"),
         timings.wrap(audit, "attribute", attribute_label),
         timings.wrap(metrics, "stability", "stability (incl. its passes)"),
-        timings.wrap(callbacks.SaliencyMonitor, "_record_and_log", "_record_and_log (summary, files, sinks)"),
+        timings.wrap(recording.Recorder, "record", "Recorder.record (files, sinks)"),
         timings.wrap(callbacks, "summarize", "summarize"),
-        timings.wrap(callbacks, "save_maps", "save_maps (npz)"),
+        timings.wrap(recording, "save_maps", "save_maps (npz)"),
         timings.wrap(report.AuditReport, "write", "report.json write"),
-        timings.wrap(render, "overlay", "render: overlay"),
+        timings.wrap(render, "overlays", "render: overlays"),
         timings.wrap(render, "to_image", "render: to_image"),
     ]
     for cls in (sinks.TensorBoardSink, sinks.PngSink):
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in sorted(timings.seconds, key=lambda k: -timings.seconds[k]):
         sec = timings.seconds[key] / runs
         print(f"| {key} | {sec:.3f} | {timings.calls[key] // runs} | {100 * sec / m1:.1f}% |")
-    print("\nNested labels are inclusive: audit (total) contains audit_shard and _record_and_log; audit_shard "
+    print("\nNested labels are inclusive: audit (total) contains audit_shard and Recorder.record; audit_shard "
           "contains the attribute passes and stability; stability contains its noisy passes.")
     return {"plain": plain, "audited": audited, "ratio": ratio, "median_ratio": median_ratio, "paired_ratio": paired,
             "cpu_ratio": cpu_ratio, "in_process_ratio": m1 / max(m1 - inproc, 1e-9),

@@ -267,7 +267,7 @@ class SaliencyMonitor(_Base):
         self._prev_ranks_used: dict[str, torch.Tensor] | None = None
         self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last audit this process made
         # report.json, maps files, dashboards: written by the recorder, on rank 0
-        self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images,
+        self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images, on_error=on_error,
                                   class_names=self.class_names, cmap=cmap, image_colors=self.image_colors)
 
     # -- identity and state ------------------------------------------------------------------------------------

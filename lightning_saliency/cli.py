@@ -3,14 +3,14 @@
 Usage::
 
     lightning-saliency gate REPORT [--max KEY=VALUE]... [--min KEY=VALUE]... [--config gate.toml]
-                               [--epoch last|best|N] [--junit FILE] [--json]
+                               [--epoch last|best|N] [--junit FILE] [--json] [--allow-unhealthy]
     lightning-saliency report LOG_DIR [-o audit.html] [--max-images N] [--max-epochs N] [--cmap NAME]
     lightning-saliency show LOG_DIR
     lightning-saliency --version
 
 ``REPORT`` / ``LOG_DIR`` may be the ``report.json`` file, its ``saliency`` folder, or the run's log dir
 (``lightning_logs/version_0``); a folder is searched by :func:`lightning_saliency.report.find_report`
-(``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed,
+(``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed or the audit is unhealthy,
 2 the report is missing / unreadable / of an unknown schema, a key or epoch is absent, or the arguments are bad.
 
 Example:
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gate",
         help="check a report against thresholds; exit 0 pass, 1 fail, 2 cannot decide",
         description="Check one audit of a report against thresholds. Exit 0: every rule passed; 1: a rule failed "
-        "(a null/NaN value fails); 2: missing/unreadable/unknown-schema report, no audits, absent key or epoch.",
+        "(a null/NaN value fails) or the audit is unhealthy (non-finite logits or maps, mostly constant maps); "
+        "2: missing/unreadable/unknown-schema report, no audits, absent key or epoch.",
     )
     gate.add_argument("report", metavar="REPORT", help="report.json, or a log dir holding saliency/report.json")
     gate.add_argument("--max", dest="max_rules", action="append", default=[], metavar="KEY=VALUE",
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which audit: last (default), best (passes the most rules; ties -> latest), or epoch N")
     gate.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one test case per rule")
     gate.add_argument("--json", dest="as_json", action="store_true", help="print a JSON verdict instead of a table")
+    gate.add_argument("--allow-unhealthy", action="store_true",
+                      help="gate the rules alone: do not fail an audit whose health shows a problem")
 
     report = sub.add_parser(
         "report",
@@ -92,6 +95,7 @@ def show(report: str, out: Any = None) -> int:
         2
     """
     from lightning_saliency.gate import _safe
+    from lightning_saliency.health import health_line
     from lightning_saliency.report import ReportError, load_report, split_key
 
     out = out if out is not None else sys.stdout
@@ -124,6 +128,7 @@ def show(report: str, out: Any = None) -> int:
         f"latest audit: epoch {_safe(latest.get('epoch'))}, step {_safe(latest.get('global_step'))} "
         f"(audit {len(audits)} of {len(audits)}, {_fmt(latest.get('duration_s'))} s)"
     )
+    lines.append(f"health: {_safe(health_line(latest.get('health')))}")
     # metric x method table of the latest audit; per-group keys are counted, not listed
     table: dict[str, dict[str, Any]] = {}
     methods: list[str] = []
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_saliency.gate import run_gate
 
         return run_gate(args.report, max_rules=args.max_rules, min_rules=args.min_rules, config=args.config,
-                        epoch=args.epoch, junit=args.junit, as_json=args.as_json)
+                        epoch=args.epoch, junit=args.junit, as_json=args.as_json,
+                        allow_unhealthy=args.allow_unhealthy)
     if args.command == "report":
         return _report(args)
     if args.command == "show":

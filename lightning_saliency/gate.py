@@ -6,18 +6,23 @@ audit's metrics:
 
 * ``--max KEY=VALUE`` passes when ``value <= VALUE``; ``--min KEY=VALUE`` passes when ``value >= VALUE``
   (both inclusive). A metric recorded as ``null`` (the report's spelling of NaN/inf) fails its rule.
-* Exit codes: ``0`` every rule passed; ``1`` at least one rule failed; ``2`` the gate could not decide: the
-  report is missing, unreadable, truncated, of an unknown schema, holds no audits, the requested epoch is not
-  there, a rule's key is absent from the chosen audit (the message lists the available keys and the closest
-  match), or the rules themselves are malformed.
+* Health: an audit whose ``health`` (:mod:`lightning_saliency.health`) shows non-finite logits or maps, or
+  constant maps for most of a method's images, fails whatever the rules say (its metrics are null, and a rule's
+  key it lacks fails rather than stopping the gate); the table, the JSON and the JUnit ``health`` test case name
+  the problem. ``--allow-unhealthy`` gates the rules alone. Reports without ``health`` (older ones) count as
+  healthy.
+* Exit codes: ``0`` every rule passed; ``1`` at least one rule failed, or the audit is unhealthy; ``2`` the gate
+  could not decide: the report is missing, unreadable, truncated, of an unknown schema, holds no audits, the
+  requested epoch is not there, a rule's key is absent from the chosen audit (the message lists the available
+  keys and the closest match), or the rules themselves are malformed.
 
 Which audit (``--epoch``, or ``epoch`` in the config file):
 
 * ``last`` (default): the last audit in the report (the most recent one).
 * ``N``: the last audit whose ``epoch`` is ``N``.
 * ``best``: the audit that passes the most rules; a rule whose key is absent from an audit, or whose value is
-  null, counts as not passed; ties go to the latest audit. Use it to gate a checkpoint selected on the
-  audit, not the final weights.
+  null, counts as not passed; healthy audits come before unhealthy ones (unless ``--allow-unhealthy``); ties go
+  to the latest audit. Use it to gate a checkpoint selected on the audit, not the final weights.
 
 Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Python 3.10)::
 
@@ -34,9 +39,10 @@ Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Pyt
 Keys contain ``/`` so they are quoted. Rules from the command line are added to the file's rules; a
 command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2).
 
-Outputs: a plain aligned table (rule, value, threshold, verdict) on stdout; ``--json`` prints one JSON object
-instead; ``--junit FILE`` writes JUnit XML with one test case per rule (a failing rule is a ``<failure>``,
-an undecidable gate a single ``<error>``) so CI systems show each rule as a test.
+Outputs: a plain aligned table (rule, value, threshold, verdict) and the audit's health on stdout; ``--json``
+prints one JSON object instead; ``--junit FILE`` writes JUnit XML with one test case per rule and one named
+``health`` (a failing rule or an unhealthy audit is a ``<failure>``, an undecidable gate a single ``<error>``)
+so CI systems show each rule as a test.
 
 Example:
     >>> from lightning_saliency.gate import Rule, parse_rule
@@ -58,6 +64,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .health import health_line, problems
 
 __all__ = [
     "EXIT_PASS",
@@ -147,7 +155,7 @@ class RuleResult:
 
 @dataclass
 class GateResult:
-    """The verdict for one audit: per-rule results plus where they came from."""
+    """The verdict for one audit: per-rule results, the audit's health, and where they came from."""
 
     report: str
     selection: str
@@ -156,10 +164,26 @@ class GateResult:
     epoch: Any
     global_step: Any
     results: list[RuleResult] = field(default_factory=list)
+    health: dict | None = None  # the audit's record, None when it has none (older reports)
+    allow_unhealthy: bool = False
+
+    @property
+    def problems(self) -> list[str]:
+        """What makes the audit unhealthy (empty when healthy or not recorded)."""
+        return problems(self.health)
+
+    @property
+    def health_passed(self) -> bool:
+        return self.allow_unhealthy or not self.problems
+
+    @property
+    def health_message(self) -> str:
+        allowed = " (allowed by --allow-unhealthy)" if self.problems and self.allow_unhealthy else ""
+        return f"health: {health_line(self.health)}{allowed}"
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        return self.health_passed and all(r.passed for r in self.results)
 
     @property
     def exit_code(self) -> int:
@@ -290,8 +314,10 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
     return msg
 
 
-def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule]) -> tuple[int, str]:
-    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``).
+def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule],
+                 allow_unhealthy: bool = False) -> tuple[int, str]:
+    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``); ``best``
+    puts healthy audits first unless ``allow_unhealthy``.
 
     Example:
         >>> select_audit([{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}}], "0", [])
@@ -306,9 +332,10 @@ def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule])
         for rule in rules:
             if not any(rule.key in a["metrics"] for a in audits):
                 raise GateError(_missing_key_message(rule.key, audits[-1], audits, "any audit"))
-        best_i, best_score = 0, -1
+        best_i, best_score = 0, (False, -1)
         for i, audit in enumerate(audits):
-            score = sum(rule.check(_value(audit["metrics"].get(rule.key))) for rule in rules)
+            score = (allow_unhealthy or not problems(audit.get("health")),
+                     sum(rule.check(_value(audit["metrics"].get(rule.key))) for rule in rules))
             if score >= best_score:  # ties -> latest
                 best_i, best_score = i, score
         return best_i, "best"
@@ -325,8 +352,10 @@ def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule])
     raise GateError(f"no audit at epoch {wanted}; audited epochs: {shown}")
 
 
-def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "") -> GateResult:
-    """Check ``rules`` against the chosen audit of report ``data``; :class:`GateError` when undecidable.
+def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "",
+             allow_unhealthy: bool = False) -> GateResult:
+    """Check ``rules`` and the health against the chosen audit of report ``data``; :class:`GateError` when
+    undecidable. An unhealthy audit fails (unless ``allow_unhealthy``), and a rule's key it lacks fails with it.
 
     Example:
         >>> data = {"audits": [{"epoch": 2, "global_step": 20, "metrics": {"gradcam/spurious_mass": 0.1}}]}
@@ -336,16 +365,18 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
     audits = data.get("audits") or []
-    index, selection = select_audit(audits, epoch, rules)
+    index, selection = select_audit(audits, epoch, rules, allow_unhealthy)
     audit = audits[index]
+    health = audit.get("health") if isinstance(audit.get("health"), dict) else None
     where = f"the {selection} audit (epoch {audit.get('epoch')}, audit {index + 1} of {len(audits)})"
     results = []
     for rule in rules:
-        if rule.key not in audit["metrics"]:
+        if rule.key not in audit["metrics"] and (allow_unhealthy or not problems(health)):
             raise GateError(_missing_key_message(rule.key, audit, audits, where))
-        value = _value(audit["metrics"][rule.key])
+        value = _value(audit["metrics"].get(rule.key))
         results.append(RuleResult(rule, value, rule.check(value)))
-    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results)
+    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results,
+                      health, allow_unhealthy)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -387,13 +418,16 @@ def format_table(result: GateResult) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     failed = [r for r in result.results if not r.passed]
-    if failed:
+    if not result.health_passed:
+        summary = f"FAIL: the audit is unhealthy: {_safe('; '.join(result.problems))}" + (
+            f"; and {len(failed)} of {len(result.results)} rule(s) failed" if failed else "")
+    elif failed:
         summary = f"FAIL: {len(failed)} of {len(result.results)} rule(s) failed: " + "; ".join(
             _safe(r.message) for r in failed
         )
     else:
         summary = f"PASS: all {len(result.results)} rule(s) passed"
-    return "\n".join([head, "", *lines, "", summary])
+    return "\n".join([head, "", *lines, "", _safe(result.health_message), "", summary])
 
 
 def to_json(result: GateResult | None = None, error: str | None = None) -> str:
@@ -416,6 +450,10 @@ def to_json(result: GateResult | None = None, error: str | None = None) -> str:
             "n_audits": result.n_audits,
             "epoch": result.epoch,
             "global_step": result.global_step,
+            "healthy": not result.problems,
+            "health": result.health,
+            "health_problems": result.problems,
+            "allow_unhealthy": result.allow_unhealthy,
             "rules": [
                 {
                     "key": r.rule.key,
@@ -441,7 +479,8 @@ def _xml(text: Any) -> str:
 
 
 def to_junit(result: GateResult | None = None, error: str | None = None) -> bytes:
-    """JUnit XML: one ``<testcase>`` per rule (``<failure>`` when it failed), or one ``<error>`` case.
+    """JUnit XML: one ``<testcase>`` per rule (``<failure>`` when it failed) and one named ``health``
+    (``<failure>`` when the audit is unhealthy and that is not allowed), or one ``<error>`` case.
 
     Example:
         >>> import xml.etree.ElementTree as ET
@@ -473,6 +512,13 @@ def to_junit(result: GateResult | None = None, error: str | None = None) -> byte
                     r.message
                 )
             ET.SubElement(case, "system-out").text = _xml(r.message)
+        cases += 1
+        case = ET.SubElement(suite, "testcase", classname="lightning_saliency.gate", name="health")
+        if not result.health_passed:
+            failures += 1
+            ET.SubElement(case, "failure", message=_xml(result.health_message),
+                          type="UnhealthyAudit").text = _xml(result.health_message)
+        ET.SubElement(case, "system-out").text = _xml(result.health_message)
     for el in (suites, suite):
         el.set("tests", str(cases))
         el.set("failures", str(failures))
@@ -490,8 +536,10 @@ def run_gate(
     as_json: bool = False,
     out: Any = None,
     err: Any = None,
+    allow_unhealthy: bool = False,
 ) -> int:
     """The ``gate`` command: evaluate, print the table (or JSON), write JUnit; return the exit code.
+    ``allow_unhealthy`` gates the rules alone (``--allow-unhealthy``).
 
     Example:
         >>> run_gate("/nonexistent/report.json", max_rules=["a=1"], err=open(os.devnull, "w"))
@@ -515,7 +563,7 @@ def run_gate(
         if not rules:
             raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
         loaded = load_report(report)
-        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path))
+        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path), allow_unhealthy=allow_unhealthy)
     except (GateError, ReportError) as exc:
         error = str(exc)
     code = result.exit_code if result is not None else EXIT_ERROR

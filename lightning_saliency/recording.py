@@ -5,7 +5,9 @@ One :class:`Recorder` per monitor holds the open report, the sinks (one per logg
 images shown under the overlays (converted once). The monitor decides when to audit and computes the numbers; the
 recorder only writes them, on rank 0 (under DDP the other ranks call :meth:`Recorder.open` for its collective
 path lookup and nothing else). Writing never kills training: a disk or dashboard failure becomes an error in the
-record, and one warning.
+record, and one warning. The audit's health (:mod:`lightning_saliency.health`) goes into the record as ``health``,
+each problem also into its ``errors`` (warned about once per monitor, never raised), and onto every dashboard as
+the text ``saliency/health``.
 
 Example:
     >>> recorder = Recorder(log_images=4, cmap="viridis")
@@ -28,6 +30,7 @@ import torch
 
 from .audit import SIGNED_METHODS, ShardResult
 from .distributed import broadcast, world
+from .health import describe, health_errors, health_line, problems
 from .maps import normalize
 from .probe import ProbeSet
 from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
@@ -71,6 +74,7 @@ class Recorder:
         class_names: names for captions (default: class indices).
         cmap: colormap of the overlays.
         image_colors: colours of the overlay grids' PNG palette (``None``: full colour).
+        on_error: the monitor's ``on_error``: ``"collect"`` records an unhealthy audit without a warning.
 
     Example:
         >>> Recorder(class_names=["cat", "dog"]).class_names
@@ -78,8 +82,10 @@ class Recorder:
     """
 
     def __init__(self, dirpath: str | None = None, save_maps: bool = True, log_images: int = 16,
-                 class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256) -> None:
+                 class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256,
+                 on_error: str = "warn") -> None:
         self.dirpath, self.save_maps, self.log_images = dirpath, bool(save_maps), int(log_images)
+        self.on_error, self.warned_health = on_error, False
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap, self.image_colors = cmap, image_colors
         self.log_dir: str | None = None
@@ -142,11 +148,17 @@ class Recorder:
         ``result`` is the merged audit, ``metrics`` its summary; ``images=False`` logs no pictures (an audit
         being completed was already drawn).
         """
+        health = describe(result)
         record: dict[str, Any] = {
             "epoch": int(epoch), "global_step": int(trainer.global_step),
-            "duration_s": round(time.perf_counter() - started, 4),
-            "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
+            "duration_s": round(time.perf_counter() - started, 4), "precision": result.dtype, "metrics": metrics,
+            "health": health, "errors": result.errors + health_errors(health), "maps": None,
         }
+        if problems(health) and self.on_error != "collect" and not self.warned_health:
+            self.warned_health = True
+            warnings.warn(f"lightning-saliency: the audit at epoch {epoch} is unhealthy ({'; '.join(problems(health))}"
+                          "): its metrics are null and `lightning-saliency gate` fails on it; recorded in the report, "
+                          "training goes on", RuntimeWarning, stacklevel=3)
         report = self.report
         if result.maps and self.save_maps:
             try:
@@ -174,6 +186,7 @@ class Recorder:
                     sink.log_overlays(method, tiles, captions, step, epoch=epoch, picture=picture)
                 if table is not None:
                     sink.log_table("saliency/probe", *table, step)
+                sink.log_text("saliency/health", f"epoch {epoch}: {health_line(health)}", step)
                 sink.summary(finite)
             except Exception as e:
                 record["errors"].append(error_record(e, method=None))

@@ -21,10 +21,14 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
      "config": {"methods", "layer", "metrics", "every_n_epochs"},
      "audits": [{"epoch", "global_step", "time", "duration_s", "precision",
                  "metrics": {"<method>/<metric>[/<group>]": float | null},
+                 "health": {"logits": "ok" | "<problem>: k of n", "<method>": "ok" | "<problem>: k of n[; ...]"},
                  "errors": [{"method", "type", "message"}], "maps": "maps/epoch_0003.npz" | null}],
      "alarms": [{"name", "metric", "threshold", "mode", "epoch", "global_step", "value", "action"}]}
 
-Non-finite numbers (NaN, +-inf) anywhere in the report are written as ``null``, so the file is strict JSON.
+``health`` (:mod:`lightning_saliency.health`: non-finite logits, non-finite or constant maps, with counts; every
+problem that makes the audit unhealthy is also in ``errors``) is absent from reports written before it existed,
+which read as before. Non-finite numbers (NaN, +-inf) anywhere in the report are written as ``null``, so the
+file is strict JSON.
 Writes go through :func:`lightning_saliency.files.atomic_write` (a temporary file in the same folder, flushed
 and fsync'ed, then renamed over ``report.json`` with ``os.replace``): a killed run leaves the previous complete
 report, never half of one. Audits are keyed by epoch: appending an audit for an epoch already present replaces
@@ -168,8 +172,8 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
 
     The one validation pass of a loaded report (the gate, the page and ``show`` all read through
     :func:`load_report`): a JSON object of schema :data:`SCHEMA`; ``audits`` a list of objects, each with an
-    int ``epoch`` and a ``metrics`` object; ``alarms`` a list; ``run``, ``probe`` and ``config`` objects when
-    present. ``path`` only names the file in messages.
+    int ``epoch`` and a ``metrics`` object, and a ``health`` object of strings when present; ``alarms`` a list;
+    ``run``, ``probe`` and ``config`` objects when present. ``path`` only names the file in messages.
 
     Example:
         >>> validate_report({"schema": SCHEMA, "audits": [{"epoch": 0, "metrics": {}}]})["audits"][0]["epoch"]
@@ -196,6 +200,10 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
     for i, a in enumerate(audits):
         if not (isinstance(a, dict) and isinstance(a.get("epoch"), int) and isinstance(a.get("metrics"), dict)):
             raise ReportError(f"{p}: audits[{i}] is malformed (needs an int 'epoch' and a 'metrics' object)")
+        health = a.get("health")
+        if health is not None and not (isinstance(health, dict) and all(isinstance(v, str) for v in health.values())):
+            raise ReportError(f"{p}: audits[{i}] 'health' must be an object of strings (\"ok\" or the problems), "
+                              f"got {health!r:.200}")
     alarms = data.get("alarms", [])
     if not isinstance(alarms, list):
         raise ReportError(f"{p}: 'alarms' must be a list, got {type(alarms).__name__}")
@@ -375,8 +383,9 @@ class AuditReport:
         """Add one audit record; an audit for an epoch already present replaces it. Returns the stored record.
 
         Required keys: ``epoch`` (int), ``global_step`` (int), ``metrics`` (``{key: number}``). Optional:
-        ``time`` (default now), ``duration_s``, ``precision``, ``errors`` (list of :func:`error_record` dicts or
-        exceptions), ``maps`` (path relative to the report's folder). Non-finite values become ``None``.
+        ``time`` (default now), ``duration_s``, ``precision``, ``health`` (``{name: "ok" | problems}``),
+        ``errors`` (list of :func:`error_record` dicts or exceptions), ``maps`` (path relative to the report's
+        folder). Non-finite values become ``None``.
         """
         rec = dict(record)
         missing = [k for k in ("epoch", "global_step", "metrics") if k not in rec]

@@ -196,7 +196,9 @@ def test_failure_inside_audit_warns_records_and_training_completes(tmp_path):
         trainer, _ = U.fit([monitor], tmp_path, max_epochs=2, net=Vanishing(width=4))
     assert trainer.current_epoch == 2  # training completed
     audits = _report(trainer)["audits"]
-    assert not audits[0]["errors"] and audits[-1]["errors"]  # the layer vanished after the first audit
+    # audit failures, not health findings (a tiny net's Grad-CAM maps may be mostly all zero)
+    failures = [[e for e in a["errors"] if e["type"] != "UnhealthyAudit"] for a in audits]
+    assert not failures[0] and failures[-1]  # the layer vanished after the first audit
     assert any(e["method"] == "gradcam" for e in audits[-1]["errors"])
     assert "gradient/spurious_mass" in audits[-1]["metrics"]  # the other method still ran
 

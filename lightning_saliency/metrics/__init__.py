@@ -7,6 +7,8 @@ Return convention:
   the monitor takes the mean (or the mean per group);
 * ``deletion_auc`` / ``insertion_auc`` return ``{"auc": [N], "curve": [N, T+1], "random_auc": [N],
   "random_curve": [N, T+1]}``;
+* ``fragility`` / ``fragility_random`` return ``[N]`` (``fragility_scores`` both at once, with the attacked
+  inputs);
 * ``randomization_similarity`` returns ``{"all": [N], "cascading/<unit>" | "independent/<unit>": [N], ...}``;
 * ``attention_disparity`` / ``group_divergence`` return a dict of Python numbers with the scalar under
   ``"disparity"`` / ``"divergence"`` and per-group details;
@@ -16,8 +18,9 @@ Return convention:
 
 Maps are ``[N, H, W]``; metrics that compare maps read ``|M|`` (signed maps by magnitude). No metric returns
 NaN: each undefined case (all-zero map, constant map, a single group, ``y(x) = y(x′)``) returns the documented
-defined value and emits :class:`UndefinedMetricWarning`; the agreement functions return NaN (null in the
-report) for a constant map and an undefined calibration, with the same warning.
+defined value and emits :class:`UndefinedMetricWarning`. The exceptions are ``fragility`` and the agreement
+functions: a constant map has no top-k (and no ranking), and any number would read as a finding, so they give
+NaN there (with the warning); an undefined agreement calibration is NaN too.
 
 The names are imported on first use (``from lightning_saliency.metrics import region_mass`` works as usual), so
 that reading the metric registry (:mod:`lightning_saliency.metrics.registry`, torch-free) does not import torch.
@@ -37,6 +40,7 @@ _EXPORTS = {
                     "faithfulness"),
     **dict.fromkeys(("pointing_game", "region_mass"), "localization"),
     "randomization_similarity": "sanity",
+    **dict.fromkeys(("fragility", "fragility_random", "fragility_scores"), "fragility"),
     **dict.fromkeys(("drift", "drift_from_ranks", "map_ranks", "max_sensitivity", "stability"), "stability"),
     **dict.fromkeys(("UndefinedMetricWarning", "pearson", "rank", "spearman"), "_common"),
     **dict.fromkeys(("MetricSpec", "register_metric"), "registry"),
@@ -52,6 +56,9 @@ __all__ = [
     "deletion_auc",
     "drift",
     "drift_from_ranks",
+    "fragility",
+    "fragility_random",
+    "fragility_scores",
     "gaussian_blur",
     "group_divergence",
     "infidelity",
@@ -76,6 +83,7 @@ if TYPE_CHECKING:
     from .agreement import agreement, calibrate, kendall_tau, random_floor, topk_agreement
     from .disparity import attention_disparity, group_divergence
     from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
+    from .fragility import fragility, fragility_random, fragility_scores
     from .localization import pointing_game, region_mass
     from .registry import MetricSpec, register_metric
     from .sanity import randomization_similarity

@@ -233,6 +233,17 @@ def _randomization(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Ten
     return out
 
 
+def _fragility(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
+    rows, inputs, s, out = ctx.rows("expensive"), ctx.probe.inputs, ctx.spec, {}
+    for m in methods:  # the top-k attack and its random-sign control, maps measured on the real model
+        r = _f().fragility_scores(
+            ctx.model, inputs[rows], ctx.targets[rows], method=m, maps=ctx.maps[m][rows],
+            explain=lambda x, t, m=m: ctx.explain(x, t, (m,))[m], layer=s.layer, reshape=s.reshape, seed=s.seed,
+            batch_size=s.batch_size, positions=ctx.probe.indices[rows.cpu()])
+        out[m], out[m + "_random"] = r["fragility"], r["random"]
+    return out
+
+
 def _agreement(reference: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
     """Every method's maps against two runs of ``reference`` (``shapley`` or ``lime``) with the audit's options
     and seeds ``s`` and ``s + 1``, once per audit (``one_pass``); the first run is the audit's own map when
@@ -319,6 +330,8 @@ _BUILTIN = (
                compute=_completeness_gap, **{**_P, "needs": ("model", "signed")}),
     MetricSpec("randomization_similarity", False, "Spearman with the maps of a re-initialised copy",
                compute=_randomization, **_P),
+    MetricSpec("fragility", False, "top-k attack within an L-inf ball vs random-sign noise (Ghorbani et al.)",
+               extra_keys=("_random",), compute=_fragility, **_P),
     *(MetricSpec(f"{short}_agreement", True, f"Kendall tau and top-k cells vs {ref}, calibrated: seeds / random",
                  extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), **_P)
       for short, ref in (("shap", "shapley"), ("lime", "lime"))),
