@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench_metrics.py                              # 64 images, 32x32
     python benchmarks/bench_metrics.py --images 16 --repeats 3      # a quick look
     python benchmarks/bench_metrics.py --size 64 --device cuda
+    python benchmarks/bench_metrics.py --only shap_agreement,lime_agreement   # some rows only
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="probe images stability scores (the monitor's default: the first 8)")
     parser.add_argument("--expensive-images", type=int, default=16,
                         help="probe images the agreement metrics score (the monitor's default: the first 16)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated rows to time (the maps always run), e.g. shap_agreement,lime_agreement")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,6 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         "lime_agreement": (f"8x8 cells, 500 samples x 2 seeds, first {ke} images", agreement_of("lime")),
     }  # fmt: skip
 
+    if args.only:
+        wanted = {"maps (gradcam + gradient)", *(name.strip() for name in args.only.split(","))}
+        unknown = sorted(wanted - set(work))
+        if unknown:
+            parser.error(f"--only: unknown rows {unknown}; choose from {', '.join(work)}")
+        work = {name: row for name, row in work.items() if name in wanted}
     seconds = {name: timed(fn, args.repeats, args.device) for name, (_, fn) in work.items()}
     base = seconds["maps (gradcam + gradient)"]
     n = args.images
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (settings, _) in work.items():
         s = seconds[name]
         print(f"| {name} | {settings} | {1e3 * s:.2f} | {1e3 * s / n:.3f} | {s / base:.2f} |")
+    if not set(DEFAULT_SET) <= set(seconds):
+        return
     default = sum(seconds[k] for k in DEFAULT_SET)
     print(f"| **default set** | {', '.join(DEFAULT_SET)} | {1e3 * default:.2f} | {1e3 * default / n:.3f} | "
           f"{default / base:.2f} |")  # fmt: skip

@@ -174,3 +174,24 @@ def test_monitor_fit_writes_finite_agreement_values_for_every_method(tmp_path):
         # shapley vs lime's reference and lime vs shapley's compare the same two maps (tau is symmetric)
         assert audit["metrics"]["shapley/lime_agreement_tau"] == pytest.approx(
             audit["metrics"]["lime/shap_agreement_tau"], abs=1e-6)
+
+
+def test_bench_metrics_prints_the_agreement_metrics_as_multiples_of_the_maps(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_metrics.py"
+    spec = importlib.util.spec_from_file_location("bench_metrics", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--images", "1", "--size", "16", "--repeats", "1", "--threads", "1",
+                    "--only", "shap_agreement,lime_agreement"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| metric", "| ---"))}
+    assert set(rows) == {"maps (gradcam + gradient)", "shap_agreement", "lime_agreement"}
+    assert float(rows["maps (gradcam + gradient)"]) == 1.0
+    assert float(rows["shap_agreement"]) > 1.0 and float(rows["lime_agreement"]) > 1.0  # "x maps"
