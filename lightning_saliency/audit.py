@@ -139,6 +139,9 @@ class AuditSpec:
         if not self.methods:
             raise ValueError("methods is empty; pass at least one method, e.g. methods=('gradcam',)")
         self.metrics = validate_metrics(self.metrics)
+        from .checks import check_method_options  # an unknown key: the closest option and its method
+
+        self.method_options = check_method_options(self.method_options, self.methods)
         if self.target not in ("prediction", "label"):
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
 

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import time
 import warnings
@@ -45,12 +44,14 @@ from .audit import (
     merge,
     summarize,
 )
+from .checks import check_alarm, key_problem
 from .distributed import broadcast as _broadcast
 from .distributed import gather as _gather
 from .distributed import rank0_buffers as _rank0_buffers
 from .distributed import world as _world
 from .guard import SideEffectGuard
 from .methods.engine import check_on_error
+from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
@@ -91,9 +92,11 @@ def _check_arguments(probe: Any, every_n_epochs: int, on_error: str, expensive_e
         raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
 
 
-def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> Any:
-    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit) and
-    resolve the CAM methods' target layer."""
+def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec: AuditSpec,
+                  alarms: Sequence[Any] = ()) -> Any:
+    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit), the
+    options' values and that each alarm can fire on this probe; resolve the target layer when a method of
+    ``spec`` needs one (else ``None``)."""
     example = probe.inputs[:2].to(pl_module.device)
     param = next(pl_module.parameters(), None)
     if param is not None and param.is_floating_point() and example.is_floating_point():
@@ -112,6 +115,16 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> An
     if int(probe.targets.max()) >= logits.shape[1]:
         raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
                          f"classes; build the probe from the model's own dataset")
+    opts = {**all_options(), **spec.method_options}
+    for method in (m for m in spec.methods if get_method(m).validate is not None):
+        try:  # a bad value fails here, not at every audit
+            get_method(method).validate(opts, probe.inputs)
+        except ValueError as e:
+            raise ValueError(f"SaliencyMonitor(method_options=...): {e}") from e
+    for alarm in alarms:  # the probe's masks and groups are known now
+        check_alarm(alarm.metric, spec.methods, spec.metrics, probe)
+    if not any(needs_layer(m) for m in spec.methods):
+        return None  # gradient-only (or any layer-free methods): a model without a spatial layer is fine
     from .layers import resolve_layer
 
     try:
@@ -177,7 +190,7 @@ class SaliencyMonitor(_Base):
             validation dataloader with ``probe_size`` and ``probe_seed``.
         methods: attribution methods, e.g. ``("gradcam", "gradient")``; see
             :func:`lightning_saliency.methods.registry.method_names` (registered methods too).
-        layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
+        layer: target layer of the CAM-family methods: ``"auto"``, a dotted name or a module (unused without one).
         every_n_epochs: audit every n-th training epoch.
         metrics: metric names: the rows of :mod:`lightning_saliency.metrics.registry` (and metrics added with
             :func:`~lightning_saliency.register_metric`); default: the rows marked default (the cheap ones). The
@@ -198,7 +211,7 @@ class SaliencyMonitor(_Base):
         cmap: colormap of the overlays (``"jet"`` or ``"viridis"``, any matplotlib name).
         image_colors: colours of the overlay grids' PNG palette (256: the eye sees no difference and the
             file is less than half; ``None``: full-colour PNG).
-        method_options: extra options for :func:`~lightning_saliency.attribute` (e.g. ``{"ig_steps": 16}``).
+        method_options: options for :func:`~lightning_saliency.attribute` (``{"ig_steps": 16}``), checked now.
         stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
         expensive_images: probe images used by the expensive metrics.
         seed: seed of the metrics' own random draws (never the global generators).
@@ -332,9 +345,8 @@ class SaliencyMonitor(_Base):
                     f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
                     "be comparable. Resume with the same probe, or pass allow_probe_change=True")
             self.history = []
-        target = _target_layer(pl_module, probe, self.layer)
-        self.spec.layer = target
-        self.layer_name = target.name
+        target = _target_layer(pl_module, probe, self.layer, self.spec, self._alarms)
+        self.spec.layer, self.layer_name = (target, target.name) if target is not None else (self.layer, None)
         rank, world = _world(trainer)
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)
@@ -466,7 +478,8 @@ class ShortcutAlarm(_Base):
     recorded (the order of the callbacks does not matter). Several alarms may watch different metrics.
 
     Args:
-        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``.
+        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``; one the
+            monitor never reports (a mask metric on a probe without masks, say) fails at setup, saying why.
         threshold: the limit.
         mode: ``"max"``: ``threshold`` is the largest acceptable value (fires when the metric is above it);
             ``"min"``: the smallest acceptable value (fires when below). ``None`` (default): from the metric
@@ -536,18 +549,11 @@ class ShortcutAlarm(_Base):
         if not monitors:
             raise ValueError("ShortcutAlarm needs a SaliencyMonitor in the same Trainer: "
                              "Trainer(callbacks=[SaliencyMonitor(probe, ...), ShortcutAlarm(...)])")
-        keys = {k for m in monitors for k in m.expected_keys()}
-        owner = [m for m in monitors if self._matches(self.metric, m.expected_keys())]
+        # the names now; the probe's masks and groups too when it is known, else when it is drawn (fit start)
+        owner = [m for m in monitors if key_problem(self.metric, m.spec.methods, m.spec.metrics, m.probe) is None]
         if not owner:
-            close = difflib.get_close_matches(self.metric, sorted(keys), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"ShortcutAlarm(metric={self.metric!r}) watches a key no SaliencyMonitor reports.{hint} "
-                             f"Available: {', '.join(sorted(keys))} (per-group keys add '/<group>')")
+            check_alarm(self.metric, monitors[0].spec.methods, monitors[0].spec.metrics, monitors[0].probe)
         owner[0]._register(self)
-
-    @staticmethod
-    def _matches(metric: str, keys: Sequence[str]) -> bool:
-        return any(metric == k or metric.startswith(k + "/") for k in keys) or metric.startswith("probe/accuracy")
 
     def check(self, trainer: Any, monitor: SaliencyMonitor, record: dict[str, Any]) -> None:
         """Called by the monitor after each audit, on every rank with the same record.

@@ -12,6 +12,11 @@ Usage::
 (``lightning_logs/version_0``); a folder is searched by :func:`lightning_saliency.report.find_report`
 (``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed or the audit is unhealthy,
 2 the report is missing / unreadable / of an unknown schema, a key or epoch is absent, or the arguments are bad.
+A reader that stops early (``lightning-saliency gate --json ... | head``) ends the output quietly: no traceback,
+and the exit code stays the command's own (the gate's verdict), as with any output that was read in full.
+
+The command never imports torch (nor NumPy before a report is read): ``import lightning_saliency.cli`` loads
+the standard library only, and each subcommand imports what it needs when it runs.
 
 Example:
     >>> main(["--version"])  # doctest: +SKIP
@@ -109,10 +114,12 @@ def show(report: str, out: Any = None) -> int:
     audits, alarms = data["audits"], data.get("alarms") or []
     lines = [f"report: {_safe(path)}"]
     model = run.get("model", "n/a")
+    layer = config.get("layer", "n/a")
     lines.append(
         f"run: model {_safe(model)}, precision {_safe(run.get('precision', 'n/a'))}, "
         f"world size {_safe(run.get('world_size', 'n/a'))}; methods "
-        f"{_safe(', '.join(map(str, config.get('methods') or [])) or 'n/a')}, layer {_safe(config.get('layer', 'n/a'))}"
+        f"{_safe(', '.join(map(str, config.get('methods') or [])) or 'n/a')}, "
+        f"layer {'none (no method needs one)' if layer is None else _safe(layer)}"
     )
     groups = probe.get("groups")
     gtext = ""
@@ -212,13 +219,68 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Reader:
+    """``sys.stdout`` (or stderr) for a reader that may leave early (``lightning-saliency gate --json ... | head``).
+
+    Once the pipe is closed, what is left to print is dropped: no ``BrokenPipeError`` traceback, and the command
+    ends with its own exit code (a gate's verdict does not change because its reader stopped reading). The
+    stream's file descriptor is pointed at ``os.devnull`` then, so the interpreter's final flush is quiet too.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.closed_pipe = stream, False
+
+    def _closed(self) -> None:
+        import os
+
+        self.closed_pipe = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # not a real file (tests' StringIO): nothing to redirect
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    A reader that closes the pipe early (``| head``) ends the output quietly; the exit code stays the command's
+    own (for ``gate``, its verdict).
 
     Example:
         >>> main(["gate", "/nonexistent", "--max", "a=1"])  # doctest: +SKIP
         2
     """
+    import contextlib
+
+    out, err = _Reader(sys.stdout), _Reader(sys.stderr)  # stderr too: `... 2>&1 | head` shares the pipe
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
+        code = _main(argv)
+        out.flush()  # a block-buffered pipe is written here: a reader gone by now is met here
+        err.flush()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

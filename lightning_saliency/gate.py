@@ -14,7 +14,8 @@ audit's metrics:
 * Exit codes: ``0`` every rule passed; ``1`` at least one rule failed, or the audit is unhealthy; ``2`` the gate
   could not decide: the report is missing, unreadable, truncated, of an unknown schema, holds no audits, the
   requested epoch is not there, a rule's key is absent from the chosen audit (the message lists the available
-  keys and the closest match), or the rules themselves are malformed.
+  keys and the closest match; for a metric needing masks or groups the report's probe did not have, it says
+  that instead), or the rules themselves are malformed.
 
 Which audit (``--epoch``, or ``epoch`` in the config file):
 
@@ -236,6 +237,9 @@ def _load_toml(path: Path) -> dict:
 def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
     """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector.
 
+    ``epoch`` written after a table header is an error that says to move it up: TOML reads every key after
+    ``[max]`` as part of that table, so it would otherwise be taken for a metric named "epoch".
+
     Example:
         >>> import pathlib, tempfile
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "gate.toml"
@@ -259,6 +263,12 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         if not isinstance(table, dict):
             raise GateError(f"gate config {path}: [{mode}] must be a table of \"key\" = number entries")
         for key, value in table.items():
+            if key in _CONFIG_KEYS:  # TOML puts every key after a [table] header into that table
+                raise GateError(
+                    f"gate config {path}: {key!r} under [{mode}] is not a metric key; top-level settings "
+                    f"({', '.join(k for k in _CONFIG_KEYS if k not in ('max', 'min'))}) must come before the "
+                    "first [table]: TOML reads every key after a [table] header as part of that table"
+                )
             if isinstance(value, dict):
                 raise GateError(
                     f"gate config {path}: [{mode}] entry {key!r} is a table; quote metric keys that contain "
@@ -364,6 +374,12 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     """
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
+    for rule in rules:  # a need the report's probe did not meet: said, rather than the closest other key suggested
+        if not any(rule.key in a["metrics"] for a in data.get("audits") or []):
+            from .checks import report_probe_problem  # torch-free, imported only for a key in no audit
+
+            if report_probe_problem(rule.key, data):
+                raise GateError(report_probe_problem(rule.key, data))
     audits = data.get("audits") or []
     index, selection = select_audit(audits, epoch, rules, allow_unhealthy)
     audit = audits[index]
