@@ -7,6 +7,9 @@ in all, milliseconds per probe image, and the ratio to the cost of the maps. The
 default metric set of the monitor (region masses, pointing game, stability with k=4, attention disparity,
 group divergence, drift), with stability scoring both methods from the same noisy passes, and the same set
 without stability, which the monitor runs every ``expensive_every_n_audits`` audits and at the last one only.
+``shap_agreement`` and ``lime_agreement`` run as the audit runs them: on the first ``--expensive-images``
+images, two runs of the reference (``shapley`` or ``lime`` at their default settings, seeds 0 and 1) serving
+both methods.
 
 Each figure is the median of ``--repeats`` rounds after one warm-up round. CPU by default, on the threads
 torch is given (set ``OMP_NUM_THREADS`` or ``--threads``).
@@ -16,6 +19,7 @@ Usage::
     python benchmarks/bench_metrics.py                              # 64 images, 32x32
     python benchmarks/bench_metrics.py --images 16 --repeats 3      # a quick look
     python benchmarks/bench_metrics.py --size 64 --device cuda
+    python benchmarks/bench_metrics.py --only shap_agreement,lime_agreement   # some rows only
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from lightning_saliency.layers import resolve_layer
 from lightning_saliency.methods import attribute
 from lightning_saliency.metrics import (
     UndefinedMetricWarning,
+    agreement,
     attention_disparity,
     completeness_gap,
     deletion_auc,
@@ -48,6 +53,7 @@ from lightning_saliency.metrics import (
     region_mass,
     stability,
 )
+from lightning_saliency.patches import pool
 
 METHODS = ("gradcam", "gradient")
 DEFAULT_SET = ("object_mass", "spurious_mass", "pointing_game", "stability", "attention_disparity",
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stability-images", type=int, default=8,
                         help="probe images stability scores (the monitor's default: the first 8)")
+    parser.add_argument("--expensive-images", type=int, default=16,
+                        help="probe images the agreement metrics score (the monitor's default: the first 16)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated rows to time (the maps always run), e.g. shap_agreement,lime_agreement")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,6 +145,19 @@ def main(argv: list[str] | None = None) -> None:
     ks = min(args.stability_images, args.images)
     prev = {k: v.roll(1, dims=-1) for k, v in maps.items()}
     ixg = attribute(model, x, targets, methods=("input_x_gradient",))["input_x_gradient"]
+
+    ke = min(args.expensive_images, args.images)
+
+    def agreement_of(reference: str) -> Callable[[], None]:
+        def run() -> None:  # as the audit does it: two reference runs, then every method against them
+            xs, ts = x[:ke], targets[:ke]
+            first = attribute(model, xs, ts, methods=(reference,))[reference]
+            second = attribute(model, xs, ts, methods=(reference,), **{f"{reference}_seed": 1})[reference]
+            ref, again = pool(first.abs(), 8), pool(second.abs(), 8)
+            for m in METHODS:
+                agreement(pool(maps[m][:ke].abs(), 8), ref, again)
+
+        return run
 
     def each(fn: Callable[[torch.Tensor, str], object]) -> Callable[[], None]:
         return lambda: [fn(maps[m], m) for m in METHODS]
@@ -165,8 +188,16 @@ def main(argv: list[str] | None = None) -> None:
         "randomization (cascading)": ("per top-level unit", each(
             lambda m, name: randomization_similarity(
                 model, explain_model(model, name), x, targets, mode="cascading", maps=m))),
+        "shap_agreement": (f"8x8 cells, 16 permutations x 2 seeds, first {ke} images", agreement_of("shapley")),
+        "lime_agreement": (f"8x8 cells, 500 samples x 2 seeds, first {ke} images", agreement_of("lime")),
     }  # fmt: skip
 
+    if args.only:
+        wanted = {"maps (gradcam + gradient)", *(name.strip() for name in args.only.split(","))}
+        unknown = sorted(wanted - set(work))
+        if unknown:
+            parser.error(f"--only: unknown rows {unknown}; choose from {', '.join(work)}")
+        work = {name: row for name, row in work.items() if name in wanted}
     seconds = {name: timed(fn, args.repeats, args.device) for name, (_, fn) in work.items()}
     base = seconds["maps (gradcam + gradient)"]
     n = args.images
@@ -178,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (settings, _) in work.items():
         s = seconds[name]
         print(f"| {name} | {settings} | {1e3 * s:.2f} | {1e3 * s / n:.3f} | {s / base:.2f} |")
+    if not set(DEFAULT_SET) <= set(seconds):
+        return
     default = sum(seconds[k] for k in DEFAULT_SET)
     print(f"| **default set** | {', '.join(DEFAULT_SET)} | {1e3 * default:.2f} | {1e3 * default / n:.3f} | "
           f"{default / base:.2f} |")  # fmt: skip

@@ -121,17 +121,18 @@ def test_the_rows_and_the_derived_lists():
     assert set(ALL_METRICS) == {
         "object_mass", "spurious_mass", "pointing_game", "stability", "drift", "attention_disparity",
         "group_divergence", "deletion_auc", "insertion_auc", "infidelity", "max_sensitivity", "completeness_gap",
-        "randomization_similarity", "fragility"}
+        "randomization_similarity", "fragility", "shap_agreement", "lime_agreement"}
     assert set(DEFAULT_METRICS) == {"object_mass", "spurious_mass", "pointing_game", "stability", "drift",
                                     "attention_disparity", "group_divergence"}
     assert set(PERIODIC_METRICS) == {"stability", "deletion_auc", "insertion_auc", "infidelity",
                                      "max_sensitivity", "completeness_gap", "randomization_similarity",
-                                     "fragility"}
+                                     "fragility", "shap_agreement", "lime_agreement"}
     assert {s.name for s in specs() if s.per_group} == {"object_mass", "spurious_mass", "pointing_game"}
-    assert {s.name for s in specs() if s.extra_keys} == {"deletion_auc", "insertion_auc", "fragility"}
+    assert {s.name for s in specs() if s.extra_keys} == {"deletion_auc", "insertion_auc", "fragility",
+                                                         "shap_agreement", "lime_agreement"}
     assert get_metric("drift").higher_is_better is None
     assert [s.name for s in specs() if s.higher_is_better] == ["object_mass", "pointing_game", "stability",
-                                                                "insertion_auc"]
+                                                                "insertion_auc", "shap_agreement", "lime_agreement"]
     # the table in the registry's docstring is generated from the rows
     import lightning_saliency.metrics.registry as registry
 

@@ -1,7 +1,8 @@
 """Attribution methods: pure functions from (model, inputs, targets) to saliency maps; no Lightning here.
 
 :func:`attribute` is the entry point (one shared forward and backward for every method that can share them);
-the formulas live in :mod:`.cam`, :mod:`.gradients` and :mod:`.occlusion`, each in the file named after it.
+the formulas live in :mod:`.cam`, :mod:`.gradients`, :mod:`.occlusion` and :mod:`.perturbation` (shapley,
+lime), each in the file named after it or its family.
 
 Example:
     >>> import torch

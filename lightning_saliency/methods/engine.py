@@ -10,9 +10,10 @@ to the layer's activations and/or the input, whichever the requested methods nee
   there, so the layers before it cost a plain inference forward;
 - ``gradient`` and ``input_x_gradient`` need the input gradient: the same backward carries on to the input.
 
-``smoothgrad``, ``integrated_gradients``, ``guided_backprop`` and ``occlusion`` need passes of their own (noisy
-inputs, interpolated inputs, modified ReLU backward, occluded inputs); their rows go through the model in
-batches. ``guided_gradcam`` combines the guided backprop pass with the shared pass's Grad-CAM.
+``smoothgrad``, ``integrated_gradients``, ``guided_backprop``, ``occlusion``, ``shapley`` and ``lime`` need passes
+of their own (noisy inputs, interpolated inputs, modified ReLU backward, occluded inputs, patch-grid coalitions);
+their rows go through the model in batches. ``guided_gradcam`` combines the guided backprop pass with the shared
+pass's Grad-CAM.
 
 Which method rides which pass, its flags and its options are rows of :mod:`.registry`; this module loops over the
 requested rows (a method added with :func:`~lightning_saliency.methods.registry.register_method` runs its own pass,
@@ -446,8 +447,9 @@ def attribute(
         methods: one or more of :func:`~lightning_saliency.methods.registry.method_names`: ``cam``,
             ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``, ``gradient``, ``input_x_gradient``,
             ``smoothgrad``, ``integrated_gradients``, ``guided_backprop``, ``guided_gradcam``, ``occlusion``,
-            and any method added with :func:`~lightning_saliency.methods.registry.register_method`. Formulas:
-            DESIGN §4 and the docstrings in ``cam.py``, ``gradients.py``, ``occlusion.py``.
+            ``shapley``, ``lime``, and any method added with
+            :func:`~lightning_saliency.methods.registry.register_method`. Formulas: DESIGN §4 and the docstrings
+            in ``cam.py``, ``gradients.py``, ``occlusion.py``, ``perturbation.py``.
         layer: the target layer of the CAM family (ignored by the others): ``"auto"``, a dotted module name, a
             module of ``model``, or a :class:`~lightning_saliency.layers.TargetLayer` already resolved. Names and
             ``"auto"`` are resolved with one extra forward of a single image; pass a ``TargetLayer`` (from
@@ -468,6 +470,10 @@ def attribute(
               ``ig_baseline=None``: the baseline ``x'`` (zeros), a number, or a tensor broadcastable to inputs.
             - ``occlusion_patch=8``, ``occlusion_stride=4``: patch side and stride in pixels (int or
               ``(h, w)``); ``occlusion_baseline=0.0``: the fill value (number or broadcastable tensor).
+            - ``shapley_grid=8`` (cells per side), ``shapley_permutations=16`` (antithetic pairs),
+              ``shapley_baseline=0.0`` (a number, ``"mean"`` or ``"blur"``), ``shapley_seed=0``; ``lime_grid=8``,
+              ``lime_samples=500``, ``lime_baseline=0.0``, ``lime_kernel_width=0.25``, ``lime_ridge=1.0``,
+              ``lime_seed=0`` (:mod:`~lightning_saliency.methods.perturbation`; private generators).
             - ``autocast=True``: keep the caller's autocast (mixed precision) for the forwards, as the model
               runs in training; ``False`` runs them in full precision. Maps are computed in float32 either way.
             - ``on_error="raise"``: a failing method raises. ``"collect"``: it is left out of the result and its
@@ -478,8 +484,8 @@ def attribute(
 
     Returns:
         ``{method: maps}`` in the order asked, each ``[N, H, W]`` float32, detached, on the inputs' device.
-        CAM-family maps are ReLU'd and upsampled bilinearly; ``input_x_gradient`` and
-        ``integrated_gradients`` are signed (metrics take their absolute value). Not normalised: use
+        CAM-family maps are ReLU'd and upsampled bilinearly; ``input_x_gradient``, ``integrated_gradients``,
+        ``shapley`` and ``lime`` are signed (metrics take their absolute value). Not normalised: use
         :func:`lightning_saliency.maps.normalize` for display.
 
     Raises:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..patches import check_baseline, grid_pair
 from . import cam as cam_mod
 from .gradients import (
     IG_METHODS,
@@ -50,6 +51,7 @@ from .gradients import (
     smoothgrad,
 )
 from .occlusion import occlusion
+from .perturbation import lime, shapley
 
 __all__ = [
     "RIDES",
@@ -223,6 +225,42 @@ def _check_occlusion(opts: dict[str, Any], inputs: Tensor) -> None:
         _check_baseline(opts["occlusion_baseline"], tuple(inputs.shape), "occlusion_baseline")
 
 
+def _shapley(p: OwnPass, *, shapley_grid: Any, shapley_permutations: int, shapley_baseline: Any,
+             shapley_seed: int) -> Tensor:
+    """Shapley value sampling over the grid cells (formula: :func:`.perturbation.shapley`)."""
+    return shapley(p.scorer, p.inputs, shapley_grid, shapley_permutations, shapley_baseline, shapley_seed)
+
+
+def _lime(p: OwnPass, *, lime_grid: Any, lime_samples: int, lime_baseline: Any, lime_kernel_width: float,
+          lime_ridge: float, lime_seed: int) -> Tensor:
+    """LIME over the grid cells (formula: :func:`.perturbation.lime`)."""
+    return lime(p.scorer, p.inputs, lime_grid, lime_samples, lime_baseline, lime_kernel_width, lime_ridge, lime_seed)
+
+
+def _check_patch_grid(opts: dict[str, Any], prefix: str, counts: str) -> None:
+    """The option checks ``shapley`` and ``lime`` share (the grid against the image size is checked when the
+    method runs, since these checks run for every call of :func:`attribute`)."""
+    grid_pair(opts[f"{prefix}_grid"], f"{prefix}_grid")
+    _positive_int(opts, counts)
+    check_baseline(opts[f"{prefix}_baseline"], f"{prefix}_baseline")
+    seed = opts[f"{prefix}_seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"{prefix}_seed must be an int >= 0, got {seed!r}")
+
+
+def _check_shapley(opts: dict[str, Any], inputs: Tensor) -> None:
+    _check_patch_grid(opts, "shapley", "shapley_permutations")
+
+
+def _check_lime(opts: dict[str, Any], inputs: Tensor) -> None:
+    _check_patch_grid(opts, "lime", "lime_samples")
+    for key in ("lime_kernel_width", "lime_ridge"):
+        value = opts[key]
+        positive = key == "lime_kernel_width"
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{key} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
 _BUILTINS = (
     MethodSpec("cam", "head", cam_mod.cam, needs_layer=True, builtin=True),
     MethodSpec("gradcam", "cam", cam_mod.gradcam, needs_layer=True, builtin=True),
@@ -240,6 +278,11 @@ _BUILTINS = (
                builtin=True),
     MethodSpec("occlusion", "own", _occlusion, takes_pass=True, builtin=True, validate=_check_occlusion,
                options={"occlusion_patch": 8, "occlusion_stride": 4, "occlusion_baseline": 0.0}),
+    MethodSpec("shapley", "own", _shapley, signed=True, takes_pass=True, builtin=True, validate=_check_shapley,
+               options={"shapley_grid": 8, "shapley_permutations": 16, "shapley_baseline": 0.0, "shapley_seed": 0}),
+    MethodSpec("lime", "own", _lime, signed=True, takes_pass=True, builtin=True, validate=_check_lime,
+               options={"lime_grid": 8, "lime_samples": 500, "lime_baseline": 0.0, "lime_kernel_width": 0.25,
+                        "lime_ridge": 1.0, "lime_seed": 0}),
 )
 
 _REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _BUILTINS}
@@ -266,7 +309,7 @@ def builtin_names() -> tuple[str, ...]:
 
     Example:
         >>> len(builtin_names())
-        12
+        14
     """
     return tuple(spec.name for spec in _BUILTINS)
 

@@ -11,12 +11,16 @@ Return convention:
   inputs);
 * ``randomization_similarity`` returns ``{"all": [N], "cascading/<unit>" | "independent/<unit>": [N], ...}``;
 * ``attention_disparity`` / ``group_divergence`` return a dict of Python numbers with the scalar under
-  ``"disparity"`` / ``"divergence"`` and per-group details.
+  ``"disparity"`` / ``"divergence"`` and per-group details;
+* ``agreement`` (``shap_agreement``, ``lime_agreement``) returns ``{"value", "tau", "topk", "tau_ceiling",
+  "tau_floor", "topk_ceiling", "topk_floor"}``, each ``[N]``, from ``kendall_tau``, ``topk_agreement``,
+  ``random_floor`` and ``calibrate`` over cell maps ``[N, cells]``.
 
 Maps are ``[N, H, W]``; metrics that compare maps read ``|M|`` (signed maps by magnitude). No metric returns
 NaN: each undefined case (all-zero map, constant map, a single group, ``y(x) = y(x′)``) returns the documented
-defined value and emits :class:`UndefinedMetricWarning`. The one exception is ``fragility``: a constant map has
-no top-k pixels and any number would read as robust, so it is NaN there (with the warning).
+defined value and emits :class:`UndefinedMetricWarning`. The exceptions are ``fragility`` and the agreement
+functions: a constant map has no top-k (and no ranking), and any number would read as a finding, so they give
+NaN there (with the warning); an undefined agreement calibration is NaN too.
 
 The names are imported on first use (``from lightning_saliency.metrics import region_mass`` works as usual), so
 that reading the metric registry (:mod:`lightning_saliency.metrics.registry`, torch-free) does not import torch.
@@ -30,6 +34,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    **dict.fromkeys(("agreement", "calibrate", "kendall_tau", "random_floor", "topk_agreement"), "agreement"),
     **dict.fromkeys(("attention_disparity", "group_divergence"), "disparity"),
     **dict.fromkeys(("completeness_gap", "deletion_auc", "gaussian_blur", "infidelity", "insertion_auc"),
                     "faithfulness"),
@@ -44,7 +49,9 @@ _EXPORTS = {
 __all__ = [
     "MetricSpec",
     "UndefinedMetricWarning",
+    "agreement",
     "attention_disparity",
+    "calibrate",
     "completeness_gap",
     "deletion_auc",
     "drift",
@@ -56,20 +63,24 @@ __all__ = [
     "group_divergence",
     "infidelity",
     "insertion_auc",
+    "kendall_tau",
     "map_ranks",
     "max_sensitivity",
     "pearson",
     "pointing_game",
+    "random_floor",
     "randomization_similarity",
     "rank",
     "region_mass",
     "register_metric",
     "spearman",
     "stability",
+    "topk_agreement",
 ]
 
 if TYPE_CHECKING:
     from ._common import UndefinedMetricWarning, pearson, rank, spearman
+    from .agreement import agreement, calibrate, kendall_tau, random_floor, topk_agreement
     from .disparity import attention_disparity, group_divergence
     from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
     from .fragility import fragility, fragility_random, fragility_scores

@@ -24,13 +24,12 @@ as they are; for ``[N, H, W]`` maps the perturbation ``I`` is one value per pixe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..patches import gaussian_blur
 from ._common import _check_maps, _evaluating, _forward, _generator, _targets, _warn
 
 __all__ = ["deletion_auc", "insertion_auc", "infidelity", "completeness_gap", "gaussian_blur"]
@@ -40,27 +39,6 @@ def _check_inputs(inputs: Tensor, name: str) -> None:
     if not isinstance(inputs, Tensor) or inputs.ndim != 4:
         shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
         raise ValueError(f"{name}: inputs must be [N, C, H, W] images, got {shape}")
-
-
-def gaussian_blur(inputs: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``[N, C, H, W]`` images (replicate padding, kernel radius ``ceil(3σ)``).
-
-    Example:
-        >>> x = torch.rand(1, 3, 16, 16)
-        >>> torch.allclose(gaussian_blur(torch.ones(1, 3, 16, 16), 2.0), torch.ones(1, 3, 16, 16))
-        True
-    """
-    if sigma <= 0:
-        return inputs.clone()
-    n, c, h, w = inputs.shape
-    radius = max(1, min(int(math.ceil(3 * sigma)), max(h, w)))
-    t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(inputs.dtype)
-    x = inputs.reshape(n * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.reshape(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.reshape(1, 1, -1, 1))
-    return x.reshape(n, c, h, w)
 
 
 def _baseline(inputs: Tensor, baseline: str | float | Tensor, blur_sigma: float | None) -> Tensor:

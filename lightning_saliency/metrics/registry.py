@@ -249,6 +249,42 @@ def _fragility(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]
     return out
 
 
+def _agreement(reference: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
+    """Every method's maps against two runs of ``reference`` (``shapley`` or ``lime``) with the audit's options
+    and seeds ``s`` and ``s + 1``, once per audit (``one_pass``); the first run is the audit's own map when
+    ``reference`` is audited. The reference itself is scored by its second run: its raw values are the ceiling."""
+
+    def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
+        import dataclasses
+
+        from ..methods.registry import get_method
+        from ..patches import check_grid, pool
+        from .agreement import DEFAULT_K
+
+        rows, options = ctx.rows("expensive"), ctx.spec.method_options
+        x, t = ctx.probe.inputs[rows], ctx.targets[rows]
+        opts = {**get_method(reference).options, **options}
+        seed = opts[f"{reference}_seed"]
+
+        def run(s: int) -> Tensor:
+            spec = dataclasses.replace(ctx.spec, method_options={**options, f"{reference}_seed": s})
+            return spec.explain(ctx.model, x, t, (reference,))[reference]
+
+        first = ctx.maps[reference][rows] if reference in ctx.maps else run(seed)
+        second = run(seed + 1)
+        grid = check_grid(opts[f"{reference}_grid"], *x.shape[-2:], f"{reference}_grid")
+        k = max(1, min(DEFAULT_K, grid[0] * grid[1] // 2))
+        ref, again = pool(first.abs(), grid), pool(second.abs(), grid)
+        out: dict[str, Tensor] = {}
+        for m in methods:
+            cells = again if m == reference else pool(ctx.magnitude(m)[rows], grid)
+            r = _f().agreement(cells, ref, again, k=k, seed=ctx.spec.seed)
+            out.update({m + (f"_{key}" if key != "value" else ""): v for key, v in r.items()})
+        return out
+
+    return compute
+
+
 def _quiet(fn: Callable[[], dict]) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -271,6 +307,7 @@ def _divergence(result: Any, probe: Any, method: str) -> float | None:
 
 
 _P = dict(periodic=True, images="expensive", needs=("model",))
+_AGREEMENT_KEYS = ("_tau", "_topk", "_tau_ceiling", "_tau_floor", "_topk_ceiling", "_topk_floor")
 _BUILTIN = (
     MetricSpec("spurious_mass", False, "mean relevance mass inside the spurious masks, per group",
                needs=("spurious_masks",), per_group=True, default=True,
@@ -304,6 +341,9 @@ _BUILTIN = (
                compute=_randomization, **_P),
     MetricSpec("fragility", False, "top-k attack within an L-inf ball vs random-sign noise (Ghorbani et al.)",
                extra_keys=("_random",), compute=_fragility, **_P),
+    *(MetricSpec(f"{short}_agreement", True, f"Kendall tau and top-k cells vs {ref}, calibrated: seeds / random",
+                 extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), **_P)
+      for short, ref in (("shap", "shapley"), ("lime", "lime"))),
 )
 _REGISTRY: dict[str, MetricSpec] = {s.name: s for s in _BUILTIN}
 
