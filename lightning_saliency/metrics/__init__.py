@@ -8,12 +8,17 @@ Return convention:
 * ``deletion_auc`` / ``insertion_auc`` return ``{"auc": [N], "curve": [N, T+1], "random_auc": [N],
   "random_curve": [N, T+1]}``;
 * ``randomization_similarity`` returns ``{"all": [N], "cascading/<unit>" | "independent/<unit>": [N], ...}``;
+* ``spurious_flip_rate`` returns ``{"flip": [N], "logit_gain": [N], "donor": [N]}`` and
+  ``spurious_erase_drop`` ``[N]`` (:mod:`.causal`); ``discover`` (SpRAy, :mod:`.discovery`) returns candidate
+  regions of a class's maps and ``confirm`` tests one by pasting it (both dicts of Python values and masks);
 * ``attention_disparity`` / ``group_divergence`` return a dict of Python numbers with the scalar under
   ``"disparity"`` / ``"divergence"`` and per-group details.
 
 Maps are ``[N, H, W]``; metrics that compare maps read ``|M|`` (signed maps by magnitude). No metric returns
 NaN: each undefined case (all-zero map, constant map, a single group, ``y(x) = y(x′)``) returns the documented
-defined value and emits :class:`UndefinedMetricWarning`.
+defined value and emits :class:`UndefinedMetricWarning`; the one exception is a causal per-image value that
+does not apply (``spurious_flip_rate`` of an image already predicted as its donor's class, or with no donor):
+NaN, which the audit leaves out of the mean, as it does images a metric does not score.
 
 The names are imported on first use (``from lightning_saliency.metrics import region_mass`` works as usual), so
 that reading the metric registry (:mod:`lightning_saliency.metrics.registry`, torch-free) does not import torch.
@@ -35,14 +40,19 @@ _EXPORTS = {
     **dict.fromkeys(("drift", "drift_from_ranks", "map_ranks", "max_sensitivity", "stability"), "stability"),
     **dict.fromkeys(("UndefinedMetricWarning", "pearson", "rank", "spearman"), "_common"),
     **dict.fromkeys(("MetricSpec", "register_metric"), "registry"),
+    **dict.fromkeys(("blurred_fill", "confirm", "spurious_erase_drop", "spurious_flip_rate"), "causal"),
+    **dict.fromkeys(("discover", "spectral_clusters"), "discovery"),
 }
 
 __all__ = [
     "MetricSpec",
     "UndefinedMetricWarning",
     "attention_disparity",
+    "blurred_fill",
     "completeness_gap",
+    "confirm",
     "deletion_auc",
+    "discover",
     "drift",
     "drift_from_ranks",
     "gaussian_blur",
@@ -58,11 +68,16 @@ __all__ = [
     "region_mass",
     "register_metric",
     "spearman",
+    "spectral_clusters",
+    "spurious_erase_drop",
+    "spurious_flip_rate",
     "stability",
 ]
 
 if TYPE_CHECKING:
     from ._common import UndefinedMetricWarning, pearson, rank, spearman
+    from .causal import blurred_fill, confirm, spurious_erase_drop, spurious_flip_rate
+    from .discovery import discover, spectral_clusters
     from .disparity import attention_disparity, group_divergence
     from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
     from .localization import pointing_game, region_mass

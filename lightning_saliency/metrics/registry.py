@@ -12,7 +12,9 @@ facts); the rows' ``compute`` and ``summary`` functions import the formulas when
 A row's ``compute(ctx, methods) -> {key: values [n]}`` scores the images of ``ctx.rows(spec.images)`` for
 ``methods`` (one method at a time, or all of them at once when ``one_pass``: the noisy passes are shared);
 keys are the method name (the value reported as ``<method>/<name>``) or the method name plus one of the row's
-``extra_keys`` (``<method>/<name><suffix>``). A row's ``summary(result, probe, method) -> float | None`` is a
+``extra_keys`` (``<method>/<name><suffix>``). A ``probe_level`` row scores the model on the probe, not a
+method's maps: its ``compute(ctx, ())`` is called once per audit and returns the keys ``""`` (plus the
+``extra_keys``), reported as ``probe/<name>[<suffix>]``. A row's ``summary(result, probe, method) -> float | None`` is a
 probe-level value computed when the audit is summarised (over groups), not per image.
 
 The rows, in chart order (the page and the dashboards show the charts in this order; the table is generated
@@ -75,6 +77,8 @@ class MetricSpec:
         images: the probe images it scores: ``"all"``, ``"stability"`` (``stability_images``) or
             ``"expensive"`` (``expensive_images``).
         one_pass: ``compute`` scores every method from one shared pass (called once, not once per method).
+        probe_level: ``compute`` does not read the maps: called once with ``methods=()``, its values are reported
+            as ``probe/<name>`` (the causal tests of the spurious masks).
         compute: ``compute(ctx: AuditContext, methods) -> {method[+suffix]: values [n]}`` (per-image rows).
         summary: ``summary(result, probe, method) -> float | None`` (probe-level rows, computed over groups).
         builtin: a row of the package (``False``: added with :func:`register_metric`).
@@ -94,6 +98,7 @@ class MetricSpec:
     default: bool = False
     images: str = "all"
     one_pass: bool = False
+    probe_level: bool = False
     compute: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False, compare=False)
     summary: Callable[..., float | None] | None = field(default=None, repr=False, compare=False)
     builtin: bool = True
@@ -122,7 +127,7 @@ class AuditContext:
     ``maps`` are the methods' raw maps ``[n, H, W]`` (:meth:`magnitude` gives ``|M|`` for signed methods);
     ``targets`` the explained classes; ``subsets`` the positions of the ``"stability"`` and ``"expensive"``
     images in the shard (on the inputs' device); ``ranks`` collects each method's ranked map for the next
-    audit's drift.
+    audit's drift; ``full_probe`` is the whole probe when ``probe`` is a shard of it (``None``: the same).
     """
 
     model: Any
@@ -135,6 +140,7 @@ class AuditContext:
     previous_maps: Mapping[str, Tensor] | None = None
     previous_ranks: Mapping[str, Tensor] | None = None
     ranks: dict[str, Tensor] = field(default_factory=dict)
+    full_probe: Any = None  # the whole probe when ``probe`` is one shard of it (donors of the spurious swaps)
 
     def magnitude(self, method: str) -> Tensor:
         """``|M|`` of a signed method's maps, the maps themselves otherwise."""
@@ -233,6 +239,26 @@ def _randomization(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Ten
     return out
 
 
+def _spurious(which: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
+    def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
+        import torch
+
+        p, s = ctx.probe, ctx.spec
+        if which == "erase":
+            return {"": _f().spurious_erase_drop(ctx.model, p.inputs, p.targets, p.spurious_masks,
+                                                 batch_size=s.batch_size)}
+        whole = ctx.full_probe
+        if whole is None and len(p) and not bool((p.indices.cpu() == torch.arange(len(p))).all()):
+            raise ValueError("the spurious swaps of a probe shard draw donors from the whole probe: pass "
+                             "audit_shard(..., full_probe=probe)")
+        pool = None if whole is None else (whole.inputs, whole.targets, whole.spurious_masks)
+        r = _f().spurious_flip_rate(ctx.model, p.inputs, p.targets, p.spurious_masks, seed=s.seed, pool=pool,
+                                    positions=None if whole is None else p.indices, batch_size=s.batch_size)
+        return {"": r[which]}
+
+    return compute
+
+
 def _quiet(fn: Callable[[], dict]) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -251,6 +277,8 @@ def _divergence(result: Any, probe: Any, method: str) -> float | None:
 
 
 _P = dict(periodic=True, images="expensive", needs=("model",))
+# the causal tests of the spurious masks: probe-level (keys probe/<name>), forward passes over the whole probe
+_S = dict(periodic=True, probe_level=True, per_group=True, needs=("model", "spurious_masks"))
 _BUILTIN = (
     MetricSpec("spurious_mass", False, "mean relevance mass inside the spurious masks, per group",
                needs=("spurious_masks",), per_group=True, default=True,
@@ -282,6 +310,12 @@ _BUILTIN = (
                compute=_completeness_gap, **{**_P, "needs": ("model", "signed")}),
     MetricSpec("randomization_similarity", False, "Spearman with the maps of a re-initialised copy",
                compute=_randomization, **_P),
+    MetricSpec("spurious_flip_rate", False, "share of predictions moving to the donor's class when the spurious "
+               "region is swapped between classes", compute=_spurious("flip"), **_S),
+    MetricSpec("spurious_logit_gain", False, "gain of the donor class's logit margin when the spurious region is "
+               "swapped", compute=_spurious("logit_gain"), **_S),
+    MetricSpec("spurious_erase_drop", False, "accuracy lost when each image's spurious region is filled with a blur",
+               compute=_spurious("erase"), **_S),
 )
 _REGISTRY: dict[str, MetricSpec] = {s.name: s for s in _BUILTIN}
 
