@@ -111,6 +111,11 @@ def test_confirm_flips_other_classes_for_a_region_the_model_reads_and_not_for_it
     assert r["logit_gain"] > r["null_logit_gain"]
     ignore = confirm(IgnoresRegion(), x, y, cand, seed=0)
     assert ignore["flip_rate"] == 0.0 and ignore["erase_accuracy_drop"] == 0.0 and not ignore["confirmed"]
+    # when the rest of the class holds the same content in the region, it is the class's own feature, not
+    # something of the members: the rest-of-class null flips as much and the candidate is not confirmed
+    half = confirm(ReadsRegion(), x, y, {**cand, "members": cand["members"][:3]}, seed=0)
+    assert half["flip_rate"] == 1.0 and half["rest_flip_rate"] == 1.0 and not half["confirmed"]
+    assert math.isnan(r["rest_flip_rate"])  # every class-2 image is a member: no rest, that null is left out
     # the thresholds are settable: a null_ratio no flip rate can reach
     assert not confirm(ReadsRegion(), x, y, cand, null_ratio=1e9)["confirmed"] or r["null_flip_rate"] == 0.0
     assert not confirm(ReadsRegion(), x, y, cand, min_flip=1.01)["confirmed"]

@@ -23,8 +23,12 @@ region the map plays down, so a region is tested by intervention:
   ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled. The null pastes a random region of
   the same shape (``m`` shifted by a random offset that keeps it inside the image, ``null_draws`` per
   recipient, a private generator) from the same member at the same place: ``null_flip_rate`` and
-  ``null_logit_gain``. Confirmed when ``flip_rate ≥ min_flip`` (0.1) and ``flip_rate ≥ null_ratio · null``
-  (3).
+  ``null_logit_gain``. A second null pastes the same region ``m`` from the class's other images (labels
+  ``c``, not members; taken in turn): ``rest_flip_rate`` and ``rest_logit_gain``. It tells a shortcut (what
+  the members hold in ``m`` and the rest of the class does not) from the class's own object, which flips
+  other images wherever it lies and which any image of the class holds near ``m`` as well. Confirmed when
+  ``flip_rate ≥ min_flip`` (0.1) and ``flip_rate ≥ null_ratio · max(null_flip_rate, rest_flip_rate)`` (3;
+  a null that cannot be computed, e.g. a class without other images, is left out).
 
 The model runs in eval mode under ``torch.no_grad()`` inside a
 :class:`~lightning_saliency.guard.SideEffectGuard` (flags, gradients and RNGs restored); labels are class
@@ -207,12 +211,13 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
         candidate: a :func:`~lightning_saliency.metrics.discovery.discover` candidate (``class``, ``members``
             as probe indices, ``mask`` ``[H, W]``).
         indices: the probe index of each row of ``inputs`` (default ``0..N-1``).
-        min_flip, null_ratio: confirmed when ``flip_rate ≥ min_flip`` and ``flip_rate ≥ null_ratio · null``.
+        min_flip, null_ratio: confirmed when ``flip_rate ≥ min_flip`` and ``flip_rate ≥ null_ratio · null``
+            (``null``: the larger of the random-region and the rest-of-class null).
         null_draws: random regions per recipient; seed: their generator.
 
     Returns:
-        the candidate's fields plus ``flip_rate``, ``null_flip_rate``, ``logit_gain``, ``null_logit_gain``,
-        ``erase_accuracy_drop``, ``recipients`` (how many images could flip) and ``confirmed``; the rates are
+        the candidate's fields plus ``flip_rate``, ``null_flip_rate``, ``rest_flip_rate``, ``logit_gain``,
+        ``null_logit_gain``, ``rest_logit_gain``, ``erase_accuracy_drop``, ``recipients`` (how many images could flip) and ``confirmed``; the rates are
         ``nan`` (and ``confirmed`` False, with ``reason``) when no image of another class can flip.
 
     Example:
@@ -256,14 +261,24 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
             reg = torch.stack(shifted, 1).reshape(-1, *mask.shape)  # draw-major: [draws * recipients, H, W]
             nflips, ngains = paste(reg, recipients.repeat(null_draws), donors.repeat(null_draws))
             out.update(flip_rate=float(flips.mean()), logit_gain=float(gains.mean()),
-                       null_flip_rate=float(nflips.mean()), null_logit_gain=float(ngains.mean()))
+                       null_flip_rate=float(nflips.mean()), null_logit_gain=float(ngains.mean()),
+                       rest_flip_rate=math.nan, rest_logit_gain=math.nan)
+            member = torch.zeros(n, dtype=torch.bool, device=dev)
+            member[members] = True
+            rest = ((y == c) & ~member).nonzero()[:, 0]
+            if len(rest):  # the same region from the class's other images: is it these images' content?
+                rflips, rgains = paste(mask.expand(len(recipients), *mask.shape), recipients,
+                                       rest[torch.arange(len(recipients), device=dev) % len(rest)])
+                out.update(rest_flip_rate=float(rflips.mean()), rest_logit_gain=float(rgains.mean()))
         else:
             out.update(flip_rate=math.nan, logit_gain=math.nan, null_flip_rate=math.nan, null_logit_gain=math.nan,
+                       rest_flip_rate=math.nan, rest_logit_gain=math.nan,
                        reason=f"no image of another class is predicted other than class {c}: nothing can flip")
         erased = _predict(model, blurred_fill(inputs[members], mask, blur_sigma), batch_size).argmax(1)
         ym = y[members]
         out["erase_accuracy_drop"] = float((pred[members] == ym).float().mean() - (erased == ym).float().mean())
     out["recipients"] = int(len(recipients))
-    fr, null = out["flip_rate"], out["null_flip_rate"]
+    fr = out["flip_rate"]
+    null = max(v for v in (out["null_flip_rate"], out["rest_flip_rate"], 0.0) if math.isfinite(v))
     out["confirmed"] = bool(math.isfinite(fr) and fr >= min_flip and fr >= null_ratio * null)
     return out

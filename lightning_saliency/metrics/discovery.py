@@ -18,9 +18,12 @@ The steps, per class ``c`` (the maps that explain class ``c``; ``n_c`` of them):
    ``1e-12``), symmetrised ``W = max(W, Wᵀ)``, zero diagonal.
 4. **Embedding.** The normalised Laplacian ``L = I − D^{-1/2} W D^{-1/2}`` (``D`` the degrees, at least
    ``1e-12``), its eigenvalues ``λ_0 ≤ λ_1 ≤ ...`` and eigenvectors from ``torch.linalg.eigh`` (float64).
-5. **How many clusters.** ``q = argmax_{1 ≤ q ≤ q_max} (λ_q − λ_{q−1})``, the eigengap, with
-   ``q_max = min(max_clusters, n_c // min_members)`` (default ``min(6, n_c // 3)``); ``q = 1`` (no split)
-   when the first gap is the largest: a class without cluster structure is not split.
+5. **How many clusters.** ``q = argmax (λ_q − λ_{q−1})``, the eigengap, over ``1 ≤ q ≤ q_max`` with
+   ``λ_{q−1} ≤ max_eigenvalue`` (default 0.1): ``q − 1`` small eigenvalues say the graph nearly falls apart
+   into ``q`` groups (Cheeger: a small ``λ`` is a cut of small conductance), and the gap after them says
+   where the structure ends. ``q_max = min(max_clusters, n_c // min_members)`` (default ``min(6, n_c // 3)``);
+   ``q = 1`` (no split) when the first gap wins or ``λ_1 > max_eigenvalue``: a class without cluster
+   structure is not split.
 6. **Clusters.** k-means (k-means++ seeding, ``n_init`` restarts, the lowest inertia kept) on the rows of the
    first ``q`` eigenvectors, each row scaled to unit length (Ng, Jordan & Weiss 2001), with a private
    ``torch.Generator`` seeded by ``seed``: the same maps give the same clusters, the global RNG is untouched.
@@ -105,8 +108,8 @@ def _kmeans(x: Tensor, q: int, gen: torch.Generator, n_init: int, iters: int = 1
     return torch.tensor([order[int(lab)] for lab in best])
 
 
-def spectral_clusters(features: Tensor, *, min_members: int = 3, max_clusters: int = 6, seed: int = 0,
-                      n_init: int = 10) -> dict[str, Any]:
+def spectral_clusters(features: Tensor, *, min_members: int = 3, max_clusters: int = 6, max_eigenvalue: float = 0.1,
+                      seed: int = 0, n_init: int = 10) -> dict[str, Any]:
     """Spectral clustering of ``[n, d]`` feature rows (steps 3-6 of the module docstring).
 
     Returns ``{"labels": LongTensor [n] (clusters numbered by first appearance), "n_clusters": q,
@@ -131,6 +134,7 @@ def spectral_clusters(features: Tensor, *, min_members: int = 3, max_clusters: i
     evals, evecs = torch.linalg.eigh((lap + lap.T) / 2)
     q_max = int(max(1, min(max_clusters, n // max(1, min_members), n - 1)))
     gaps = evals[1 : q_max + 1] - evals[:q_max]
+    gaps = torch.where(evals[:q_max] <= max_eigenvalue, gaps, torch.full_like(gaps, -math.inf))
     q = int(gaps.argmax()) + 1 if len(gaps) else 1
     if q == 1:
         labels = torch.zeros(n, dtype=torch.long)
@@ -181,6 +185,7 @@ def discover(
     min_members: int = 3,
     max_share: float = 0.6,
     max_clusters: int = 6,
+    max_eigenvalue: float = 0.1,
     region_level: float = 0.5,
     max_area: float = 0.25,
     min_score: float = 0.15,
@@ -193,8 +198,8 @@ def discover(
         maps: ``[N, H, W]`` maps of one method (signed maps are read by magnitude).
         classes: ``[N]`` the class each map explains (the audit's targets).
         indices: ``[N]`` probe indices reported as ``members`` (default ``0..N-1``).
-        size: the pooling grid ``s``; min_class_size, min_members, max_share, max_clusters, region_level,
-            max_area, min_score: the thresholds of steps 1-9; seed, n_init: k-means' generator and restarts.
+        size: the pooling grid ``s``; min_class_size, min_members, max_share, max_clusters, max_eigenvalue,
+            region_level, max_area, min_score: the thresholds of steps 1-9; seed, n_init: k-means' generator and restarts.
 
     Returns:
         ``{"candidates": [...], "too_small": [class, ...], "clusters": {class: [cluster per map]},
@@ -227,7 +232,7 @@ def discover(
             continue
         fc = feats[sel]
         found = spectral_clusters(fc.reshape(n_c, -1), min_members=min_members, max_clusters=max_clusters,
-                                  seed=seed, n_init=n_init)
+                                  max_eigenvalue=max_eigenvalue, seed=seed, n_init=n_init)
         labels = found["labels"]
         out["clusters"][int(c)] = labels.tolist()
         out["n_clusters"][int(c)] = found["n_clusters"]
