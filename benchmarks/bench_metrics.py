@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
 
     model, x, obj, spur, groups = build(args.images, args.size, args.device)
     layer = resolve_layer(model, "auto", example_input=x[:1])
-    targets = model(x).argmax(1)
+    with torch.no_grad():
+        logits = model(x)  # the audit has them from its own pass
+    targets = logits.argmax(1)
 
     def explain(inputs: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         return attribute(model, inputs, t, methods=METHODS, layer=layer)
@@ -137,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     maps = explain(x, targets)
     ks = min(args.stability_images, args.images)
     # discovery clusters one method's maps per class; confirmation pastes a candidate's region (here a fixed
-    # 8x8 corner region standing for a candidate of class 0 with a quarter of the class as members)
-    cls0 = (targets == 0).nonzero()[:, 0]
+    # 8x8 corner region standing for a candidate of the most predicted class, a quarter of it as members)
+    top = int(targets.bincount().argmax())
+    cls0 = (targets == top).nonzero()[:, 0]
     corner = torch.zeros(args.size, args.size, dtype=torch.bool)
     corner[: args.size // 4, : args.size // 4] = True
-    candidate = {"class": 0, "members": cls0[: max(3, len(cls0) // 4)].tolist(), "mask": corner}
+    candidate = {"class": top, "members": cls0[: max(3, len(cls0) // 4)].tolist(), "mask": corner}
     prev = {k: v.roll(1, dims=-1) for k, v in maps.items()}
     ixg = attribute(model, x, targets, methods=("input_x_gradient",))["input_x_gradient"]
 
@@ -169,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             lambda m, name: randomization_similarity(model, explain_model(model, name), x, targets, maps=m))),
         "discovery": ("SpRAy per class on gradcam maps, 8x8 grid",
                       lambda: discover(maps["gradcam"], targets)),
-        "confirmation": ("one candidate: paste + 3 random-region nulls + erase",
-                         lambda: confirm(model, x, targets, candidate)),
+        "confirmation": ("one candidate: paste, random-region and rest-of-class nulls, erase; the audit's logits",
+                         lambda: confirm(model, x, targets, candidate, logits=logits)),
         "randomization (cascading)": ("per top-level unit", each(
             lambda m, name: randomization_similarity(
                 model, explain_model(model, name), x, targets, mode="cascading", maps=m))),

@@ -121,6 +121,7 @@ class Discovery(pl.Callback):
         record = {
             "epoch": trainer.current_epoch, "clean_val_acc": clean_acc, "too_small": found["too_small"],
             "confirmed": len(confirmed), "precision": precision, "recall": recall,
+            **{k: best[k] if best else None for k in ("flip_rate", "null_flip_rate", "rest_flip_rate")},
             "candidates": [{k: v for k, v in c.items() if k != "mask"} for c in tested],
         }
         self.records.append(record)
@@ -130,7 +131,8 @@ class Discovery(pl.Callback):
             for c in tested:
                 p, r = _precision_recall(c["members"], truth)
                 print(f"   class {CLASSES[c['class']]:<6} {len(c['members']):>2} members  region {c['region']}  "
-                      f"score {c['score']:.2f}  flip {c['flip_rate']:.2f} (null {c['null_flip_rate']:.2f})  "
+                      f"score {c['score']:.2f}  flip {c['flip_rate']:.2f} (nulls: random region "
+                      f"{c['null_flip_rate']:.2f}, rest of class {c['rest_flip_rate']:.2f})  "
                       f"erase drop {c['erase_accuracy_drop']:.2f}  precision {p:.2f} recall {r:.2f}  "
                       f"{'CONFIRMED' if c['confirmed'] else 'not confirmed'}")
 
@@ -172,23 +174,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         trainer.fit(model, train_dataloaders=loader)
     first = next((r for r in callback.records if r["confirmed"]), None)
+    at_first = ("precision", "recall", "flip_rate", "null_flip_rate", "rest_flip_rate", "clean_val_acc")
     summary = {
         "p": args.p, "control": args.control, "seed": args.seed, "epochs": args.epochs, "method": args.method,
         "first_epoch_confirmed": None if first is None else first["epoch"],
-        "precision": None if first is None else first["precision"],
-        "recall": None if first is None else first["recall"],
-        "flip_rate": None if first is None else max(c["flip_rate"] for c in first["candidates"] if c["confirmed"]),
-        "null_flip_rate": None if first is None else
-        next(c["null_flip_rate"] for c in first["candidates"] if c["confirmed"]
-             and c["flip_rate"] == max(d["flip_rate"] for d in first["candidates"] if d["confirmed"])),
-        "clean_val_acc": None if first is None else first["clean_val_acc"],
+        **{k: None if first is None else first[k] for k in at_first},  # of the best confirmed candidate then
         "final_clean_val_acc": callback.records[-1]["clean_val_acc"] if callback.records else None,
         "confirmed_per_epoch": [r["confirmed"] for r in callback.records],
         "records": callback.records,
     }
     print(f"\nfirst epoch with a confirmed candidate: {summary['first_epoch_confirmed']}; precision "
           f"{summary['precision']}, recall {summary['recall']}, flip {summary['flip_rate']} "
-          f"(null {summary['null_flip_rate']}), clean val acc {summary['clean_val_acc']}")
+          f"(nulls {summary['null_flip_rate']}, {summary['rest_flip_rate']}), clean val acc {summary['clean_val_acc']}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:

@@ -10,7 +10,8 @@ from examples.find_shortcut import main, planted
 
 def test_the_planted_watermark_is_discovered_confirmed_and_matches_the_truth(tmp_path):
     out = tmp_path / "summary.json"
-    summary = main(["--p", "50", "--seed", "0", "--epochs", "3", "--quiet", "--out", str(out)])
+    summary = main(["--p", "50", "--seed", "0", "--train-size", "600", "--epochs", "2", "--probe-per-class", "24",
+                    "--quiet", "--out", str(out)])
     assert summary["first_epoch_confirmed"] is not None
     assert summary["precision"] >= 0.8 and summary["recall"] >= 0.8
     assert summary["flip_rate"] >= 0.1 and summary["flip_rate"] >= 3 * summary["null_flip_rate"]

@@ -134,6 +134,8 @@ def test_confirm_and_the_swap_leave_the_model_and_the_global_rng_alone():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="members"):
         confirm(model, x, y, {**cand, "members": [40]})
+    with pytest.raises(ValueError, match="no members"):
+        confirm(model, x, y, {**cand, "members": []})
 
 
 def test_the_probe_level_rows_report_probe_keys_per_group_and_only_with_spurious_masks():

@@ -86,3 +86,18 @@ def test_the_eigengap_picks_the_number_of_clusters():
     r = spectral_clusters(blobs)
     assert r["n_clusters"] == 3 and r["labels"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
     assert spectral_clusters(torch.ones(12, 4))["n_clusters"] == 1  # no structure: not split
+
+
+def test_a_minority_holding_the_class_object_off_centre_shares_its_region_with_the_rest_and_is_no_candidate():
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+
+    def blob(cx: float) -> torch.Tensor:
+        return torch.exp(-((yy - 16) ** 2 + (xx - cx) ** 2) / 32.0)
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.stack([blob(18.0) if i < 4 else blob(14.0) for i in range(12)])
+    maps = maps + 0.05 * torch.rand(12, 32, 32, generator=g)
+    classes = torch.zeros(12, dtype=torch.long)
+    loose = discover(maps, classes, max_rest_ratio=10.0)["candidates"]  # the cluster itself is found ...
+    assert [c["members"] for c in loose] == [[0, 1, 2, 3]] and loose[0]["rest_inside"] > 0.2 * loose[0]["inside"]
+    assert discover(maps, classes)["candidates"] == []  # ... but the rest of the class uses its region too

@@ -22,7 +22,7 @@ region the map plays down, so a region is tested by intervention:
   turn); ``flip_rate`` is the share predicted ``c`` afterwards, ``logit_gain`` the mean ``Δ(z_c − z_{y_r})``;
   ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled. The null pastes a random region of
   the same shape (``m`` shifted by a random offset that keeps it inside the image, ``null_draws`` per
-  recipient, a private generator) from the same member at the same place: ``null_flip_rate`` and
+  recipient (default 1), a private generator) from the same member at the same place: ``null_flip_rate`` and
   ``null_logit_gain``. A second null pastes the same region ``m`` from the class's other images (labels
   ``c``, not members; taken in turn): ``rest_flip_rate`` and ``rest_logit_gain``. It tells a shortcut (what
   the members hold in ``m`` and the rest of the class does not) from the class's own object, which flips
@@ -202,8 +202,9 @@ def _shifted(mask: Tensor, gen: torch.Generator, draws: int) -> list[Tensor]:
 
 
 def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[str, Any], *,
-            indices: Tensor | None = None, min_flip: float = 0.1, null_ratio: float = 3.0, null_draws: int = 3,
-            seed: int = 0, blur_sigma: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
+            indices: Tensor | None = None, min_flip: float = 0.1, null_ratio: float = 3.0, null_draws: int = 1,
+            seed: int = 0, logits: Tensor | None = None, blur_sigma: float | None = None,
+            batch_size: int | None = None) -> dict[str, Any]:
     """Paste a candidate's region onto other classes' images, and erase it from its members (module docstring).
 
     Args:
@@ -214,6 +215,7 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
         min_flip, null_ratio: confirmed when ``flip_rate ≥ min_flip`` and ``flip_rate ≥ null_ratio · null``
             (``null``: the larger of the random-region and the rest-of-class null).
         null_draws: random regions per recipient; seed: their generator.
+        logits: the model's logits ``[N, K]`` on ``inputs`` when the caller has them (saves one forward).
 
     Returns:
         the candidate's fields plus ``flip_rate``, ``null_flip_rate``, ``rest_flip_rate``, ``logit_gain``,
@@ -233,6 +235,8 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
     n, dev = inputs.shape[0], inputs.device
     indices = torch.arange(n) if indices is None else torch.as_tensor(indices).reshape(-1).cpu()
     where = {int(p): i for i, p in enumerate(indices.tolist())}
+    if not len(candidate["members"]):
+        raise ValueError("confirm: the candidate has no members; pass a discover() candidate")
     missing = [p for p in candidate["members"] if int(p) not in where]
     if missing:
         raise ValueError(f"confirm: members {missing[:5]} are not among the inputs' indices")
@@ -244,7 +248,7 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
     gen = _generator(torch.device("cpu"), seed)
     out = dict(candidate)
     with _evaluating(model):
-        z = _predict(model, inputs, batch_size)
+        z = _predict(model, inputs, batch_size) if logits is None else logits.detach().float().to(dev)
         pred = z.argmax(1)
         recipients = ((y != c) & (pred != c)).nonzero()[:, 0]
         donors = members[torch.arange(len(recipients), device=dev) % len(members)]
