@@ -190,7 +190,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     ``previous_maps`` (the last audit's maps of the same images) feed ``drift``, or ``previous_ranks`` (the last
     result's ``ranks``: the same, already ranked, so each map is ranked once); ``expensive=False`` skips
     the metrics that run the model again (the registry's periodic rows: stability and the expensive ones).
-    ``full_probe``: the whole probe when ``probe`` is one shard of it (the spurious swaps draw donors from it).
+    ``full_probe``: the whole probe when ``probe`` is one shard of it (the spurious swaps draw their donors from
+    it, so that a sharded audit equals the unsharded one; without it a shard draws donors from itself).
 
     Example:
         >>> import torch

@@ -161,7 +161,7 @@ def test_the_probe_level_rows_report_probe_keys_per_group_and_only_with_spurious
     assert not any("spurious" in k for k in skipped.per_image)
 
 
-def test_a_shard_draws_its_donors_from_the_whole_probe_or_records_why_it_cannot():
+def test_a_shard_draws_its_donors_from_the_whole_probe():
     from lightning_saliency.audit import AuditSpec, audit_shard
     from lightning_saliency.probe import ProbeSet
 
@@ -171,8 +171,9 @@ def test_a_shard_draws_its_donors_from_the_whole_probe_or_records_why_it_cannot(
     whole = audit_shard(IgnoresRegion(), probe, spec).per_image["probe/spurious_flip_rate"]
     shard = audit_shard(IgnoresRegion(), probe.shard(1, 2), spec, full_probe=probe)
     assert torch.allclose(shard.per_image["probe/spurious_flip_rate"], whole[4:], equal_nan=True)
-    alone = audit_shard(IgnoresRegion(), probe.shard(1, 2), spec, on_error="collect")
-    assert "probe/spurious_flip_rate" not in alone.per_image and "whole probe" in str(alone.errors)
+    alien = ProbeSet(x[:2], y[:2], spurious_masks=_region_mask(2), indices=[40, 41])
+    wrong = audit_shard(IgnoresRegion(), alien, spec, on_error="collect", full_probe=probe)
+    assert "probe/spurious_flip_rate" not in wrong.per_image and "not in full_probe" in str(wrong.errors)
     full = spurious_flip_rate(ReadsRegion(), x, y, _region_mask(8), seed=5)
     part = spurious_flip_rate(ReadsRegion(), x[4:], y[4:], _region_mask(4), seed=5,
                               pool=(x, y, _region_mask(8)), positions=torch.arange(4, 8))

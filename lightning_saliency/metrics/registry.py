@@ -247,13 +247,17 @@ def _spurious(which: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str,
         if which == "erase":
             return {"": _f().spurious_erase_drop(ctx.model, p.inputs, p.targets, p.spurious_masks,
                                                  batch_size=s.batch_size)}
-        whole = ctx.full_probe
-        if whole is None and len(p) and not bool((p.indices.cpu() == torch.arange(len(p))).all()):
-            raise ValueError("the spurious swaps of a probe shard draw donors from the whole probe: pass "
-                             "audit_shard(..., full_probe=probe)")
-        pool = None if whole is None else (whole.inputs, whole.targets, whole.spurious_masks)
+        whole, pool, positions = ctx.full_probe, None, None
+        if whole is not None:  # a shard: donors from the whole probe, found by the shard's probe indices
+            where = {int(v): i for i, v in enumerate(whole.indices.tolist())}
+            missing = [int(v) for v in p.indices.tolist() if int(v) not in where]
+            if missing:
+                raise ValueError(f"probe indices {missing[:5]} of the shard are not in full_probe; pass the probe "
+                                 "the shard was cut from")
+            pool = (whole.inputs, whole.targets, whole.spurious_masks)
+            positions = torch.tensor([where[int(v)] for v in p.indices.tolist()], dtype=torch.long)
         r = _f().spurious_flip_rate(ctx.model, p.inputs, p.targets, p.spurious_masks, seed=s.seed, pool=pool,
-                                    positions=None if whole is None else p.indices, batch_size=s.batch_size)
+                                    positions=positions, batch_size=s.batch_size)
         return {"": r[which]}
 
     return compute
