@@ -16,6 +16,11 @@ Run it (a few seconds per epoch on 2 CPU cores)::
 
     python examples/find_shortcut.py --p 50 --seed 0 --out runs/find_p50.json
     python examples/find_shortcut.py --p 50 --control --out runs/find_control.json
+
+The README's table is ``--p`` 10, 25 and 50 with ``--seed`` 0, 1, 2, and ``--control --p 50`` with ``--seed``
+0 to 4, each with the defaults otherwise (4 epochs, 1200 training images, a probe of 32 images per class,
+Grad-CAM maps): the JSON summaries hold the first epoch with a confirmed candidate, its members' precision
+and recall against the watermarked probe images, its flip rate, both nulls and the clean accuracy then.
 """
 
 from __future__ import annotations
