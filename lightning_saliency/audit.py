@@ -195,7 +195,7 @@ def _padded(values: Tensor, n: int, where: Tensor | None = None) -> Tensor:
 
 def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_maps: Mapping[str, Tensor] | None = None,
                 expensive: bool = True, on_error: str = "warn",
-                previous_ranks: Mapping[str, Tensor] | None = None) -> ShardResult:
+                previous_ranks: Mapping[str, Tensor] | None = None, full_probe: ProbeSet | None = None) -> ShardResult:
     """Run one audit on ``probe`` (a whole probe set or one rank's shard).
 
     Computes the maps of every method in one shared pass, then the per-image values of the chosen metrics.
@@ -204,6 +204,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     ``previous_maps`` (the last audit's maps of the same images) feed ``drift``, or ``previous_ranks`` (the last
     result's ``ranks``: the same, already ranked, so each map is ranked once); ``expensive=False`` skips
     the metrics that run the model again (the registry's periodic rows: stability and the expensive ones).
+    ``full_probe``: the whole probe when ``probe`` is one shard of it (the spurious swaps draw their donors from
+    it, so that a sharded audit equals the unsharded one; without it a shard draws donors from itself).
 
     Example:
         >>> import torch
@@ -273,7 +275,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         where[subset] = (positions < (limit if limit is not None else n + 1)).nonzero()[:, 0]
     ctx = AuditContext(model=model, probe=probe, spec=spec, maps=maps, targets=targets,
                        subsets={k: v.to(inputs.device) for k, v in where.items() if v is not None},
-                       signed=frozenset(SIGNED_METHODS), previous_maps=previous_maps, previous_ranks=previous_ranks)
+                       signed=frozenset(SIGNED_METHODS), previous_maps=previous_maps, previous_ranks=previous_ranks,
+                       full_probe=full_probe)
     have = {"object_masks": probe.object_masks is not None, "spurious_masks": probe.spurious_masks is not None}
     wanted = set(spec.metrics)
     for row in specs():  # the per-image rows of the metric registry, each for every method it applies to
@@ -282,13 +285,15 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
                 or any(not have[k] for k in row.needs if k in have) or (rows is not None and not len(rows)):
             continue
         scored = [m for m in methods if "signed" not in row.needs or m in SIGNED_METHODS]
-        for group in ([tuple(scored)] if row.one_pass and scored else [(m,) for m in scored]):
-            keys = {m + suffix: f"{m}/{row.name}{suffix}" for m in group for suffix in ("", *row.extra_keys)}
+        for group in ([()] if row.probe_level else [tuple(scored)] if row.one_pass and scored
+                      else [(m,) for m in scored]):
+            prefixes = {m: f"{m}/" for m in group} if group else {"": "probe/"}  # probe-level: probe/<name>
+            keys = {m + suffix: f"{p}{row.name}{suffix}" for m, p in prefixes.items() for suffix in ("", *row.extra_keys)}
             try:
                 for key, values in row.compute(ctx, group).items():
                     per_image[keys[key]] = _padded(values, n, rows)
             except Exception as e:
-                method = None if row.one_pass else group[0]
+                method = None if row.one_pass or not group else group[0]
                 fail(e, method, f"metric {row.name!r}" + (f" of {method!r}" if method else ""))
     # a degenerate image's values are NaN, never chance level or 1.0 (see lightning_saliency.health)
     degenerate = _health.flag_maps(maps, SIGNED_METHODS)

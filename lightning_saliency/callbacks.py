@@ -454,7 +454,8 @@ class SaliencyMonitor(_Base):
         try:
             with _eager(), SideEffectGuard(pl_module):
                 result = audit_shard(pl_module, moved, self.spec, previous_maps=self._prev_maps,
-                                     previous_ranks=self._prev_ranks, expensive=expensive, on_error=self.on_error)
+                                     previous_ranks=self._prev_ranks, expensive=expensive, on_error=self.on_error,
+                                     full_probe=self.probe)
         except Exception as e:
             if self.on_error == "raise":
                 raise

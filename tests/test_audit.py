@@ -96,7 +96,7 @@ def test_merging_two_shards_equals_the_unsharded_audit():
                      stability_images=3, expensive_images=3)
     whole = audit_shard(model, probe, spec)
     assert probe.shard(0, 2).indices.tolist() == [0, 1, 2]
-    shards = [audit_shard(model, probe.shard(rank, 2), spec) for rank in (1, 0)]
+    shards = [audit_shard(model, probe.shard(rank, 2), spec, full_probe=probe) for rank in (1, 0)]
     merged = merge(shards)
     assert merged.indices.tolist() == list(range(6))
     assert set(merged.per_image) == set(whole.per_image)

@@ -121,13 +121,16 @@ def test_the_rows_and_the_derived_lists():
     assert set(ALL_METRICS) == {
         "object_mass", "spurious_mass", "pointing_game", "stability", "drift", "attention_disparity",
         "group_divergence", "deletion_auc", "insertion_auc", "infidelity", "max_sensitivity", "completeness_gap",
-        "randomization_similarity", "fragility", "shap_agreement", "lime_agreement"}
+        "randomization_similarity", "fragility", "shap_agreement", "lime_agreement", "spurious_flip_rate",
+        "spurious_logit_gain", "spurious_erase_drop"}
     assert set(DEFAULT_METRICS) == {"object_mass", "spurious_mass", "pointing_game", "stability", "drift",
                                     "attention_disparity", "group_divergence"}
+    causal = {"spurious_flip_rate", "spurious_logit_gain", "spurious_erase_drop"}
     assert set(PERIODIC_METRICS) == {"stability", "deletion_auc", "insertion_auc", "infidelity",
                                      "max_sensitivity", "completeness_gap", "randomization_similarity",
-                                     "fragility", "shap_agreement", "lime_agreement"}
-    assert {s.name for s in specs() if s.per_group} == {"object_mass", "spurious_mass", "pointing_game"}
+                                     "fragility", "shap_agreement", "lime_agreement", *causal}
+    assert {s.name for s in specs() if s.per_group} == {"object_mass", "spurious_mass", "pointing_game", *causal}
+    assert {s.name for s in specs() if s.probe_level} == causal
     assert {s.name for s in specs() if s.extra_keys} == {"deletion_auc", "insertion_auc", "fragility",
                                                          "shap_agreement", "lime_agreement"}
     assert get_metric("drift").higher_is_better is None

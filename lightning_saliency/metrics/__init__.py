@@ -10,6 +10,9 @@ Return convention:
 * ``fragility`` / ``fragility_random`` return ``[N]`` (``fragility_scores`` both at once, with the attacked
   inputs);
 * ``randomization_similarity`` returns ``{"all": [N], "cascading/<unit>" | "independent/<unit>": [N], ...}``;
+* ``spurious_flip_rate`` returns ``{"flip": [N], "logit_gain": [N], "donor": [N]}`` and
+  ``spurious_erase_drop`` ``[N]`` (:mod:`.causal`); ``discover`` (SpRAy, :mod:`.discovery`) returns candidate
+  regions of a class's maps and ``confirm`` tests one by pasting it (both dicts of Python values and masks);
 * ``attention_disparity`` / ``group_divergence`` return a dict of Python numbers with the scalar under
   ``"disparity"`` / ``"divergence"`` and per-group details;
 * ``agreement`` (``shap_agreement``, ``lime_agreement``) returns ``{"value", "tau", "topk", "tau_ceiling",
@@ -20,7 +23,9 @@ Maps are ``[N, H, W]``; metrics that compare maps read ``|M|`` (signed maps by m
 NaN: each undefined case (all-zero map, constant map, a single group, ``y(x) = y(x′)``) returns the documented
 defined value and emits :class:`UndefinedMetricWarning`. The exceptions are ``fragility`` and the agreement
 functions: a constant map has no top-k (and no ranking), and any number would read as a finding, so they give
-NaN there (with the warning); an undefined agreement calibration is NaN too.
+NaN there (with the warning); an undefined agreement calibration is NaN too. A causal per-image value that does
+not apply (``spurious_flip_rate`` of an image already predicted as its donor's class, or with no donor) is NaN,
+which the audit leaves out of the mean, as it does images a metric does not score.
 
 The names are imported on first use (``from lightning_saliency.metrics import region_mass`` works as usual), so
 that reading the metric registry (:mod:`lightning_saliency.metrics.registry`, torch-free) does not import torch.
@@ -44,6 +49,8 @@ _EXPORTS = {
     **dict.fromkeys(("drift", "drift_from_ranks", "map_ranks", "max_sensitivity", "stability"), "stability"),
     **dict.fromkeys(("UndefinedMetricWarning", "pearson", "rank", "spearman"), "_common"),
     **dict.fromkeys(("MetricSpec", "register_metric"), "registry"),
+    **dict.fromkeys(("blurred_fill", "confirm", "spurious_erase_drop", "spurious_flip_rate"), "causal"),
+    **dict.fromkeys(("discover", "spectral_clusters"), "discovery"),
 }
 
 __all__ = [
@@ -51,9 +58,12 @@ __all__ = [
     "UndefinedMetricWarning",
     "agreement",
     "attention_disparity",
+    "blurred_fill",
     "calibrate",
     "completeness_gap",
+    "confirm",
     "deletion_auc",
+    "discover",
     "drift",
     "drift_from_ranks",
     "fragility",
@@ -74,6 +84,9 @@ __all__ = [
     "region_mass",
     "register_metric",
     "spearman",
+    "spectral_clusters",
+    "spurious_erase_drop",
+    "spurious_flip_rate",
     "stability",
     "topk_agreement",
 ]
@@ -81,6 +94,8 @@ __all__ = [
 if TYPE_CHECKING:
     from ._common import UndefinedMetricWarning, pearson, rank, spearman
     from .agreement import agreement, calibrate, kendall_tau, random_floor, topk_agreement
+    from .causal import blurred_fill, confirm, spurious_erase_drop, spurious_flip_rate
+    from .discovery import discover, spectral_clusters
     from .disparity import attention_disparity, group_divergence
     from .faithfulness import completeness_gap, deletion_auc, gaussian_blur, infidelity, insertion_auc
     from .fragility import fragility, fragility_random, fragility_scores

@@ -12,7 +12,9 @@ facts); the rows' ``compute`` and ``summary`` functions import the formulas when
 A row's ``compute(ctx, methods) -> {key: values [n]}`` scores the images of ``ctx.rows(spec.images)`` for
 ``methods`` (one method at a time, or all of them at once when ``one_pass``: the noisy passes are shared);
 keys are the method name (the value reported as ``<method>/<name>``) or the method name plus one of the row's
-``extra_keys`` (``<method>/<name><suffix>``). A row's ``summary(result, probe, method) -> float | None`` is a
+``extra_keys`` (``<method>/<name><suffix>``). A ``probe_level`` row scores the model on the probe, not a
+method's maps: its ``compute(ctx, ())`` is called once per audit and returns the keys ``""`` (plus the
+``extra_keys``), reported as ``probe/<name>[<suffix>]``. A row's ``summary(result, probe, method) -> float | None`` is a
 probe-level value computed when the audit is summarised (over groups), not per image.
 
 The rows, in chart order (the page and the dashboards show the charts in this order; the table is generated
@@ -30,10 +32,25 @@ Example:
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from ._adapters import (  # the built-in rows' compute and summary functions
+    _DISPARITY_READS,
+    _agreement,
+    _completeness_gap,
+    _disparity,
+    _divergence,
+    _drift,
+    _fragility,
+    _infidelity,
+    _mask_metric,
+    _noisy,
+    _randomization,
+    _rise,
+    _spurious,
+)
 
 if TYPE_CHECKING:  # annotations only: importing this module must not import torch
     from torch import Tensor
@@ -77,6 +94,8 @@ class MetricSpec:
         images: the probe images it scores: ``"all"``, ``"stability"`` (``stability_images``) or
             ``"expensive"`` (``expensive_images``).
         one_pass: ``compute`` scores every method from one shared pass (called once, not once per method).
+        probe_level: ``compute`` does not read the maps: called once with ``methods=()``, its values are reported
+            as ``probe/<name>`` (the causal tests of the spurious masks).
         compute: ``compute(ctx: AuditContext, methods) -> {method[+suffix]: values [n]}`` (per-image rows).
         summary: ``summary(result, probe, method) -> float | None`` (probe-level rows, computed over groups).
         builtin: a row of the package (``False``: added with :func:`register_metric`).
@@ -98,6 +117,7 @@ class MetricSpec:
     default: bool = False
     images: str = "all"
     one_pass: bool = False
+    probe_level: bool = False
     compute: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False, compare=False)
     summary: Callable[..., float | None] | None = field(default=None, repr=False, compare=False)
     builtin: bool = True
@@ -127,7 +147,7 @@ class AuditContext:
     ``maps`` are the methods' raw maps ``[n, H, W]`` (:meth:`magnitude` gives ``|M|`` for signed methods);
     ``targets`` the explained classes; ``subsets`` the positions of the ``"stability"`` and ``"expensive"``
     images in the shard (on the inputs' device); ``ranks`` collects each method's ranked map for the next
-    audit's drift.
+    audit's drift; ``full_probe`` is the whole probe when ``probe`` is a shard of it (``None``: the same).
     """
 
     model: Any
@@ -140,6 +160,7 @@ class AuditContext:
     previous_maps: Mapping[str, Tensor] | None = None
     previous_ranks: Mapping[str, Tensor] | None = None
     ranks: dict[str, Tensor] = field(default_factory=dict)
+    full_probe: Any = None  # the whole probe when ``probe`` is one shard of it (donors of the spurious swaps)
 
     def magnitude(self, method: str) -> Tensor:
         """``|M|`` of a signed method's maps, the maps themselves otherwise."""
@@ -154,160 +175,10 @@ class AuditContext:
         return self.spec.explain(self.model if model is None else model, inputs, targets, methods)
 
 
-def _f() -> Any:
-    """The formulas (imported when a metric runs, never when the registry is read)."""
-    from lightning_saliency import metrics
-
-    return metrics
-
-
-# -- the built-in rows' compute and summary functions -----------------------------------------------------------
-def _mask_metric(formula: str, masks: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
-    def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-        return {m: getattr(_f(), formula)(ctx.magnitude(m), getattr(ctx.probe, masks)) for m in methods}
-
-    return compute
-
-
-def _drift(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-    out = {}
-    for method in methods:
-        m = ctx.magnitude(method)
-        ranks = ctx.ranks[method] = _f().map_ranks(m)  # compared now, and kept for the next audit
-        prev = None
-        if ctx.previous_ranks is not None and method in ctx.previous_ranks:
-            prev = ctx.previous_ranks[method].to(m.device)
-        elif ctx.previous_maps is not None and method in ctx.previous_maps \
-                and ctx.previous_maps[method].shape == m.shape:
-            prev = _f().map_ranks(ctx.previous_maps[method].to(m.device))
-        if prev is not None and prev.shape == ranks.shape:
-            out[method] = _f().drift_from_ranks(prev, ranks)
-    return out
-
-
-def _noisy(formula: str, images: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
-    def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-        rows, s = ctx.rows(images), ctx.spec
-        kw = dict(k=s.stability_k, sigma=s.stability_sigma) if formula == "stability" else {}
-        return getattr(_f(), formula)(  # one pass serves every method's noisy maps
-            lambda x, t: ctx.explain(x, t, methods), ctx.probe.inputs[rows], ctx.targets[rows], seed=s.seed,
-            maps={m: ctx.maps[m][rows] for m in methods}, batch_size=s.batch_size, **kw)
-
-    return compute
-
-
-def _rise(formula: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
-    def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-        rows, out = ctx.rows("expensive"), {}
-        for m in methods:
-            r = getattr(_f(), formula)(ctx.model, ctx.probe.inputs[rows], ctx.targets[rows], ctx.maps[m][rows].abs(),
-                                       seed=ctx.spec.seed, batch_size=ctx.spec.batch_size or 64)
-            out[m] = r["auc"]
-            if "random_auc" in r:
-                out[m + "_random"] = r["random_auc"]
-        return out
-
-    return compute
-
-
-def _infidelity(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-    rows = ctx.rows("expensive")
-    return {m: _f().infidelity(ctx.model, ctx.probe.inputs[rows], ctx.targets[rows], ctx.maps[m][rows],
-                               seed=ctx.spec.seed, batch_size=ctx.spec.batch_size) for m in methods}
-
-
-def _completeness_gap(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-    rows, inputs, out = ctx.rows("expensive"), ctx.probe.inputs, {}
-    ig_baseline = ctx.spec.method_options.get("ig_baseline")
-    for m in methods:
-        # IG is complete with respect to its own baseline; input x gradient to zero
-        base = ig_baseline if m == "integrated_gradients" and ig_baseline is not None else 0.0
-        if hasattr(base, "shape") and base.shape[:1] == inputs.shape[:1]:
-            base = base[rows]
-        out[m] = _f().completeness_gap(ctx.model, inputs[rows], ctx.targets[rows], ctx.maps[m][rows],
-                                       baseline=base, batch_size=ctx.spec.batch_size)
-    return out
-
-
-def _randomization(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-    rows, out = ctx.rows("expensive"), {}
-    for m in methods:
-        out[m] = _f().randomization_similarity(
-            ctx.model, lambda mdl, x, t, m=m: ctx.explain(x, t, (m,), model=mdl)[m],
-            ctx.probe.inputs[rows], ctx.targets[rows], maps=ctx.maps[m][rows], seed=ctx.spec.seed)["all"]
-    return out
-
-
-def _fragility(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-    rows, inputs, s, out = ctx.rows("expensive"), ctx.probe.inputs, ctx.spec, {}
-    for m in methods:  # the top-k attack and its random-sign control, maps measured on the real model
-        r = _f().fragility_scores(
-            ctx.model, inputs[rows], ctx.targets[rows], method=m, maps=ctx.maps[m][rows],
-            explain=lambda x, t, m=m: ctx.explain(x, t, (m,))[m], layer=s.layer, reshape=s.reshape, seed=s.seed,
-            batch_size=s.batch_size, positions=ctx.probe.indices[rows.cpu()])
-        out[m], out[m + "_random"] = r["fragility"], r["random"]
-    return out
-
-
-def _agreement(reference: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
-    """Every method's maps against two runs of ``reference`` (``shapley`` or ``lime``) with the audit's options
-    and seeds ``s`` and ``s + 1``, once per audit (``one_pass``); the first run is the audit's own map when
-    ``reference`` is audited. The reference itself is scored by its second run: its raw values are the ceiling."""
-
-    def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-        import dataclasses
-
-        from ..methods.registry import get_method
-        from ..patches import check_grid, pool
-        from .agreement import DEFAULT_K
-
-        rows, options = ctx.rows("expensive"), ctx.spec.method_options
-        x, t = ctx.probe.inputs[rows], ctx.targets[rows]
-        opts = {**get_method(reference).options, **options}
-        seed = opts[f"{reference}_seed"]
-
-        def run(s: int) -> Tensor:
-            spec = dataclasses.replace(ctx.spec, method_options={**options, f"{reference}_seed": s})
-            return spec.explain(ctx.model, x, t, (reference,))[reference]
-
-        first = ctx.maps[reference][rows] if reference in ctx.maps else run(seed)
-        second = run(seed + 1)
-        grid = check_grid(opts[f"{reference}_grid"], *x.shape[-2:], f"{reference}_grid")
-        k = max(1, min(DEFAULT_K, grid[0] * grid[1] // 2))
-        ref, again = pool(first.abs(), grid), pool(second.abs(), grid)
-        out: dict[str, Tensor] = {}
-        for m in methods:
-            cells = again if m == reference else pool(ctx.magnitude(m)[rows], grid)
-            r = _f().agreement(cells, ref, again, k=k, seed=ctx.spec.seed)
-            out.update({m + (f"_{key}" if key != "value" else ""): v for key, v in r.items()})
-        return out
-
-    return compute
-
-
-def _quiet(fn: Callable[[], dict]) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn()
-
-
-_DISPARITY_READS = ("spurious_mass", "object_mass")  # the per-image statistic: spurious mass, else object mass
-
-
-def _disparity(result: Any, probe: Any, method: str) -> float | None:
-    stat = next((result.per_image[k] for k in (f"{method}/{r}" for r in _DISPARITY_READS) if k in result.per_image),
-                None)
-    if stat is None:
-        return None
-    return _quiet(lambda: _f().attention_disparity(stat, probe.groups))["disparity"]
-
-
-def _divergence(result: Any, probe: Any, method: str) -> float | None:
-    return _quiet(lambda: _f().group_divergence(result.maps[method], probe.groups))["divergence"]
-
-
 _P = dict(periodic=True, images="expensive", needs=("model",))
 _AGREEMENT_KEYS = ("_tau", "_topk", "_tau_ceiling", "_tau_floor", "_topk_ceiling", "_topk_floor")
+# the causal tests of the spurious masks: probe-level (keys probe/<name>), forward passes over the whole probe
+_S = dict(periodic=True, probe_level=True, per_group=True, needs=("model", "spurious_masks"))
 _BUILTIN = (
     MetricSpec("spurious_mass", False, "mean relevance mass inside the spurious masks, per group",
                needs=("spurious_masks",), per_group=True, default=True,
@@ -344,6 +215,12 @@ _BUILTIN = (
     *(MetricSpec(f"{short}_agreement", True, f"Kendall tau and top-k cells vs {ref}, calibrated: seeds / random",
                  extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), **_P)
       for short, ref in (("shap", "shapley"), ("lime", "lime"))),
+    MetricSpec("spurious_flip_rate", False, "share of predictions moving to the donor's class when the spurious "
+               "region is swapped between classes", compute=_spurious("flip"), **_S),
+    MetricSpec("spurious_logit_gain", False, "gain of the donor class's logit margin when the spurious region is "
+               "swapped", compute=_spurious("logit_gain"), **_S),
+    MetricSpec("spurious_erase_drop", False, "accuracy lost when each image's spurious region is filled with a blur",
+               compute=_spurious("erase"), **_S),
 )
 _REGISTRY: dict[str, MetricSpec] = {s.name: s for s in _BUILTIN}
 
