@@ -202,6 +202,7 @@ class SaliencyMonitor(_Base):
         stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
         expensive_images: probe images used by the expensive metrics.
         seed: seed of the metrics' own random draws (never the global generators).
+        scorecard: at the end of fit, score every method once into the report (:func:`lightning_saliency.scorecard`).
 
     Example:
         >>> import torch
@@ -235,6 +236,7 @@ class SaliencyMonitor(_Base):
         stability_images: int | None = 8,
         expensive_images: int | None = 16,
         seed: int = 0,
+        scorecard: bool = False,
     ) -> None:
         _check_arguments(probe, every_n_epochs, on_error, expensive_every_n_audits, probe_size, image_colors)
         self.probe = probe
@@ -250,6 +252,7 @@ class SaliencyMonitor(_Base):
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap = cmap
         self.image_colors = None if image_colors is None else int(image_colors)
+        self.scorecard = bool(scorecard)
         # validated now: an unknown method or metric is a configuration error, not a mid-training surprise
         self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
                               layer="auto", batch_size=batch_size, target=target,
@@ -366,6 +369,8 @@ class SaliencyMonitor(_Base):
                 # audit, made in this fit, gets the periodic metrics it skipped, from the same weights and the same
                 # previous maps
                 self._complete(trainer, pl_module)
+            if self.scorecard:
+                self._recorder.record_scorecard(trainer, pl_module, self.probe, self.spec, self.on_error)
         self._recorder.flush()
 
     def _lacks_periodic(self, record: dict[str, Any]) -> bool:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from .charts import CHART_CSS, MAX_POINTS, _chart, _e, _reduce
+from .page_scorecard import SCORECARD_CSS, section_scorecard
 from .report import split_key
 
 __all__ = ["render_page", "write_page", "CSP", "MAX_POINTS", "MAX_SERIES", "MAX_ROWS"]
@@ -488,7 +489,7 @@ position:sticky;top:0;background:var(--bg);padding:6px 0;z-index:1}.slider input
 image-rendering:pixelated}.tiles{display:flex;flex-wrap:wrap;gap:6px}.tile{margin:0;width:64px}
 .ov{width:64px;background-size:100% 100%;background-color:#000;aspect-ratio:1/1}
 .ov img{display:block;width:100%;height:100%;opacity:.5}.cap{font-size:11px;text-align:center;
-color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}""" + CHART_CSS + """table{border-collapse:collapse;margin:4px 0 8px}
+color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}""" + CHART_CSS + SCORECARD_CSS + """table{border-collapse:collapse;margin:4px 0 8px}
 th,td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}thead th{background:var(--soft)}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.na{color:var(--muted)}
 td.msg{max-width:720px;white-space:pre-wrap;word-break:break-word}tr.sizes td,tr.sizes th{color:var(--muted)}
@@ -549,11 +550,12 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
         f'<div class="badges">{"".join(badges)}</div>',
         "</header>",
         '<nav><a href="#overlays">Overlays</a><a href="#curves">Curves</a><a href="#latest">Latest audit</a>'
-        '<a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
+        '<a href="#scorecard">Scorecard</a><a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
         "<main>",
         overlays,
         _section_curves(audits, alarms),
         _section_latest(latest),
+        section_scorecard(data),
         _section_groups(latest, probe),
         _section_alarms(alarms),
         _section_errors(audits),

@@ -249,6 +249,37 @@ class Recorder:
                 sink.log_text("saliency/alarms", text, int(firing["global_step"]))
                 sink.alert("lightning-saliency alarm", text)
 
+    def record_scorecard(self, trainer: Any, pl_module: Any, probe: ProbeSet, spec: Any, on_error: str) -> None:
+        """Score every method of ``spec`` once (:func:`lightning_saliency.scorecards.score`, the scorecard's
+        default metrics) into the report's ``scorecard`` section and onto the dashboards as text.
+
+        Rank 0 only, on the whole probe: the other ranks return at once (the scorecard runs no collective). A
+        failure is recorded in the section (``rows`` empty, the reason in ``notes``) and warned about, unless
+        ``on_error="raise"``.
+        """
+        if world(trainer)[0] != 0:
+            return
+        import dataclasses
+
+        from .scorecards import Scorecard, default_metrics, score
+
+        try:
+            card = score(pl_module, probe, dataclasses.replace(spec, metrics=default_metrics()), on_error=on_error)
+        except Exception as e:
+            if on_error == "raise":
+                raise
+            if on_error == "warn":
+                warnings.warn(f"lightning-saliency: the scorecard failed ({type(e).__name__}: {e}); recorded in the "
+                              "report", RuntimeWarning, stacklevel=2)
+            card = Scorecard([], [], notes=[f"the scorecard failed: {type(e).__name__}: {e}"])
+        card.info.update(epoch=max(int(trainer.current_epoch) - 1, 0), global_step=int(trainer.global_step))
+        if self.report is not None:
+            self.report.set_scorecard(card.to_dict())
+            self.report.write()
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.log_text("saliency/scorecard", card.to_text(), int(trainer.global_step))
+
     def flush(self) -> None:
         """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule
         (TensorBoard: its writer thread, every ``flush_secs``), off the training thread."""

@@ -22,7 +22,13 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
      "audits": [{"epoch", "global_step", "time", "duration_s", "precision",
                  "metrics": {"<method>/<metric>[/<group>]": float | null},
                  "errors": [{"method", "type", "message"}], "maps": "maps/epoch_0003.npz" | null}],
-     "alarms": [{"name", "metric", "threshold", "mode", "epoch", "global_step", "value", "action"}]}
+     "alarms": [{"name", "metric", "threshold", "mode", "epoch", "global_step", "value", "action"}],
+     "scorecard": {"epoch", "global_step", "columns": [{"name", "higher_is_better", "kind", "of", "doc"}],
+                   "rows": [{"method", "<column>": float | null}], "best": {"<column>": [method]},
+                   "reasons": {method: {"<column>": why it is null}}, "notes": [str], "images", "device"}}
+
+``scorecard`` (:mod:`lightning_saliency.scorecards`) is written once, at the end of fit, by
+``SaliencyMonitor(scorecard=True)``; a report without it is just as valid.
 
 Non-finite numbers (NaN, +-inf) anywhere in the report are written as ``null``, so the file is strict JSON.
 Writes go through :func:`lightning_saliency.files.atomic_write` (a temporary file in the same folder, flushed
@@ -168,8 +174,8 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
 
     The one validation pass of a loaded report (the gate, the page and ``show`` all read through
     :func:`load_report`): a JSON object of schema :data:`SCHEMA`; ``audits`` a list of objects, each with an
-    int ``epoch`` and a ``metrics`` object; ``alarms`` a list; ``run``, ``probe`` and ``config`` objects when
-    present. ``path`` only names the file in messages.
+    int ``epoch`` and a ``metrics`` object; ``alarms`` a list; ``run``, ``probe``, ``config`` and ``scorecard`` objects
+    when present. ``path`` only names the file in messages.
 
     Example:
         >>> validate_report({"schema": SCHEMA, "audits": [{"epoch": 0, "metrics": {}}]})["audits"][0]["epoch"]
@@ -199,7 +205,7 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
     alarms = data.get("alarms", [])
     if not isinstance(alarms, list):
         raise ReportError(f"{p}: 'alarms' must be a list, got {type(alarms).__name__}")
-    for key in ("run", "probe", "config"):
+    for key in ("run", "probe", "config", "scorecard"):
         value = data.get(key) or {}
         if not isinstance(value, dict):
             raise ReportError(f"{p}: {key!r} must be an object, got {type(value).__name__}")
@@ -371,6 +377,10 @@ class AuditReport:
         if config is not None:
             self.data["config"] = _clean(dict(config), "config")
 
+    def set_scorecard(self, scorecard: Mapping[str, Any]) -> None:
+        """Set the ``scorecard`` section (:meth:`lightning_saliency.scorecards.Scorecard.to_dict`), replaced whole."""
+        self.data["scorecard"] = _clean(dict(scorecard), "scorecard")
+
     def append_audit(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Add one audit record; an audit for an epoch already present replaces it. Returns the stored record.
 
@@ -433,6 +443,9 @@ class AuditReport:
         before = len(self.audits)
         self.data["audits"] = [a for a in self.audits if a["epoch"] <= epoch]
         self.data["alarms"] = [a for a in self.alarms if a.get("epoch", -1) <= epoch]
+        scored = (self.data.get("scorecard") or {}).get("epoch")
+        if isinstance(scored, int) and scored > epoch:  # it scored weights that the resumed run no longer has
+            self.data.pop("scorecard")
         return before - len(self.audits)
 
     # -- files --------------------------------------------------------------------------------------------

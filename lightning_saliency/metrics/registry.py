@@ -78,6 +78,7 @@ class MetricSpec:
         compute: ``compute(ctx: AuditContext, methods) -> {method[+suffix]: values [n]}`` (per-image rows).
         summary: ``summary(result, probe, method) -> float | None`` (probe-level rows, computed over groups).
         builtin: a row of the package (``False``: added with :func:`register_metric`).
+        scorecard: a column of the method scorecard's default set (:func:`lightning_saliency.scorecard`).
 
     Example:
         >>> get_metric("object_mass").direction, get_metric("object_mass").per_group
@@ -97,6 +98,7 @@ class MetricSpec:
     compute: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False, compare=False)
     summary: Callable[..., float | None] | None = field(default=None, repr=False, compare=False)
     builtin: bool = True
+    scorecard: bool = False
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -262,6 +264,7 @@ def _divergence(result: Any, probe: Any, method: str) -> float | None:
 
 
 _P = dict(periodic=True, images="expensive", needs=("model",))
+_S = dict(_P, scorecard=True)  # also a column of the scorecard
 _BUILTIN = (
     MetricSpec("spurious_mass", False, "mean relevance mass inside the spurious masks, per group",
                needs=("spurious_masks",), per_group=True, default=True,
@@ -277,24 +280,24 @@ _BUILTIN = (
     MetricSpec("group_divergence", False, "1 - Pearson between groups' mean maps (no masks needed)",
                needs=("groups",), default=True, summary=_divergence),
     MetricSpec("stability", True, "Spearman of maps under input noise, k draws", needs=("model",),
-               periodic=True, default=True, images="stability", one_pass=True,
+               periodic=True, default=True, images="stability", one_pass=True, scorecard=True,
                compute=_noisy("stability", "stability")),
     MetricSpec("drift", None, "Spearman with the previous audit's maps", needs=("previous",), default=True,
                compute=_drift),
     MetricSpec("deletion_auc", False, "RISE deletion (and its random-ranking reference)",
-               extra_keys=("_random",), compute=_rise("deletion_auc"), **_P),
+               extra_keys=("_random",), compute=_rise("deletion_auc"), **_S),
     MetricSpec("insertion_auc", True, "RISE insertion (and its random-ranking reference)",
-               extra_keys=("_random",), compute=_rise("insertion_auc"), **_P),
+               extra_keys=("_random",), compute=_rise("insertion_auc"), **_S),
     MetricSpec("infidelity", False, "squared error of the map's linear prediction of drops",
-               compute=_infidelity, **_P),
+               compute=_infidelity, **_S),
     MetricSpec("max_sensitivity", False, "worst relative change of the map under small noise", one_pass=True,
                compute=_noisy("max_sensitivity", "expensive"), **_P),
     MetricSpec("completeness_gap", False, "sum of the map vs the logit change (signed methods only)",
                compute=_completeness_gap, **{**_P, "needs": ("model", "signed")}),
     MetricSpec("randomization_similarity", False, "Spearman with the maps of a re-initialised copy",
-               compute=_randomization, **_P),
+               compute=_randomization, **_S),
     MetricSpec("fragility", False, "top-k attack within an L-inf ball vs random-sign noise (Ghorbani et al.)",
-               extra_keys=("_random",), compute=_fragility, **_P),
+               extra_keys=("_random",), compute=_fragility, **_S),
 )
 _REGISTRY: dict[str, MetricSpec] = {s.name: s for s in _BUILTIN}
 
