@@ -32,9 +32,8 @@ def section_scorecard(data: dict) -> str:
     head = '<section id="scorecard"><h2>Scorecard: which map to trust?</h2>'
     raw = data.get("scorecard") if isinstance(data, dict) else None
     if not isinstance(raw, dict):
-        return head + ('<p class="note">No scorecard in this run: pass <code>SaliencyMonitor(scorecard=True)</code> '
-                       "(scored once at the end of fit), or call <code>lightning_saliency.scorecard(model, probe)"
-                       "</code>.</p></section>")
+        return head + ('<p class="note">No scorecard in this run: pass SaliencyMonitor(scorecard=True) (scored '
+                       "once at the end of fit), or call lightning_saliency.scorecard(model, probe).</p></section>")
     card = Scorecard.from_dict(raw)
     notes = "".join(f'<p class="note">{_e(n, 500)}</p>' for n in card.notes[:20])
     if not card.rows or not card.shown():
@@ -72,7 +71,7 @@ def section_scorecard(data: dict) -> str:
         t.append("</tr>")
     t.append("</tbody></table>")
     if reasons:
-        t.append('<p class="note">Not computed:</p><ul class="note">')
-        t += [f"<li>{_e(m, 200)} / {_e(c, 100)}: {_e(w, 500)}</li>" for m, c, w in reasons[:_MAX_REASONS]]
-        t.append("</ul>")
+        t += [f'<p class="note">n/a: {_e(m, 200)} / {_e(c, 100)}: {_e(w, 500)}</p>' for m, c, w in reasons[:_MAX_REASONS]]
+        if len(reasons) > _MAX_REASONS:
+            t.append(f'<p class="note">... and {len(reasons) - _MAX_REASONS} more</p>')
     return head + "".join(t) + notes + "</section>"

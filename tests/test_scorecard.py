@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ from lightning_saliency.page import render_page
 from lightning_saliency.report import AuditReport, ReportError, load_report
 from lightning_saliency.scorecards import COST, Column, Scorecard, _columns, best_per_column, default_metrics
 from tests import monitor_utils as mu
+from tests.test_page import assert_safe
 
 SIDE = 16
 
@@ -190,6 +196,8 @@ def test_monitor_writes_the_scorecard_and_the_page_and_show_print_it(tmp_path, c
     assert main(["report", str(run), "-o", str(out)]) == 0
     page = out.read_text(encoding="utf-8")
     assert 'id="scorecard"' in page and 'class="num best"' in page and "★" in page
+    doc = assert_safe(page)  # the page's structural safety holds with the scorecard too
+    assert len([a for t, a in doc.with_class("best") if t == "td"]) == sum(map(len, section["best"].values()))
     assert "lower is better" in page and "higher is better" in page
     capsys.readouterr()
     assert main(["show", "--scorecard", str(run)]) == 0
@@ -202,3 +210,24 @@ def test_monitor_writes_the_scorecard_and_the_page_and_show_print_it(tmp_path, c
     trainer2, _ = mu.fit([bare], tmp_path / "bare", max_epochs=1)
     assert main(["show", "--scorecard", str(trainer2.log_dir)]) == 2
     assert "scorecard=True" in capsys.readouterr().err
+
+
+def test_show_scorecard_and_the_page_never_import_torch(tmp_path):
+    rep = AuditReport(tmp_path / "saliency" / "report.json")
+    rep.set_scorecard({"columns": [{"name": "stability", "higher_is_better": True, "kind": "metric"}],
+                       "rows": [{"method": "gradcam", "stability": 0.75}, {"method": "gradient", "stability": 0.5}]})
+    rep.write()
+    script = textwrap.dedent(f"""
+        import contextlib, io, sys
+        import lightning_saliency.cli as cli
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            codes = [cli.main(["show", "--scorecard", {str(tmp_path)!r}]),
+                     cli.main(["report", {str(tmp_path)!r}, "-o", {str(tmp_path / "a.html")!r}])]
+        assert "0.75 *" in out.getvalue(), out.getvalue()
+        print(codes, "torch" in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[0,", "0]", "False"]
+    assert "★" in (tmp_path / "a.html").read_text(encoding="utf-8")
