@@ -6,6 +6,7 @@ these, only this module changes; each lookup degrades to "not known" rather than
 - :func:`eval_source` reads the evaluation loop's private ``_data_source`` (``trainer.fit_loop.epoch_loop.val_loop``,
   ``trainer.validate_loop``, ``trainer.test_loop``);
 - :func:`stage` reads ``trainer.state.fn`` (public, but an enum whose module is internal);
+- :func:`trained_epoch` reads a checkpoint's saved ``loops`` (``fit_loop.epoch_progress``);
 - :func:`overrides` compares a model's hook with both distributions' ``LightningModule`` defaults;
 - :data:`Base` is a ``Callback`` of both distributions; the callbacks' ``state_key`` uses the protected
   ``Callback._generate_state_key``, which Lightning documents for subclasses.
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-__all__ = ["Base", "eval_source", "overrides", "stage"]
+__all__ = ["Base", "audit_stage", "eval_source", "overrides", "stage", "trained_epoch"]
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -88,3 +89,31 @@ def stage(trainer: Any) -> str:
     """
     fn = getattr(getattr(trainer, "state", None), "fn", None)
     return str(getattr(fn, "value", fn))
+
+
+def audit_stage(trainer: Any) -> str:
+    """The stage an audit records: ``"validate"`` or ``"test"`` inside those entry points, else ``"fit"``.
+
+    Example:
+        >>> audit_stage(object())
+        'fit'
+    """
+    fn = stage(trainer)
+    return fn if fn in ("validate", "test") else "fit"
+
+
+def trained_epoch(checkpoint: Any) -> int:
+    """The last epoch whose training the weights of a checkpoint went through (``-1``: none), from the fit loop's
+    epoch progress saved in it: epochs started, less one (a checkpoint saved at the end of epoch 1, during its
+    validation or after the fit: 1). ``-1`` too when the checkpoint does not say.
+
+    Example:
+        >>> trained_epoch({"loops": {"fit_loop": {"epoch_progress": {"current": {"started": 2}}}}})
+        1
+        >>> trained_epoch({})
+        -1
+    """
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["started"]) - 1
+    except Exception:
+        return -1

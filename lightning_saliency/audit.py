@@ -19,6 +19,12 @@ The periodic rows run the model again (:func:`~lightning_saliency.metrics.regist
 Besides the metrics, every audit reports the probe's accuracy: ``probe/accuracy``, per class
 ``probe/accuracy/class_<k>`` and per group ``probe/accuracy/<group>``, because disparity is read next to accuracy.
 
+Every audit also checks its own health (:mod:`lightning_saliency.health`): images with non-finite logits, and
+per method the images whose map is non-finite or constant (all zero included), are flagged per image in the
+:class:`ShardResult` (so that :func:`merge` pools them under DDP), and their metric values are NaN (``null``),
+never chance level or a perfect score; :func:`lightning_saliency.health.describe` turns the flags into the
+record's ``health``.
+
 Example:
     >>> import torch
     >>> from lightning_saliency.probe import ProbeSet
@@ -43,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import health as _health
 from .layers import TargetLayer
 from .methods.engine import attribute
 from .methods.registry import SIGNED_METHODS, method_names
@@ -57,6 +64,7 @@ __all__ = [
     "AuditSpec",
     "ShardResult",
     "audit_shard",
+    "lacks_periodic",
     "merge",
     "summarize",
     "validate_metrics",
@@ -132,6 +140,9 @@ class AuditSpec:
         if not self.methods:
             raise ValueError("methods is empty; pass at least one method, e.g. methods=('gradcam',)")
         self.metrics = validate_metrics(self.metrics)
+        from .checks import check_method_options  # an unknown key: the closest option and its method
+
+        self.method_options = check_method_options(self.method_options, self.methods)
         if self.target not in ("prediction", "label"):
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
 
@@ -153,7 +164,9 @@ class ShardResult:
     """What one rank computed for its shard of the probe (all tensors on the CPU).
 
     ``indices`` are the shard's positions in the full probe; ``per_image`` maps ``<method>/<metric>`` to ``[n]``
-    values (NaN where a metric did not cover an image); ``errors`` are report error records.
+    values (NaN where a metric did not cover an image, or the image is degenerate); ``errors`` are report error
+    records; ``finite_logits`` (``[n]`` bool, ``None``: unknown) and ``degenerate`` (method -> ``[n]`` int8 codes
+    of :mod:`lightning_saliency.health`) are the per-image health flags.
     """
 
     indices: Tensor
@@ -163,6 +176,8 @@ class ShardResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
     dtype: str = "float32"
     ranks: dict[str, Tensor] = field(default_factory=dict)  # |M| ranked, for the next audit's drift (not merged)
+    finite_logits: Tensor | None = None
+    degenerate: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _nan(n: int) -> Tensor:
@@ -240,13 +255,14 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
 
             with SideEffectGuard(model), torch.no_grad():
                 logits = model(inputs)
-            predictions = logits.argmax(1)
+            predictions, finite = logits.argmax(1), torch.isfinite(logits).all(1)
             dtype = str(logits.dtype).replace("torch.", "")
             targets = predictions if explain_targets is None else explain_targets
         else:
-            predictions, targets, dtype = info.predictions, info.targets, info.forward_dtype
+            predictions, targets, dtype, finite = info.predictions, info.targets, info.forward_dtype, info.finite
     else:
-        predictions, targets, dtype = info.predictions, info.targets, info.forward_dtype
+        predictions, targets, dtype, finite = info.predictions, info.targets, info.forward_dtype, info.finite
+    finite = torch.ones(n, dtype=torch.bool) if finite is None else finite.detach().bool().cpu()
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
 
@@ -275,6 +291,10 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             except Exception as e:
                 method = None if row.one_pass else group[0]
                 fail(e, method, f"metric {row.name!r}" + (f" of {method!r}" if method else ""))
+    # a degenerate image's values are NaN, never chance level or 1.0 (see lightning_saliency.health)
+    degenerate = _health.flag_maps(maps, SIGNED_METHODS)
+    _health.mask_degenerate(per_image, degenerate, finite,
+                            _health.stale_previous(previous_ranks, previous_maps, SIGNED_METHODS))
     return ShardResult(
         indices=getattr(probe, "indices", None) if getattr(probe, "indices", None) is not None
         else torch.arange(n),
@@ -284,11 +304,25 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         errors=errors,
         dtype=dtype,
         ranks={k: v.detach().cpu() for k, v in ctx.ranks.items()},
+        finite_logits=finite,
+        degenerate=degenerate,
     )
 
 
+def lacks_periodic(record: Mapping[str, Any], metrics: Sequence[str]) -> bool:
+    """Whether an audit record has none of the periodic metrics among ``metrics`` (that audit skipped them).
+
+    Example:
+        >>> lacks_periodic({"metrics": {"gradcam/drift": 0.9}}, ("drift", "stability"))
+        True
+    """
+    wanted = set(metric_names(periodic=True)) & set(metrics)
+    return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
+
+
 def merge(results: Sequence[ShardResult]) -> ShardResult:
-    """Concatenate shard results in probe order (by ``indices``); errors are pooled without duplicates.
+    """Concatenate shard results in probe order (by ``indices``); errors are pooled without duplicates, the
+    per-image health flags concatenated like the values (a shard without them counts as healthy).
 
     Example:
         >>> import torch
@@ -314,8 +348,16 @@ def merge(results: Sequence[ShardResult]) -> ShardResult:
     errors: list[dict[str, Any]] = []
     for r in results:
         errors.extend(e for e in r.errors if e not in errors)
+    sizes = [len(r.indices.reshape(-1)) for r in results]
+    finite = None
+    if any(r.finite_logits is not None for r in results):
+        finite = torch.cat([torch.ones(k, dtype=torch.bool) if r.finite_logits is None else r.finite_logits.bool()
+                            for r, k in zip(results, sizes)])[order]
+    degenerate = {key: torch.cat([r.degenerate.get(key, torch.zeros(k, dtype=torch.int8))
+                                  for r, k in zip(results, sizes)])[order] for key in maps}
     return ShardResult(indices=indices[order], predictions=torch.cat([r.predictions for r in results])[order],
-                       maps=maps, per_image=per_image, errors=errors, dtype=results[0].dtype)
+                       maps=maps, per_image=per_image, errors=errors, dtype=results[0].dtype,
+                       finite_logits=finite, degenerate=degenerate)
 
 
 def _nanmean(v: Tensor) -> float:
@@ -329,11 +371,17 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
     Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the rows
     reported ``per_group``), the probe-level rows' values (their ``summary``: ``attention_disparity``,
     ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
+
+    Degenerate images (:mod:`lightning_saliency.health`) are left out: the accuracies are NaN when any logit is not
+    finite; a probe-level row uses a method's usable images only, and is NaN when none (or no image of some group)
+    is left.
     """
     out: dict[str, float] = {}
     groups = probe.groups
     labels = probe.targets.cpu()
     correct = (result.predictions.cpu() == labels).float()
+    if result.finite_logits is not None and not bool(result.finite_logits.all()):
+        correct = torch.full_like(correct, math.nan)  # the argmax of NaN logits is no prediction
     out["probe/accuracy"] = float(correct.mean()) if len(correct) else math.nan
     for k in sorted(set(labels.tolist())):
         out[f"probe/accuracy/class_{k}"] = float(correct[labels == k].mean())
@@ -353,7 +401,24 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
             continue
         for method in spec.methods:
             if method in result.maps:
-                value = row.summary(result, probe, method)
+                value = _summary(row, result, probe, method)
                 if value is not None:
                     out[f"{method}/{row.name}"] = value
     return out
+
+
+def _summary(row: Any, result: ShardResult, probe: ProbeSet, method: str) -> float | None:
+    """A probe-level row's value over the images whose ``method`` map is usable; NaN when none, or no image of
+    some group, is left (a disparity between the groups that are left is not the probe's)."""
+    ok = _health.healthy_images(result, method)
+    if bool(ok.all()):
+        return row.summary(result, probe, method)
+    groups = probe.groups
+    kept = None if groups is None else {g for g, keep in zip(groups, ok.tolist()) if keep}
+    if not bool(ok.any()) or (kept is not None and len(kept) < len(set(groups))):
+        return math.nan
+    where = ok.nonzero()[:, 0]
+    sub = ShardResult(indices=result.indices[where], predictions=result.predictions[where],
+                      maps={k: v[where] for k, v in result.maps.items()},
+                      per_image={k: v[where] for k, v in result.per_image.items()}, dtype=result.dtype)
+    return row.summary(sub, probe.subset(where), method)

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import time
 import warnings
@@ -34,27 +33,32 @@ import torch
 from torch import nn
 
 from ._lightning import Base as _Base
+from ._lightning import audit_stage as _audit_stage
 from ._lightning import eval_source as _eval_source
 from ._lightning import overrides as _overrides
 from ._lightning import stage as _stage
+from ._lightning import trained_epoch as _trained_epoch
 from .audit import (
     DEFAULT_METRICS,
     AuditSpec,
     ShardResult,
     audit_shard,
+    lacks_periodic,
     merge,
     summarize,
 )
+from .checks import check_alarm, key_problem
 from .distributed import broadcast as _broadcast
 from .distributed import gather as _gather
 from .distributed import rank0_buffers as _rank0_buffers
 from .distributed import world as _world
 from .guard import SideEffectGuard
 from .methods.engine import check_on_error
+from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
-from .report import error_record
+from .report import error_record, place_record, stage_of
 
 __all__ = ["SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected"]
 
@@ -91,9 +95,11 @@ def _check_arguments(probe: Any, every_n_epochs: int, on_error: str, expensive_e
         raise ValueError(f"image_colors must be between 2 and 256 (a PNG palette) or None, got {image_colors}")
 
 
-def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> Any:
-    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit) and
-    resolve the CAM methods' target layer."""
+def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec: AuditSpec,
+                  alarms: Sequence[Any] = ()) -> Any:
+    """Check that the probe fits the model (one guarded forward, at setup rather than at the first audit), the
+    options' values and that each alarm can fire on this probe; resolve the target layer when a method of
+    ``spec`` needs one (else ``None``)."""
     example = probe.inputs[:2].to(pl_module.device)
     param = next(pl_module.parameters(), None)
     if param is not None and param.is_floating_point() and example.is_floating_point():
@@ -112,6 +118,16 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module) -> An
     if int(probe.targets.max()) >= logits.shape[1]:
         raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
                          f"classes; build the probe from the model's own dataset")
+    opts = {**all_options(), **spec.method_options}
+    for method in (m for m in spec.methods if get_method(m).validate is not None):
+        try:  # a bad value fails here, not at every audit
+            get_method(method).validate(opts, probe.inputs)
+        except ValueError as e:
+            raise ValueError(f"SaliencyMonitor(method_options=...): {e}") from e
+    for alarm in alarms:  # the probe's masks and groups are known now
+        check_alarm(alarm.metric, spec.methods, spec.metrics, probe)
+    if not any(needs_layer(m) for m in spec.methods):
+        return None  # gradient-only (or any layer-free methods): a model without a spatial layer is fine
     from .layers import resolve_layer
 
     try:
@@ -177,7 +193,7 @@ class SaliencyMonitor(_Base):
             validation dataloader with ``probe_size`` and ``probe_seed``.
         methods: attribution methods, e.g. ``("gradcam", "gradient")``; see
             :func:`lightning_saliency.methods.registry.method_names` (registered methods too).
-        layer: target layer of the CAM-family methods: ``"auto"``, a dotted module name, or a module.
+        layer: target layer of the CAM-family methods: ``"auto"``, a dotted name or a module (unused without one).
         every_n_epochs: audit every n-th training epoch.
         metrics: metric names: the rows of :mod:`lightning_saliency.metrics.registry` (and metrics added with
             :func:`~lightning_saliency.register_metric`); default: the rows marked default (the cheap ones). The
@@ -198,7 +214,7 @@ class SaliencyMonitor(_Base):
         cmap: colormap of the overlays (``"jet"`` or ``"viridis"``, any matplotlib name).
         image_colors: colours of the overlay grids' PNG palette (256: the eye sees no difference and the
             file is less than half; ``None``: full-colour PNG).
-        method_options: extra options for :func:`~lightning_saliency.attribute` (e.g. ``{"ig_steps": 16}``).
+        method_options: options for :func:`~lightning_saliency.attribute` (``{"ig_steps": 16}``), checked now.
         stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
         expensive_images: probe images used by the expensive metrics.
         seed: seed of the metrics' own random draws (never the global generators).
@@ -252,7 +268,6 @@ class SaliencyMonitor(_Base):
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap = cmap
         self.image_colors = None if image_colors is None else int(image_colors)
-        self.scorecard = bool(scorecard)
         # validated now: an unknown method or metric is a configuration error, not a mid-training surprise
         self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
                               layer="auto", batch_size=batch_size, target=target,
@@ -268,10 +283,12 @@ class SaliencyMonitor(_Base):
         self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
         self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
         self._prev_ranks_used: dict[str, torch.Tensor] | None = None
-        self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last audit this process made
+        self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last fit audit this process made
+        self._run_id, self._weights_epoch = None, -1  # lightning_saliency.runs; the weights' last trained epoch
         # report.json, maps files, dashboards: written by the recorder, on rank 0
-        self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images,
-                                  class_names=self.class_names, cmap=cmap, image_colors=self.image_colors)
+        self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images, on_error=on_error,
+                                  class_names=self.class_names, cmap=cmap, image_colors=self.image_colors,
+                                  scorecard=scorecard)
 
     # -- identity and state ------------------------------------------------------------------------------------
     @property
@@ -284,10 +301,10 @@ class SaliencyMonitor(_Base):
 
     def state_dict(self) -> dict[str, Any]:
         fingerprint = self.probe.fingerprint if self.probe is not None else self._loaded_fingerprint
-        return {"fingerprint": fingerprint, "history": [dict(r) for r in self.history]}
+        return {"fingerprint": fingerprint, "history": [dict(r) for r in self.history], "run_id": self._run_id}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_fingerprint = state_dict.get("fingerprint")
+        self._loaded_fingerprint, self._run_id = state_dict.get("fingerprint"), state_dict.get("run_id")
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self._prepared_for = None  # re-check the probe against the checkpoint's at the next start
 
@@ -310,6 +327,9 @@ class SaliencyMonitor(_Base):
             raise ValueError("SaliencyMonitor has no probe: pass probe=ProbeSet.from_dataset(val_set, size=64), or "
                              "give the Trainer validation data to draw one from (val_dataloaders=..., a datamodule "
                              "or a model that defines val_dataloader())")
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._weights_epoch = _trained_epoch(checkpoint)  # the weights audited next are the checkpoint's (-1: ?)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._prepare(trainer, pl_module)
@@ -334,10 +354,9 @@ class SaliencyMonitor(_Base):
                     "the probe set differs from the one in the checkpoint being resumed (fingerprint "
                     f"{probe.fingerprint[:12]} vs {self._loaded_fingerprint[:12]}): audits before and after would not "
                     "be comparable. Resume with the same probe, or pass allow_probe_change=True")
-            self.history = []
-        target = _target_layer(pl_module, probe, self.layer)
-        self.spec.layer = target
-        self.layer_name = target.name
+            self.history, self._run_id = [], None  # another probe: another run, another report
+        target = _target_layer(pl_module, probe, self.layer, self.spec, self._alarms)
+        self.spec.layer, self.layer_name = (target, target.name) if target is not None else (self.layer, None)
         rank, world = _world(trainer)
         # positions are counted in this probe (a probe made with subset() keeps its parent's otherwise)
         self._shard = probe.shard(rank, world)
@@ -346,9 +365,9 @@ class SaliencyMonitor(_Base):
         self._prev_maps = None
         self._prev_ranks = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank opens, here
-        self._recorder.open(trainer, pl_module, probe, history=self.history, config={
-            "methods": list(self.spec.methods), "layer": self.layer_name, "metrics": list(self.spec.metrics),
-            "every_n_epochs": self.every_n_epochs})
+        self._run_id = self._recorder.open(trainer, pl_module, probe, history=self.history, run_id=self._run_id,
+            stage=_audit_stage(trainer), config={"methods": list(self.spec.methods), "layer": self.layer_name,
+                                                 "metrics": list(self.spec.metrics), "every_n_epochs": self.every_n_epochs})
 
     # -- when to audit ------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -359,23 +378,18 @@ class SaliencyMonitor(_Base):
                        periodic=len(self.history) % self.expensive_every_n_audits == 0 or _final_epoch(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        epoch = max(int(trainer.current_epoch) - 1, 0)
+        epoch = self._weights_epoch = max(int(trainer.current_epoch) - 1, 0)
         if self._prepared_for == (id(trainer), id(pl_module)):
-            if not any(r["epoch"] == epoch for r in self.history):
+            if not any(r["epoch"] == epoch and stage_of(r) == "fit" for r in self.history):
                 self.audit(trainer, pl_module, epoch=epoch, periodic=True)
-            elif self._lacks_periodic(self.history[-1]) and \
+            elif lacks_periodic(self.history[-1], self.spec.metrics) and stage_of(self.history[-1]) == "fit" and \
                     self._last_audit == (id(trainer), self.history[-1]["epoch"]):
                 # training ended where nobody could tell in advance (an alarm's stop, a time limit, ...): the last
                 # audit, made in this fit, gets the periodic metrics it skipped, from the same weights and the same
                 # previous maps
                 self._complete(trainer, pl_module)
-            if self.scorecard:
-                self._recorder.record_scorecard(trainer, pl_module, self.probe, self.spec, self.on_error)
+            self._recorder.record_scorecard(trainer, pl_module, self.probe, self.spec)  # when scorecard=True
         self._recorder.flush()
-
-    def _lacks_periodic(self, record: dict[str, Any]) -> bool:
-        wanted = set(metric_registry.metric_names(periodic=True)) & set(self.spec.metrics)
-        return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
         last = self.history[-1]
@@ -388,40 +402,41 @@ class SaliencyMonitor(_Base):
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
-            self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
+            self.audit(trainer, pl_module, periodic=True)
             self._recorder.flush()
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
-        self.audit(trainer, pl_module, epoch=trainer.current_epoch, periodic=True)
+        self.audit(trainer, pl_module, periodic=True)
         self._recorder.flush()
 
     # -- one audit ----------------------------------------------------------------------------------------------
-    def audit(self, trainer: Any, pl_module: Any, epoch: int, periodic: bool = True,
+    def audit(self, trainer: Any, pl_module: Any, epoch: int | None = None, periodic: bool = True,
               _completing: dict[str, Any] | None = None) -> dict[str, Any]:
         """Audit now and return the record (on every rank). Called by the hooks; callable by hand too.
 
-        ``periodic=False`` skips the metrics that run the model again (stability and the expensive ones; see
-        :data:`~lightning_saliency.audit.PERIODIC_METRICS`); the hooks pass it for all but every
-        ``expensive_every_n_audits``-th audit and the last one.
+        ``stage``: the trainer's; ``epoch``: the weights' last trained epoch (-1: not known). ``periodic=False``
+        skips the metrics that run the model again (:data:`~lightning_saliency.audit.PERIODIC_METRICS`); the hooks
+        pass it for all but every ``expensive_every_n_audits``-th audit and the last one.
         """
         self._prepare(trainer, pl_module)
-        rank, _ = _world(trainer)
-        started = time.perf_counter()
+        (rank, _), epoch = _world(trainer), self._weights_epoch if epoch is None else epoch
+        stage, started = _audit_stage(trainer), time.perf_counter()
         with _rank0_buffers(trainer, pl_module):
             result = self._audit_shard(pl_module, bool(periodic))
-        self._prev_maps_used, self._prev_ranks_used = self._prev_maps, self._prev_ranks
-        if result.maps:
-            self._prev_maps, self._prev_ranks = result.maps, result.ranks or None
+        if stage == "fit":  # drift compares with the last fit audit: validate/test maps never become the reference
+            self._prev_maps_used, self._prev_ranks_used = self._prev_maps, self._prev_ranks
+            if result.maps:
+                self._prev_maps, self._prev_ranks = result.maps, result.ranks or None
         gathered = _gather(trainer, result)
         record = None
         if rank == 0:
             merged = merge(gathered)
             metrics = summarize(merged, self.probe, self.spec) if merged.maps else {}
             record = self._recorder.record(trainer, merged, metrics, self.probe, epoch, started,
-                                           images=_completing is None)
+                                           images=_completing is None, stage=stage)
         record = _broadcast(trainer, record)
-        self.history = [r for r in self.history if r["epoch"] != record["epoch"]] + [record]
-        self._last_audit = (id(trainer), int(record["epoch"]))
+        self.history = place_record(self.history, record)
+        self._last_audit = (id(trainer), int(record["epoch"])) if stage == "fit" else self._last_audit
         for alarm in self._alarms:
             # completing an audit: only the alarms on the metrics it adds have something new to read
             if _completing is None or alarm.metric not in _completing.get("metrics", {}):
@@ -471,7 +486,8 @@ class ShortcutAlarm(_Base):
     recorded (the order of the callbacks does not matter). Several alarms may watch different metrics.
 
     Args:
-        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``.
+        metric: a report key, e.g. ``"gradcam/spurious_mass"`` or ``"gradcam/spurious_mass/site_b"``; one the
+            monitor never reports (a mask metric on a probe without masks, say) fails at setup, saying why.
         threshold: the limit.
         mode: ``"max"``: ``threshold`` is the largest acceptable value (fires when the metric is above it);
             ``"min"``: the smallest acceptable value (fires when below). ``None`` (default): from the metric
@@ -541,18 +557,11 @@ class ShortcutAlarm(_Base):
         if not monitors:
             raise ValueError("ShortcutAlarm needs a SaliencyMonitor in the same Trainer: "
                              "Trainer(callbacks=[SaliencyMonitor(probe, ...), ShortcutAlarm(...)])")
-        keys = {k for m in monitors for k in m.expected_keys()}
-        owner = [m for m in monitors if self._matches(self.metric, m.expected_keys())]
+        # the names now; the probe's masks and groups too when it is known, else when it is drawn (fit start)
+        owner = [m for m in monitors if key_problem(self.metric, m.spec.methods, m.spec.metrics, m.probe) is None]
         if not owner:
-            close = difflib.get_close_matches(self.metric, sorted(keys), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"ShortcutAlarm(metric={self.metric!r}) watches a key no SaliencyMonitor reports.{hint} "
-                             f"Available: {', '.join(sorted(keys))} (per-group keys add '/<group>')")
+            check_alarm(self.metric, monitors[0].spec.methods, monitors[0].spec.metrics, monitors[0].probe)
         owner[0]._register(self)
-
-    @staticmethod
-    def _matches(metric: str, keys: Sequence[str]) -> bool:
-        return any(metric == k or metric.startswith(k + "/") for k in keys) or metric.startswith("probe/accuracy")
 
     def check(self, trainer: Any, monitor: SaliencyMonitor, record: dict[str, Any]) -> None:
         """Called by the monitor after each audit, on every rank with the same record.
@@ -573,7 +582,7 @@ class ShortcutAlarm(_Base):
             return
         self.fired_in_streak = True
         firing = {"name": self.name, "metric": self.metric, "threshold": self.threshold, "mode": self.mode,
-                  "epoch": int(record["epoch"]), "global_step": int(record["global_step"]), "value": float(value),
+                  "stage": stage_of(record), "epoch": int(record["epoch"]), "global_step": int(record["global_step"]), "value": float(value),
                   "action": self.action}
         self.firings.append(firing)
         monitor.record_alarm(trainer, firing)

@@ -3,15 +3,21 @@
 Usage::
 
     lightning-saliency gate REPORT [--max KEY=VALUE]... [--min KEY=VALUE]... [--config gate.toml]
-                               [--epoch last|best|N] [--junit FILE] [--json]
+                               [--epoch last|best|N] [--stage fit|validate|test] [--junit FILE] [--json]
+                               [--allow-unhealthy]
     lightning-saliency report LOG_DIR [-o audit.html] [--max-images N] [--max-epochs N] [--cmap NAME]
     lightning-saliency show LOG_DIR [--scorecard]
     lightning-saliency --version
 
 ``REPORT`` / ``LOG_DIR`` may be the ``report.json`` file, its ``saliency`` folder, or the run's log dir
 (``lightning_logs/version_0``); a folder is searched by :func:`lightning_saliency.report.find_report`
-(``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed,
+(``<folder>/report.json`` first, then ``<folder>/saliency/report.json``), the same for every command. Exit codes: 0 success (gate: every rule passed), 1 a gate rule failed or the audit is unhealthy,
 2 the report is missing / unreadable / of an unknown schema, a key or epoch is absent, or the arguments are bad.
+A reader that stops early (``lightning-saliency gate --json ... | head``) ends the output quietly: no traceback,
+and the exit code stays the command's own (the gate's verdict), as with any output that was read in full.
+
+The command never imports torch (nor NumPy before a report is read): ``import lightning_saliency.cli`` loads
+the standard library only, and each subcommand imports what it needs when it runs.
 
 Example:
     >>> main(["--version"])  # doctest: +SKIP
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gate",
         help="check a report against thresholds; exit 0 pass, 1 fail, 2 cannot decide",
         description="Check one audit of a report against thresholds. Exit 0: every rule passed; 1: a rule failed "
-        "(a null/NaN value fails); 2: missing/unreadable/unknown-schema report, no audits, absent key or epoch.",
+        "(a null/NaN value fails) or the audit is unhealthy (non-finite logits or maps, mostly constant maps); "
+        "2: missing/unreadable/unknown-schema report, no audits, absent key or epoch.",
     )
     gate.add_argument("report", metavar="REPORT", help="report.json, or a log dir holding saliency/report.json")
     gate.add_argument("--max", dest="max_rules", action="append", default=[], metavar="KEY=VALUE",
@@ -54,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TOML file with [max] / [min] tables of \"key\" = value and an optional epoch")
     gate.add_argument("--epoch", metavar="last|best|N",
                       help="which audit: last (default), best (passes the most rules; ties -> latest), or epoch N")
+    from lightning_saliency.gate import STAGES  # torch- and NumPy-free
+
+    gate.add_argument("--stage", choices=STAGES,
+                      help="which stage's audits: fit (default, when the report has any), validate or test")
     gate.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one test case per rule")
     gate.add_argument("--json", dest="as_json", action="store_true", help="print a JSON verdict instead of a table")
+    gate.add_argument("--allow-unhealthy", action="store_true",
+                      help="gate the rules alone: do not fail an audit whose health shows a problem")
 
     report = sub.add_parser(
         "report",
@@ -94,6 +107,7 @@ def show(report: str, out: Any = None) -> int:
         2
     """
     from lightning_saliency.gate import _safe
+    from lightning_saliency.health import health_line
     from lightning_saliency.report import ReportError, load_report, split_key
 
     out = out if out is not None else sys.stdout
@@ -107,10 +121,12 @@ def show(report: str, out: Any = None) -> int:
     audits, alarms = data["audits"], data.get("alarms") or []
     lines = [f"report: {_safe(path)}"]
     model = run.get("model", "n/a")
+    layer = config.get("layer", "n/a")
     lines.append(
         f"run: model {_safe(model)}, precision {_safe(run.get('precision', 'n/a'))}, "
         f"world size {_safe(run.get('world_size', 'n/a'))}; methods "
-        f"{_safe(', '.join(map(str, config.get('methods') or [])) or 'n/a')}, layer {_safe(config.get('layer', 'n/a'))}"
+        f"{_safe(', '.join(map(str, config.get('methods') or [])) or 'n/a')}, "
+        f"layer {'none (no method needs one)' if layer is None else _safe(layer)}"
     )
     groups = probe.get("groups")
     gtext = ""
@@ -124,8 +140,14 @@ def show(report: str, out: Any = None) -> int:
     latest = audits[-1]
     lines.append(
         f"latest audit: epoch {_safe(latest.get('epoch'))}, step {_safe(latest.get('global_step'))} "
-        f"(audit {len(audits)} of {len(audits)}, {_fmt(latest.get('duration_s'))} s)"
+        f"(audit {len(audits)} of {len(audits)}, {_fmt(latest.get('duration_s'))} s), stage "
+        f"{_safe(latest.get('stage') or 'fit')}"
     )
+    lines.append(f"health: {_safe(health_line(latest.get('health')))}")
+    stages = [str(a.get("stage") or "fit") for a in audits]
+    if set(stages) != {"fit"}:
+        lines.append("stages: " + ", ".join(f"{s} {stages.count(s)}" for s in ("fit", "validate", "test")
+                                            if s in stages))
     # metric x method table of the latest audit; per-group keys are counted, not listed
     table: dict[str, dict[str, Any]] = {}
     methods: list[str] = []
@@ -235,13 +257,68 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Reader:
+    """``sys.stdout`` (or stderr) for a reader that may leave early (``lightning-saliency gate --json ... | head``).
+
+    Once the pipe is closed, what is left to print is dropped: no ``BrokenPipeError`` traceback, and the command
+    ends with its own exit code (a gate's verdict does not change because its reader stopped reading). The
+    stream's file descriptor is pointed at ``os.devnull`` then, so the interpreter's final flush is quiet too.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.closed_pipe = stream, False
+
+    def _closed(self) -> None:
+        import os
+
+        self.closed_pipe = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # not a real file (tests' StringIO): nothing to redirect
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    A reader that closes the pipe early (``| head``) ends the output quietly; the exit code stays the command's
+    own (for ``gate``, its verdict).
 
     Example:
         >>> main(["gate", "/nonexistent", "--max", "a=1"])  # doctest: +SKIP
         2
     """
+    import contextlib
+
+    out, err = _Reader(sys.stdout), _Reader(sys.stderr)  # stderr too: `... 2>&1 | head` shares the pipe
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
+        code = _main(argv)
+        out.flush()  # a block-buffered pipe is written here: a reader gone by now is met here
+        err.flush()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -251,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_saliency.gate import run_gate
 
         return run_gate(args.report, max_rules=args.max_rules, min_rules=args.min_rules, config=args.config,
-                        epoch=args.epoch, junit=args.junit, as_json=args.as_json)
+                        epoch=args.epoch, junit=args.junit, as_json=args.as_json, stage=args.stage,
+                        allow_unhealthy=args.allow_unhealthy)
     if args.command == "report":
         return _report(args)
     if args.command == "show":

@@ -6,23 +6,32 @@ audit's metrics:
 
 * ``--max KEY=VALUE`` passes when ``value <= VALUE``; ``--min KEY=VALUE`` passes when ``value >= VALUE``
   (both inclusive). A metric recorded as ``null`` (the report's spelling of NaN/inf) fails its rule.
-* Exit codes: ``0`` every rule passed; ``1`` at least one rule failed; ``2`` the gate could not decide: the
-  report is missing, unreadable, truncated, of an unknown schema, holds no audits, the requested epoch is not
-  there, a rule's key is absent from the chosen audit (the message lists the available keys and the closest
-  match), or the rules themselves are malformed.
+* Health: an audit whose ``health`` (:mod:`lightning_saliency.health`) shows non-finite logits or maps, or
+  constant maps for most of a method's images, fails whatever the rules say (its metrics are null, and a rule's
+  key it lacks fails rather than stopping the gate); the table, the JSON and the JUnit ``health`` test case name
+  the problem. ``--allow-unhealthy`` gates the rules alone. Reports without ``health`` (older ones) count as
+  healthy.
+* Exit codes: ``0`` every rule passed; ``1`` at least one rule failed, or the audit is unhealthy; ``2`` the gate
+  could not decide: the report is missing, unreadable, truncated, of an unknown schema, holds no audits, the
+  requested epoch is not there, a rule's key is absent from the chosen audit (the message lists the available
+  keys and the closest match; for a metric needing masks or groups the report's probe did not have, it says
+  that instead), or the rules themselves are malformed.
 
-Which audit (``--epoch``, or ``epoch`` in the config file):
+Which audit (``--stage`` and ``--epoch``, or ``stage`` and ``epoch`` in the config file): among the audits of
+the stage (``fit``, ``validate`` or ``test``; default: the fit audits, or every audit when the report has no
+fit audit, e.g. only a test),
 
-* ``last`` (default): the last audit in the report (the most recent one).
-* ``N``: the last audit whose ``epoch`` is ``N``.
-* ``best``: the audit that passes the most rules; a rule whose key is absent from an audit, or whose value is
-  null, counts as not passed; ties go to the latest audit. Use it to gate a checkpoint selected on the
-  audit, not the final weights.
+* ``last`` (default): the last one (the latest epoch, then the most recent);
+* ``N``: the last one whose ``epoch`` is ``N`` (the last trained epoch of the weights audited);
+* ``best``: the one that passes the most rules; a rule whose key is absent from an audit, or whose value is
+  null, counts as not passed; healthy audits come before unhealthy ones (unless ``--allow-unhealthy``); ties
+  go to the latest audit. Use it to gate a checkpoint selected on the audit, not the final weights.
 
 Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Python 3.10)::
 
     # gate.toml: rules for `lightning-saliency gate REPORT --config gate.toml`
     epoch = "last"            # optional: "last" (default), "best" or an epoch number
+    stage = "fit"             # optional: "fit" (default, when the report has fit audits), "validate", "test"
 
     [max]                     # value <= threshold
     "gradcam/spurious_mass" = 0.2
@@ -32,11 +41,12 @@ Config file (``--config gate.toml``), read with :mod:`tomllib` (``tomli`` on Pyt
     "gradcam/stability" = 0.8
 
 Keys contain ``/`` so they are quoted. Rules from the command line are added to the file's rules; a
-command-line ``--epoch`` overrides the file's ``epoch``. Unknown top-level entries are an error (exit 2).
+command-line ``--epoch`` and ``--stage`` override the file's. Unknown top-level entries are an error (exit 2).
 
-Outputs: a plain aligned table (rule, value, threshold, verdict) on stdout; ``--json`` prints one JSON object
-instead; ``--junit FILE`` writes JUnit XML with one test case per rule (a failing rule is a ``<failure>``,
-an undecidable gate a single ``<error>``) so CI systems show each rule as a test.
+Outputs: a plain aligned table (rule, value, threshold, verdict) and the audit's health on stdout; ``--json``
+prints one JSON object instead; ``--junit FILE`` writes JUnit XML with one test case per rule and one named
+``health`` (a failing rule or an unhealthy audit is a ``<failure>``, an undecidable gate a single ``<error>``)
+so CI systems show each rule as a test.
 
 Example:
     >>> from lightning_saliency.gate import Rule, parse_rule
@@ -49,15 +59,15 @@ Example:
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
-import re
 import sys
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .gate_output import _fmt, _safe, format_table, to_json, to_junit  # the verdict shown (re-exported)
+from .health import health_line, problems
 
 __all__ = [
     "EXIT_PASS",
@@ -69,6 +79,7 @@ __all__ = [
     "GateResult",
     "parse_rule",
     "load_config",
+    "load_selection",
     "select_audit",
     "evaluate",
     "format_table",
@@ -81,7 +92,8 @@ EXIT_PASS = 0
 EXIT_FAIL = 1
 EXIT_ERROR = 2
 
-_CONFIG_KEYS = ("epoch", "max", "min")
+_CONFIG_KEYS = ("epoch", "stage", "max", "min")
+STAGES = ("fit", "validate", "test")  # the report's stages (report.STAGES; not imported: gate stays light)
 
 
 class GateError(Exception):
@@ -147,7 +159,7 @@ class RuleResult:
 
 @dataclass
 class GateResult:
-    """The verdict for one audit: per-rule results plus where they came from."""
+    """The verdict for one audit: per-rule results, the audit's health, and where they came from."""
 
     report: str
     selection: str
@@ -156,10 +168,27 @@ class GateResult:
     epoch: Any
     global_step: Any
     results: list[RuleResult] = field(default_factory=list)
+    health: dict | None = None  # the audit's record, None when it has none (older reports)
+    allow_unhealthy: bool = False
+    stage: str = "fit"
+
+    @property
+    def problems(self) -> list[str]:
+        """What makes the audit unhealthy (empty when healthy or not recorded)."""
+        return problems(self.health)
+
+    @property
+    def health_passed(self) -> bool:
+        return self.allow_unhealthy or not self.problems
+
+    @property
+    def health_message(self) -> str:
+        allowed = " (allowed by --allow-unhealthy)" if self.problems and self.allow_unhealthy else ""
+        return f"health: {health_line(self.health)}{allowed}"
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        return self.health_passed and all(r.passed for r in self.results)
 
     @property
     def exit_code(self) -> int:
@@ -210,7 +239,11 @@ def _load_toml(path: Path) -> dict:
 
 
 def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
-    """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector.
+    """Read a ``gate.toml`` (format in the module docstring) into rules and the optional ``epoch`` selector
+    (the optional ``stage``: :func:`load_selection`).
+
+    ``epoch`` written after a table header is an error that says to move it up: TOML reads every key after
+    ``[max]`` as part of that table, so it would otherwise be taken for a metric named "epoch".
 
     Example:
         >>> import pathlib, tempfile
@@ -219,6 +252,11 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         >>> load_config(p)
         ([Rule(key='gradcam/spurious_mass', mode='max', threshold=0.2)], None)
     """
+    return load_selection(path)[:2]
+
+
+def load_selection(path: str | os.PathLike) -> tuple[list[Rule], str | None, str | None]:
+    """:func:`load_config` and the optional ``stage`` selector: ``(rules, epoch, stage)``."""
     path = Path(path)
     data = _load_toml(path)
     for name in data:
@@ -235,6 +273,12 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         if not isinstance(table, dict):
             raise GateError(f"gate config {path}: [{mode}] must be a table of \"key\" = number entries")
         for key, value in table.items():
+            if key in _CONFIG_KEYS:  # TOML puts every key after a [table] header into that table
+                raise GateError(
+                    f"gate config {path}: {key!r} under [{mode}] is not a metric key; top-level settings "
+                    f"({', '.join(k for k in _CONFIG_KEYS if k not in ('max', 'min'))}) must come before the "
+                    "first [table]: TOML reads every key after a [table] header as part of that table"
+                )
             if isinstance(value, dict):
                 raise GateError(
                     f"gate config {path}: [{mode}] entry {key!r} is a table; quote metric keys that contain "
@@ -248,7 +292,10 @@ def load_config(path: str | os.PathLike) -> tuple[list[Rule], str | None]:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, str)):
             raise GateError(f"gate config {path}: epoch must be \"last\", \"best\" or an integer, got {epoch!r}")
         epoch = str(epoch)
-    return rules, epoch
+    stage = data.get("stage")
+    if stage is not None and stage not in STAGES:
+        raise GateError(f"gate config {path}: stage must be one of {', '.join(map(repr, STAGES))}, got {stage!r}")
+    return rules, epoch, stage
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -290,28 +337,46 @@ def _missing_key_message(key: str, audit: dict, audits: list[dict], where: str) 
     return msg
 
 
-def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule]) -> tuple[int, str]:
-    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``).
+def _stage(audit: dict) -> str:
+    return str(audit.get("stage") or "fit")
+
+
+def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule], stage: str | None = None,
+                 allow_unhealthy: bool = False) -> tuple[int, str]:
+    """Index of the audit to gate and a description of the choice (``last``, ``best``, ``epoch N``), among
+    the audits of ``stage`` (default: the fit audits, or all of them when there is none); ``best`` puts
+    healthy audits first unless ``allow_unhealthy``.
 
     Example:
-        >>> select_audit([{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}}], "0", [])
-        (0, 'epoch 0')
+        >>> audits = [{"epoch": 0, "metrics": {}}, {"epoch": 1, "metrics": {}},
+        ...           {"stage": "test", "epoch": 1, "metrics": {}}]
+        >>> select_audit(audits, "0", []), select_audit(audits, None, []), select_audit(audits, None, [], "test")
+        ((0, 'epoch 0'), (1, 'last'), (2, 'last'))
     """
     if not audits:
         raise GateError("the report holds no audits yet: did training reach the first audit epoch?")
+    if stage is not None and stage not in STAGES:
+        raise GateError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    stages = {_stage(a) for a in audits}
+    wanted_stage = stage or ("fit" if "fit" in stages else None)
+    pool = [i for i, a in enumerate(audits) if wanted_stage in (None, _stage(a))]
+    if not pool:
+        raise GateError(f"the report holds no {stage} audit (its stages: {', '.join(sorted(stages))})")
+    all_audits, audits = audits, [audits[i] for i in pool]
     sel = "last" if epoch is None else str(epoch).strip().lower()
     if sel == "last":
-        return len(audits) - 1, "last"
+        return pool[-1], "last"
     if sel == "best":
         for rule in rules:
             if not any(rule.key in a["metrics"] for a in audits):
                 raise GateError(_missing_key_message(rule.key, audits[-1], audits, "any audit"))
-        best_i, best_score = 0, -1
+        best_i, best_score = 0, (False, -1)
         for i, audit in enumerate(audits):
-            score = sum(rule.check(_value(audit["metrics"].get(rule.key))) for rule in rules)
+            score = (allow_unhealthy or not problems(audit.get("health")),
+                     sum(rule.check(_value(audit["metrics"].get(rule.key))) for rule in rules))
             if score >= best_score:  # ties -> latest
                 best_i, best_score = i, score
-        return best_i, "best"
+        return pool[best_i], "best"
     try:
         wanted = int(sel)
     except ValueError:
@@ -319,14 +384,17 @@ def select_audit(audits: list[dict], epoch: str | int | None, rules: list[Rule])
     for i in range(len(audits) - 1, -1, -1):
         e = audits[i].get("epoch")
         if isinstance(e, int) and not isinstance(e, bool) and e == wanted:
-            return i, f"epoch {wanted}"
+            return pool[i], f"epoch {wanted}"
     epochs = [a.get("epoch") for a in audits]
     shown = ", ".join(str(e) for e in epochs[:30]) + (" ..." if len(epochs) > 30 else "")
-    raise GateError(f"no audit at epoch {wanted}; audited epochs: {shown}")
+    raise GateError(f"no audit at epoch {wanted} (stage {_stage(audits[0])}); audited epochs: {shown}"
+                    + ("; other stages: choose one with --stage" if len(audits) < len(all_audits) else ""))
 
 
-def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "") -> GateResult:
-    """Check ``rules`` against the chosen audit of report ``data``; :class:`GateError` when undecidable.
+def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, report: str = "",
+             stage: str | None = None, allow_unhealthy: bool = False) -> GateResult:
+    """Check ``rules`` and the health against the chosen audit of report ``data``; :class:`GateError` when
+    undecidable. An unhealthy audit fails (unless ``allow_unhealthy``), and a rule's key it lacks fails with it.
 
     Example:
         >>> data = {"audits": [{"epoch": 2, "global_step": 20, "metrics": {"gradcam/spurious_mass": 0.1}}]}
@@ -335,149 +403,26 @@ def evaluate(data: dict, rules: list[Rule], epoch: str | int | None = None, repo
     """
     if not rules:
         raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
+    for rule in rules:  # a need the report's probe did not meet: said, rather than the closest other key suggested
+        if not any(rule.key in a["metrics"] for a in data.get("audits") or []):
+            from .checks import report_probe_problem  # torch-free, imported only for a key in no audit
+
+            if report_probe_problem(rule.key, data):
+                raise GateError(report_probe_problem(rule.key, data))
     audits = data.get("audits") or []
-    index, selection = select_audit(audits, epoch, rules)
+    index, selection = select_audit(audits, epoch, rules, stage, allow_unhealthy)
     audit = audits[index]
-    where = f"the {selection} audit (epoch {audit.get('epoch')}, audit {index + 1} of {len(audits)})"
+    health = audit.get("health") if isinstance(audit.get("health"), dict) else None
+    where = (f"the {selection} {_stage(audit)} audit (epoch {audit.get('epoch')}, audit {index + 1} of "
+             f"{len(audits)})")
     results = []
     for rule in rules:
-        if rule.key not in audit["metrics"]:
+        if rule.key not in audit["metrics"] and (allow_unhealthy or not problems(health)):
             raise GateError(_missing_key_message(rule.key, audit, audits, where))
-        value = _value(audit["metrics"][rule.key])
+        value = _value(audit["metrics"].get(rule.key))
         results.append(RuleResult(rule, value, rule.check(value)))
-    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results)
-
-
-# ----------------------------------------------------------------------------------------------- output
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _safe(text: Any) -> str:
-    """Text for a terminal: control characters (ANSI escapes included) shown as escapes, not interpreted."""
-    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "null"
-    if v == int(v) and abs(v) < 1e15:
-        return str(int(v)) if abs(v) >= 1 or v == 0 else f"{v:g}"
-    return f"{v:.6g}"
-
-
-def format_table(result: GateResult) -> str:
-    """The human verdict: a header line, an aligned rule/value/threshold/verdict table and a summary line."""
-    head = (
-        f"lightning-saliency gate: {_safe(result.report)}\n"
-        f"audit: {result.selection} -> epoch {_safe(result.epoch)}, step {_safe(result.global_step)} "
-        f"(audit {result.audit_index + 1} of {result.n_audits})"
-    )
-    rows = [("rule", "value", "threshold", "verdict")]
-    for r in result.results:
-        rows.append(
-            (_safe(r.rule.key), _fmt(r.value), f"{r.rule.op} {_fmt(r.rule.threshold)}", "PASS" if r.passed else "FAIL")
-        )
-    widths = [max(len(row[c]) for row in rows) for c in range(4)]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append(
-            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip()
-        )
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    failed = [r for r in result.results if not r.passed]
-    if failed:
-        summary = f"FAIL: {len(failed)} of {len(result.results)} rule(s) failed: " + "; ".join(
-            _safe(r.message) for r in failed
-        )
-    else:
-        summary = f"PASS: all {len(result.results)} rule(s) passed"
-    return "\n".join([head, "", *lines, "", summary])
-
-
-def to_json(result: GateResult | None = None, error: str | None = None) -> str:
-    """Machine-readable verdict (strict JSON: null for NaN). ``error`` set: the undecidable case (exit 2).
-
-    Example:
-        >>> import json
-        >>> json.loads(to_json(error="no audits"))["exit_code"]
-        2
-    """
-    if result is None:
-        obj: dict[str, Any] = {"passed": False, "exit_code": EXIT_ERROR, "error": error, "rules": []}
-    else:
-        obj = {
-            "passed": result.passed,
-            "exit_code": result.exit_code,
-            "report": result.report,
-            "selection": result.selection,
-            "audit_index": result.audit_index,
-            "n_audits": result.n_audits,
-            "epoch": result.epoch,
-            "global_step": result.global_step,
-            "rules": [
-                {
-                    "key": r.rule.key,
-                    "mode": r.rule.mode,
-                    "op": r.rule.op,
-                    "threshold": r.rule.threshold,
-                    "value": r.value,
-                    "passed": r.passed,
-                    "message": r.message,
-                }
-                for r in result.results
-            ],
-        }
-    return json.dumps(obj, indent=2, allow_nan=False, default=str)
-
-
-_XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def _xml(text: Any) -> str:
-    """Text safe for XML 1.0 (characters XML cannot hold are replaced by U+FFFD)."""
-    return _XML_INVALID.sub("\ufffd", str(text))
-
-
-def to_junit(result: GateResult | None = None, error: str | None = None) -> bytes:
-    """JUnit XML: one ``<testcase>`` per rule (``<failure>`` when it failed), or one ``<error>`` case.
-
-    Example:
-        >>> import xml.etree.ElementTree as ET
-        >>> ET.fromstring(to_junit(error="missing report")).get("errors")
-        '1'
-    """
-    suites = ET.Element("testsuites", name="lightning-saliency gate")
-    suite = ET.SubElement(suites, "testsuite", name="lightning-saliency gate")
-    cases = failures = errors = 0
-    if result is None:
-        cases, errors = 1, 1
-        case = ET.SubElement(suite, "testcase", classname="lightning_saliency.gate", name="gate")
-        ET.SubElement(case, "error", message=_xml(error), type="GateError").text = _xml(error)
-    else:
-        props = ET.SubElement(suite, "properties")
-        for name, value in (
-            ("report", result.report),
-            ("selection", result.selection),
-            ("epoch", result.epoch),
-            ("global_step", result.global_step),
-        ):
-            ET.SubElement(props, "property", name=name, value=_xml(value))
-        for r in result.results:
-            cases += 1
-            case = ET.SubElement(suite, "testcase", classname="lightning_saliency.gate", name=_xml(r.rule.label))
-            if not r.passed:
-                failures += 1
-                ET.SubElement(case, "failure", message=_xml(r.message), type="ThresholdFailed").text = _xml(
-                    r.message
-                )
-            ET.SubElement(case, "system-out").text = _xml(r.message)
-    for el in (suites, suite):
-        el.set("tests", str(cases))
-        el.set("failures", str(failures))
-        el.set("errors", str(errors))
-    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return GateResult(report, selection, index, len(audits), audit.get("epoch"), audit.get("global_step"), results,
+                      health, allow_unhealthy, _stage(audit))
 
 
 def run_gate(
@@ -490,8 +435,11 @@ def run_gate(
     as_json: bool = False,
     out: Any = None,
     err: Any = None,
+    allow_unhealthy: bool = False,
+    stage: str | None = None,
 ) -> int:
     """The ``gate`` command: evaluate, print the table (or JSON), write JUnit; return the exit code.
+    ``allow_unhealthy`` gates the rules alone (``--allow-unhealthy``).
 
     Example:
         >>> run_gate("/nonexistent/report.json", max_rules=["a=1"], err=open(os.devnull, "w"))
@@ -507,15 +455,17 @@ def run_gate(
     try:
         rules: list[Rule] = []
         if config is not None:
-            file_rules, file_epoch = load_config(config)
+            file_rules, file_epoch, file_stage = load_selection(config)
             rules.extend(file_rules)
             epoch = epoch if epoch is not None else file_epoch
+            stage = stage if stage is not None else file_stage
         rules.extend(parse_rule(t, "max") for t in max_rules or [])
         rules.extend(parse_rule(t, "min") for t in min_rules or [])
         if not rules:
             raise GateError("no rules: pass --max KEY=VALUE / --min KEY=VALUE or --config gate.toml")
         loaded = load_report(report)
-        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path))
+        result = evaluate(loaded.data, rules, epoch, report=str(loaded.path), stage=stage,
+                          allow_unhealthy=allow_unhealthy)
     except (GateError, ReportError) as exc:
         error = str(exc)
     code = result.exit_code if result is not None else EXIT_ERROR

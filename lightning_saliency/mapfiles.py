@@ -6,6 +6,7 @@ Layout (see :mod:`lightning_saliency.report` for ``report.json`` beside it)::
                                 optional "groups" str [N], "object_masks" / "spurious_masks" bool [N, h, w]
     maps/epoch_XXXX.npz         one array per method, float16 [N, h, w], each map min-max normalised to [0, 1]
                                 (a constant map is all 0), plus "predictions" int64 [N] when known
+    maps/validate_NNN.npz       the same for the n-th validate audit of the report (test_NNN.npz: test audits)
 
 Size bound: at most ``MAX_IMAGES`` = 64 images, each downsampled (bilinear, antialiased, aspect ratio kept) so
 that its longer side is at most ``MAX_SIDE`` = 64 pixels: at most 512 KiB per method and audit (uncompressed
@@ -45,13 +46,19 @@ MAX_IMAGES = 64
 MAX_SIDE = 64
 
 
-def maps_filename(epoch: int) -> str:
-    """The maps file of an audit, relative to the report's folder: ``maps/epoch_0003.npz``.
+def maps_filename(epoch: int, stage: str = "fit", index: int = 1) -> str:
+    """The maps file of an audit, relative to the report's folder: ``maps/epoch_0003.npz`` for a fit audit;
+    ``maps/validate_001.npz`` for the ``index``-th validate audit (``test_NNN``: test), whatever its epoch.
 
     Example:
-        >>> maps_filename(3)
-        'maps/epoch_0003.npz'
+        >>> maps_filename(3), maps_filename(3, stage="test", index=2)
+        ('maps/epoch_0003.npz', 'maps/test_002.npz')
     """
+    if stage != "fit":
+        if stage not in ("validate", "test") or isinstance(index, bool) or not isinstance(index, int) or index < 1:
+            raise ValueError(f"stage must be 'fit', 'validate' or 'test' and index an int >= 1, got {stage!r}, "
+                             f"{index!r}")
+        return f"{MAPS_DIR}/{stage}_{index:03d}.npz"
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
     return f"{MAPS_DIR}/epoch_{epoch:04d}.npz"
@@ -136,8 +143,9 @@ def save_probe_thumbnails(dir: str | os.PathLike, probe: Any, max_images: int = 
 
 
 def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predictions: Any = None,
-              max_images: int = MAX_IMAGES, max_side: int = MAX_SIDE) -> str:
-    """Write one audit's maps to ``<dir>/maps/epoch_XXXX.npz``; returns the path relative to ``dir``.
+              max_images: int = MAX_IMAGES, max_side: int = MAX_SIDE, stage: str = "fit", index: int = 1) -> str:
+    """Write one audit's maps to ``<dir>/maps/epoch_XXXX.npz`` (``stage``, ``index``: :func:`maps_filename`);
+    returns the path relative to ``dir``.
 
     ``maps`` is ``{method: [N, H, W]}`` (tensors or arrays, any device). The first ``max_images`` maps are
     downsampled (longer side <= ``max_side``), min-max normalised per image to [0, 1] and stored as float16;
@@ -155,7 +163,7 @@ def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predi
 
     from .maps import normalize
 
-    rel = maps_filename(epoch)
+    rel = maps_filename(epoch, stage, index)
     if not maps:
         raise ValueError("save_maps got no maps; pass {method: tensor [N, H, W]}")
     arrays: dict[str, np.ndarray] = {}

@@ -11,9 +11,10 @@
   is ``target → prediction`` (red when they differ); hovering shows the image index and group.
 * **Metric curves** over epochs as inline SVG (:mod:`lightning_saliency.charts`): one chart per metric name, one polyline per method, alarm
   thresholds from ``report["alarms"]`` drawn dashed and alarm firings marked.
-* The **latest audit's metrics** (metric × method) and the **per-group table** (``<method>/<metric>/<group>``
-  keys of the latest audit, with the probe's group sizes).
-* The run's **alarm firings**, **audit errors**, and the run / probe / config header.
+* The **latest audit's metrics** (metric × method) and **health** (:mod:`lightning_saliency.health`; an unhealthy
+  audit has a red badge naming the problem there, in the header and on its epoch's overlays), the **per-group
+  table** (``<method>/<metric>/<group>`` keys, with the probe's group sizes), the run's **alarm firings**,
+  **audit errors**, and the run / probe / config header.
 
 Bounds, so that a long run stays a reasonable page: at most ``max_images`` images per method per epoch
 (default 16) and ``MAX_METHODS`` methods; at most ``max_epochs`` audited epochs with maps (default 50, evenly
@@ -47,8 +48,10 @@ from typing import Any
 
 import numpy as np
 
-from .charts import CHART_CSS, MAX_POINTS, _chart, _e, _reduce
-from .page_scorecard import SCORECARD_CSS, section_scorecard
+from .charts import MAX_POINTS, _chart, _e, _reduce
+from .health import health_line, problems
+from .page_assets import _SCRIPT, _STYLE
+from .page_scorecard import section_scorecard
 from .report import split_key
 
 __all__ = ["render_page", "write_page", "CSP", "MAX_POINTS", "MAX_SERIES", "MAX_ROWS"]
@@ -93,6 +96,12 @@ def _dict(x: Any) -> dict:
 
 def _list(x: Any) -> list:
     return x if isinstance(x, list) else []
+
+
+def _unhealthy(health: Any, where: str = "") -> str:
+    """A red badge naming what makes ``health`` unhealthy, or ``""``."""
+    bad = problems(health)
+    return f'<span class="badge bad health">{where}unhealthy: {_e("; ".join(bad), 500)}</span>' if bad else ""
 
 
 def _clean_audits(data: dict) -> list[dict]:
@@ -234,7 +243,8 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
 
     methods = [m for m in methods if any(m in arrays for _, arrays, _, _ in per_epoch)] or methods
     last = len(per_epoch) - 1
-    labels = [(_int(e) if _int(e) is not None else f"#{i}") for i, (e, _, _, _) in enumerate(per_epoch)]
+    labels = [f"{_int(a.get('epoch')) if _int(a.get('epoch')) is not None else f'#{i}'}"  # + a validate/test stage
+              + ("" if a.get("stage") in (None, "fit") else f" {str(a.get('stage'))[:10]}".replace(",", " ")) for i, a in enumerate(chosen)]
     out = [
         '<section id="overlays"><h2>Overlays</h2>',
         '<div class="slider"><label for="epoch-slider">Epoch</label>'
@@ -253,6 +263,8 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
         for i, (_epoch, arrays, preds, problem) in enumerate(per_epoch):
             hidden = "" if i == last else " hidden"
             out.append(f'<div class="epoch-view" data-epoch-index="{i}" data-epoch="{_e(labels[i])}"{hidden}>')
+            health = _dict(chosen[i].get("health"))  # this method's and the logits' problems at this epoch
+            out.append(_unhealthy({k: v for k, v in health.items() if k in (method, "logits")}))
             a = arrays.get(method)
             if a is None:
                 out.append(f'<p class="note">{_e(problem or f"no {method} maps at this epoch")}</p></div>')
@@ -360,9 +372,10 @@ def _section_latest(latest: dict | None) -> str:
         if method not in methods:
             methods.append(method)
     info = (
-        f'<p class="note">epoch {_e(latest.get("epoch"))}, step {_e(latest.get("global_step"))}, '
+        f'<p class="note">{_e(latest.get("stage") or "fit")} audit, epoch {_e(latest.get("epoch"))}, step {_e(latest.get("global_step"))}, '
         f'{_e(latest.get("time", ""))}, took {_e(_fmt(latest.get("duration_s")))} s, '
-        f'precision {_e(latest.get("precision", "n/a"))}</p>'
+        f'precision {_e(latest.get("precision", "n/a"))}; health: {_e(health_line(latest.get("health")), 500)}</p>'
+        + _unhealthy(latest.get("health"))
     )
     if not rows:
         return head + info + '<p class="note">This audit recorded no metrics.</p></section>'
@@ -473,49 +486,6 @@ def _section_run(data: dict) -> str:
     return f'<section id="run"><h2>Run</h2><table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
 
 
-_STYLE = """
-:root{color-scheme:light;--fg:#1b1f24;--muted:#5b6570;--line:#d8dde3;--bg:#fff;--soft:#f4f6f8;--bad:#c62828}
-*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
-color:var(--fg);background:var(--bg)}header{padding:16px 24px;background:#14213d;color:#fff}
-header h1{margin:0 0 4px;font-size:20px}header p{margin:0;color:#cfd8e3}
-.badges{margin-top:8px}.badge{display:inline-block;padding:2px 8px;margin-right:6px;border-radius:10px;
-background:#2c3e64;font-size:12px}.badge.bad{background:var(--bad)}
-nav{padding:6px 24px;background:var(--soft);border-bottom:1px solid var(--line)}nav a{margin-right:14px;
-color:#1f4e8c;text-decoration:none}main{padding:8px 24px 32px}h2{font-size:17px;margin:22px 0 8px;
-border-bottom:1px solid var(--line);padding-bottom:4px}h3{font-size:14px;margin:12px 0 6px}
-.note{color:var(--muted);margin:4px 0 8px}.slider{display:flex;align-items:center;gap:12px;
-position:sticky;top:0;background:var(--bg);padding:6px 0;z-index:1}.slider input{width:min(520px,60vw)}
-#epoch-label{font-weight:600;min-width:90px}.cbar{height:10px;width:120px;vertical-align:middle;
-image-rendering:pixelated}.tiles{display:flex;flex-wrap:wrap;gap:6px}.tile{margin:0;width:64px}
-.ov{width:64px;background-size:100% 100%;background-color:#000;aspect-ratio:1/1}
-.ov img{display:block;width:100%;height:100%;opacity:.5}.cap{font-size:11px;text-align:center;
-color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}""" + CHART_CSS + SCORECARD_CSS + """table{border-collapse:collapse;margin:4px 0 8px}
-th,td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}thead th{background:var(--soft)}
-td.num{text-align:right;font-variant-numeric:tabular-nums}td.na{color:var(--muted)}
-td.msg{max-width:720px;white-space:pre-wrap;word-break:break-word}tr.sizes td,tr.sizes th{color:var(--muted)}
-footer{padding:12px 24px;color:var(--muted);font-size:12px;border-top:1px solid var(--line)}
-"""
-
-_SCRIPT = """
-(function () {
-  var slider = document.getElementById("epoch-slider");
-  if (!slider) { return; }
-  var label = document.getElementById("epoch-label");
-  var epochs = (slider.getAttribute("data-epochs") || "").split(",");
-  function show(i) {
-    var views = document.querySelectorAll(".epoch-view");
-    for (var k = 0; k < views.length; k++) {
-      views[k].hidden = views[k].getAttribute("data-epoch-index") !== String(i);
-    }
-    label.textContent = "epoch " + epochs[i];
-    document.body.setAttribute("data-shown-epoch", epochs[i]);
-  }
-  slider.addEventListener("input", function () { show(slider.value); });
-  show(slider.value);
-})();
-"""
-
-
 def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 16, max_epochs: int = 50,
                 cmap: str = "jet") -> str:
     """Render report ``data`` (maps read from ``saliency_dir``) to a self-contained HTML string.
@@ -541,6 +511,7 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
     badges = [f'<span class="badge">{len(audits)} audits, {span}</span>']
     badges.append(f'<span class="badge{" bad" if alarms else ""}">{len(alarms)} alarm firings</span>')
     badges.append(f'<span class="badge{" bad" if n_errors else ""}">{n_errors} audit errors</span>')
+    badges.append(_unhealthy(_dict(latest).get("health"), "latest audit "))
     body = [
         "<header>",
         f"<h1>Saliency audit: {_e(model, 200)}</h1>",
@@ -553,7 +524,7 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
         '<a href="#scorecard">Scorecard</a><a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
         "<main>",
         overlays,
-        _section_curves(audits, alarms),
+        _section_curves([a for a in audits if a.get("stage") in (None, "fit")] or audits, alarms),  # over fit epochs
         _section_latest(latest),
         section_scorecard(data),
         _section_groups(latest, probe),

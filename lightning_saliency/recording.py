@@ -5,7 +5,15 @@ One :class:`Recorder` per monitor holds the open report, the sinks (one per logg
 images shown under the overlays (converted once). The monitor decides when to audit and computes the numbers; the
 recorder only writes them, on rank 0 (under DDP the other ranks call :meth:`Recorder.open` for its collective
 path lookup and nothing else). Writing never kills training: a disk or dashboard failure becomes an error in the
-record, and one warning.
+record, and one warning; a report that could not be written (a full disk) keeps the failure in its record, in
+memory, and the next write that succeeds puts it on disk. The report on disk is only ever replaced whole. The
+audit's health (:mod:`lightning_saliency.health`) goes into the record as ``health``, each problem also into its
+``errors`` (warned about once per monitor, never raised), and onto every dashboard as the text
+``saliency/health``.
+
+One run, one report: :meth:`Recorder.open` continues the folder's report only for the same run
+(:func:`lightning_saliency.runs.same_run`); another run's report is moved aside first
+(:func:`lightning_saliency.runs.move_aside`).
 
 Example:
     >>> recorder = Recorder(log_images=4, cmap="viridis")
@@ -28,9 +36,10 @@ import torch
 
 from .audit import SIGNED_METHODS, ShardResult
 from .distributed import broadcast, world
+from .health import describe, health_errors, health_line, problems
 from .maps import normalize
 from .probe import ProbeSet
-from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails
+from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails, stage_of
 
 __all__ = ["Recorder", "run_dir"]
 
@@ -71,6 +80,8 @@ class Recorder:
         class_names: names for captions (default: class indices).
         cmap: colormap of the overlays.
         image_colors: colours of the overlay grids' PNG palette (``None``: full colour).
+        on_error: the monitor's ``on_error``: ``"collect"`` records an unhealthy audit without a warning.
+        scorecard: score every method once at the end of fit (:meth:`record_scorecard`).
 
     Example:
         >>> Recorder(class_names=["cat", "dog"]).class_names
@@ -78,8 +89,11 @@ class Recorder:
     """
 
     def __init__(self, dirpath: str | None = None, save_maps: bool = True, log_images: int = 16,
-                 class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256) -> None:
+                 class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256,
+                 on_error: str = "warn", scorecard: bool = False) -> None:
         self.dirpath, self.save_maps, self.log_images = dirpath, bool(save_maps), int(log_images)
+        self.scorecard = bool(scorecard)  # score the methods once at the end of fit (record_scorecard)
+        self.on_error, self.warned_health = on_error, False
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap, self.image_colors = cmap, image_colors
         self.log_dir: str | None = None
@@ -91,21 +105,31 @@ class Recorder:
 
     # -- one run ------------------------------------------------------------------------------------------------
     def open(self, trainer: Any, pl_module: Any, probe: ProbeSet, config: dict[str, Any],
-             history: Sequence[dict[str, Any]]) -> None:
-        """Find the run's folder (on every rank) and, on rank 0, open its report and one sink per logger.
+             history: Sequence[dict[str, Any]], run_id: str | None = None, stage: str = "fit") -> str:
+        """Find the run's folder (on every rank) and, on rank 0, open its report and one sink per logger; return
+        the run id (``run_id``, or a new one when ``None``).
 
-        ``config`` goes into the report's header; ``history`` (audits restored from a checkpoint) replaces what
-        the report holds after its last epoch.
+        ``config`` goes into the report's header, the run id too (:mod:`lightning_saliency.runs`): a report of
+        another run in the folder is moved aside. ``history`` (audits restored from a checkpoint or made
+        earlier by the monitor) is the truth for a fit: the report's fit audits after its last fit epoch are
+        dropped (they are trained again). A validate or test continues the report as it is.
         """
+        from .runs import new_run_id
+
         self.display = None
         self.log_dir = run_dir(trainer)
         self.directory = str(self.dirpath) if self.dirpath else os.path.join(self.log_dir, "saliency")
+        run_id = run_id or new_run_id()  # under DDP rank 0's is the one written and checkpointed
         if world(trainer)[0] == 0:
-            self._open_report(trainer, pl_module, probe, config, history)
+            self._open_report(trainer, pl_module, probe, config, history, run_id, stage)
+        return run_id
 
     def _open_report(self, trainer: Any, pl_module: Any, probe: ProbeSet, config: dict[str, Any],
-                     history: Sequence[dict[str, Any]]) -> None:
+                     history: Sequence[dict[str, Any]], run_id: str | None, stage: str) -> None:
+        from pytorch_lightning.utilities import rank_zero_info
+
         from .files import remove_leftovers
+        from .runs import move_aside, same_run
         from .sinks import sinks_for_loggers
 
         directory = self.directory
@@ -114,48 +138,93 @@ class Recorder:
         for folder in (directory, os.path.join(directory, "maps")):  # what a killed run left half-written
             remove_leftovers(folder)
         report = AuditReport(os.path.join(directory, "report.json"))
+        fresh = True
         if os.path.exists(report.path):
-            with contextlib.suppress(Exception):
-                report = AuditReport.load(report.path)
+            old = None
+            with contextlib.suppress(Exception):  # unreadable: another run's, kept aside like any other
+                old = AuditReport.load(report.path)
+            if old is not None and same_run(old.data, run_id, probe.fingerprint, history):
+                report, fresh = old, False
+            else:
+                try:
+                    moved = move_aside(directory, old.data if old is not None else None)
+                except OSError as e:  # never written over: this run keeps no report, its dashboards go on
+                    self.report, self.sinks = None, sinks_for_loggers(list(trainer.loggers), directory)
+                    return self._failed(e, f"moving another run's {report.path} aside", "no report is written")
+                rank_zero_info(f"lightning-saliency: {report.path} belonged to another run; moved it (and its "
+                               f"maps) to {moved}, a new report starts")
         report.set_header(
-            run={"log_dir": self.log_dir, "model": type(pl_module).__name__,
+            run={"id": run_id, "log_dir": self.log_dir, "model": type(pl_module).__name__,
                  "torch": torch.__version__, "lightning": pl.__version__, "precision": str(trainer.precision),
                  "world_size": world(trainer)[1]},
             probe=probe_info(probe),
             config=dict(config),
         )
-        if history:  # resumed: the checkpoint's audits are the truth, later ones are replaced
-            report.truncate_after(history[-1]["epoch"])
-            for record in history:
+        fit = [r for r in history if stage_of(r) == "fit"]
+        if fit and stage == "fit" and not fresh:  # resumed: the checkpoint's audits are the truth
+            report.truncate_after(fit[-1]["epoch"])
+        for record in history:  # already there: replaced by the same record; missing (a new folder): added
+            if fresh or stage_of(record) == "fit" and stage == "fit":
                 report.append_audit(record)
-        if self.save_maps:
-            save_probe_thumbnails(directory, probe)
-        report.write()
         self.report = report
+        if self.save_maps:
+            try:
+                save_probe_thumbnails(directory, probe)
+            except Exception as e:  # disk trouble must not kill training
+                self._failed(e)
+        self._write()
         self.sinks = sinks_for_loggers(list(trainer.loggers), directory)
+
+    def _failed(self, exc: BaseException, what: str = "writing the maps", then: str = "recorded in the report") -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"lightning-saliency: {what} failed ({type(exc).__name__}: {exc}); {then}, training "
+                          "goes on", RuntimeWarning, stacklevel=3)
+
+    def _write(self, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Write the report; when that fails (``ENOSPC``...), warn once and keep the failure in ``record`` (in
+        memory) for the next write that succeeds. The file on disk stays the last complete report."""
+        if self.report is None:
+            return record
+        try:
+            self.report.write()
+        except Exception as e:
+            self._failed(e, f"writing {self.report.path}")
+            if record is not None:
+                record = self.report.append_audit(
+                    {**record, "errors": [*record["errors"], error_record(e, method=None)]}, replace=True)
+        return record
 
     # -- one audit ----------------------------------------------------------------------------------------------
     def record(self, trainer: Any, result: ShardResult, metrics: dict[str, Any], probe: ProbeSet, epoch: int,
-               started: float, images: bool = True) -> dict[str, Any]:
+               started: float, images: bool = True, stage: str = "fit") -> dict[str, Any]:
         """Build the audit's record, write it (report, maps) and log it (scalars, overlays, table); rank 0 only.
 
         ``result`` is the merged audit, ``metrics`` its summary; ``images=False`` logs no pictures (an audit
-        being completed was already drawn).
+        being completed was already drawn). ``stage``: ``"fit"``, ``"validate"`` or ``"test"``.
         """
+        health = describe(result)
         record: dict[str, Any] = {
-            "epoch": int(epoch), "global_step": int(trainer.global_step),
-            "duration_s": round(time.perf_counter() - started, 4),
-            "precision": result.dtype, "metrics": metrics, "errors": result.errors, "maps": None,
+            "stage": stage, "epoch": int(epoch), "global_step": int(trainer.global_step),
+            "duration_s": round(time.perf_counter() - started, 4), "precision": result.dtype, "metrics": metrics,
+            "health": health, "errors": result.errors + health_errors(health), "maps": None,
         }
+        if problems(health) and self.on_error != "collect" and not self.warned_health:
+            self.warned_health = True
+            warnings.warn(f"lightning-saliency: the audit at epoch {epoch} is unhealthy ({'; '.join(problems(health))}"
+                          "): its metrics are null and `lightning-saliency gate` fails on it; recorded in the report, "
+                          "training goes on", RuntimeWarning, stacklevel=3)
         report = self.report
         if result.maps and self.save_maps:
+            index = 1 + sum(stage_of(a) == stage for a in report.audits) if report is not None else 1
             try:
-                record["maps"] = save_maps(self.directory, epoch, result.maps, result.predictions)
+                record["maps"] = save_maps(self.directory, epoch, result.maps, result.predictions, stage=stage,
+                                           index=index)
             except Exception as e:  # disk trouble must not kill training
                 record["errors"].append(error_record(e, method=None))
+                self._failed(e)
         if report is not None:
-            record = report.append_audit(record)
-            report.write()
+            record = self._write(report.append_audit(record))
         step = int(trainer.global_step)
         finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
         overlays = []
@@ -171,9 +240,11 @@ class Recorder:
             try:
                 sink.log_metrics(finite, step)
                 for method, tiles, captions, picture in overlays:
-                    sink.log_overlays(method, tiles, captions, step, epoch=epoch, picture=picture)
+                    sink.log_overlays(method, tiles, captions, step, epoch=epoch if stage == "fit" else None,
+                                      picture=picture)  # a validate/test grid is named by step: fit's stay
                 if table is not None:
                     sink.log_table("saliency/probe", *table, step)
+                sink.log_text("saliency/health", f"{stage} epoch {epoch}: {health_line(health)}", step)
                 sink.summary(finite)
             except Exception as e:
                 record["errors"].append(error_record(e, method=None))
@@ -182,8 +253,7 @@ class Recorder:
                     warnings.warn(f"lightning-saliency: logging to {type(sink).__name__} failed ({e}); the report "
                                   "on disk is complete", RuntimeWarning, stacklevel=2)
         if report is not None and len(record["errors"]) > logging_errors:  # keep the logging failure on disk too
-            record = report.append_audit(record)
-            report.write()
+            record = self._write(report.append_audit(record, replace=True))
         if result.errors and not self.warned:
             self.warned = True
         return dict(record)
@@ -240,7 +310,7 @@ class Recorder:
         """Write an alarm firing into the report and onto the dashboards (call on rank 0)."""
         if self.report is not None:
             self.report.append_alarm(firing)
-            self.report.write()
+            self._write()
         text = (f"{firing['name']}: {firing['metric']} = {firing['value']:.4g} "
                 f"{'>' if firing['mode'] == 'max' else '<'} {firing['threshold']:.4g} at epoch {firing['epoch']} "
                 f"(action: {firing['action']})")
@@ -249,33 +319,33 @@ class Recorder:
                 sink.log_text("saliency/alarms", text, int(firing["global_step"]))
                 sink.alert("lightning-saliency alarm", text)
 
-    def record_scorecard(self, trainer: Any, pl_module: Any, probe: ProbeSet, spec: Any, on_error: str) -> None:
-        """Score every method of ``spec`` once (:func:`lightning_saliency.scorecards.score`, the scorecard's
-        default metrics) into the report's ``scorecard`` section and onto the dashboards as text.
+    def record_scorecard(self, trainer: Any, pl_module: Any, probe: ProbeSet, spec: Any) -> None:
+        """With ``scorecard=True``: score every method of ``spec`` once (:func:`lightning_saliency.scorecards.score`,
+        the scorecard's default metrics) into the report's ``scorecard`` section and onto the dashboards as text.
 
         Rank 0 only, on the whole probe: the other ranks return at once (the scorecard runs no collective). A
         failure is recorded in the section (``rows`` empty, the reason in ``notes``) and warned about, unless
         ``on_error="raise"``.
         """
-        if world(trainer)[0] != 0:
+        if not self.scorecard or world(trainer)[0] != 0:
             return
         import dataclasses
 
         from .scorecards import Scorecard, default_metrics, score
 
         try:
-            card = score(pl_module, probe, dataclasses.replace(spec, metrics=default_metrics()), on_error=on_error)
+            card = score(pl_module, probe, dataclasses.replace(spec, metrics=default_metrics()), on_error=self.on_error)
         except Exception as e:
-            if on_error == "raise":
+            if self.on_error == "raise":
                 raise
-            if on_error == "warn":
+            if self.on_error == "warn":
                 warnings.warn(f"lightning-saliency: the scorecard failed ({type(e).__name__}: {e}); recorded in the "
                               "report", RuntimeWarning, stacklevel=2)
             card = Scorecard([], [], notes=[f"the scorecard failed: {type(e).__name__}: {e}"])
         card.info.update(epoch=max(int(trainer.current_epoch) - 1, 0), global_step=int(trainer.global_step))
         if self.report is not None:
             self.report.set_scorecard(card.to_dict())
-            self.report.write()
+            self._write()
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 sink.log_text("saliency/scorecard", card.to_text(), int(trainer.global_step))

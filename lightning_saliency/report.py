@@ -6,7 +6,10 @@ Layout, under ``<log_dir>/saliency/``::
     maps/probe.npz              probe thumbnails, written once: "images" uint8 [N, h, w, 3], "targets" int64 [N],
                                 optional "groups" str [N], "object_masks" / "spurious_masks" bool [N, h, w]
     maps/epoch_XXXX.npz         one array per method, float16 [N, h, w], each map min-max normalised to [0, 1]
-                                (a constant map is all 0), plus "predictions" int64 [N] when known
+                                (a constant map is all 0), plus "predictions" int64 [N] when known; a validate
+                                or test audit's maps are maps/validate_NNN.npz, maps/test_NNN.npz (n-th of its stage)
+    previous/<created>/         the report (and its maps/, images/, audit.html) of another run that wrote into this
+                                folder before: moved aside by :mod:`lightning_saliency.runs`, never deleted
 
 The maps files are written and read by :mod:`lightning_saliency.mapfiles` (size bounds there); its functions
 are importable from here too. Reading is one path for every reader (the gate, the HTML page, ``show``):
@@ -16,13 +19,14 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
 ``report.json``::
 
     {"schema": "lightning-saliency/report/v1", "created": iso8601, "updated": iso8601,
-     "run": {"log_dir", "model", "torch", "lightning", "precision", "world_size"},
+     "run": {"id", "log_dir", "model", "torch", "lightning", "precision", "world_size"},
      "probe": {"size", "fingerprint", "groups": {name: count} | null, "object_masks", "spurious_masks"},
      "config": {"methods", "layer", "metrics", "every_n_epochs"},
-     "audits": [{"epoch", "global_step", "time", "duration_s", "precision",
+     "audits": [{"stage", "epoch", "global_step", "time", "duration_s", "precision",
                  "metrics": {"<method>/<metric>[/<group>]": float | null},
+                 "health": {"logits": "ok" | "<problem>: k of n", "<method>": "ok" | "<problem>: k of n[; ...]"},
                  "errors": [{"method", "type", "message"}], "maps": "maps/epoch_0003.npz" | null}],
-     "alarms": [{"name", "metric", "threshold", "mode", "epoch", "global_step", "value", "action"}],
+     "alarms": [{"name", "metric", "threshold", "mode", "stage", "epoch", "global_step", "value", "action"}],
      "scorecard": {"epoch", "global_step", "columns": [{"name", "higher_is_better", "kind", "of", "doc"}],
                    "rows": [{"method", "<column>": float | null}], "best": {"<column>": [method]},
                    "reasons": {method: {"<column>": why it is null}}, "notes": [str], "images", "device"}}
@@ -30,12 +34,21 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
 ``scorecard`` (:mod:`lightning_saliency.scorecards`) is written once, at the end of fit, by
 ``SaliencyMonitor(scorecard=True)``; a report without it is just as valid.
 
-Non-finite numbers (NaN, +-inf) anywhere in the report are written as ``null``, so the file is strict JSON.
+``stage`` is ``"fit"``, ``"validate"`` or ``"test"`` (a report written before stages existed reads as
+``"fit"``); ``epoch`` is the last trained epoch of the weights audited (``-1``: not known, e.g. a validate of
+weights neither trained nor restored from a checkpoint under the monitor). ``run.id`` names the run
+(:mod:`lightning_saliency.runs`): one run, one report.
+
+``health`` (:mod:`lightning_saliency.health`: non-finite logits, non-finite or constant maps, with counts; every
+problem that makes the audit unhealthy is also in ``errors``) is absent from reports written before it existed,
+which read as before. Non-finite numbers (NaN, +-inf) anywhere in the report are written as ``null``, so the
+file is strict JSON.
 Writes go through :func:`lightning_saliency.files.atomic_write` (a temporary file in the same folder, flushed
 and fsync'ed, then renamed over ``report.json`` with ``os.replace``): a killed run leaves the previous complete
-report, never half of one. Audits are keyed by epoch: appending an audit for an epoch already present replaces
-it, and :meth:`AuditReport.truncate_after` drops everything after a resumed checkpoint's epoch, so a resumed run
-never duplicates an epoch.
+report, never half of one. Fit audits are keyed by epoch (:func:`place_record`): appending a fit audit for an
+epoch already present replaces it, and :meth:`AuditReport.truncate_after` drops the fit audits after a resumed
+checkpoint's epoch, so a resumed run never duplicates an epoch. Validate and test audits are appended, never
+replaced by another audit. Records are sorted by epoch, then in the order they were made.
 
 Example:
     >>> import tempfile, os
@@ -75,11 +88,53 @@ from .render import _is_tensor
 __all__ = [
     "SCHEMA", "REPORT_NAME", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "ReportError", "AuditReport",
     "error_record", "probe_info", "save_probe_thumbnails", "save_maps", "load_maps", "load_probe_thumbnails",
-    "maps_filename", "split_key", "find_report", "validate_report", "load_report",
+    "maps_filename", "split_key", "find_report", "validate_report", "load_report", "STAGES", "stage_of",
+    "place_record",
 ]
 
 SCHEMA = "lightning-saliency/report/v1"
 REPORT_NAME = "report.json"
+STAGES = ("fit", "validate", "test")
+
+
+def stage_of(record: Mapping[str, Any]) -> str:
+    """The stage of an audit or alarm record: its ``"stage"``, ``"fit"`` when it has none (older reports).
+
+    Example:
+        >>> stage_of({"epoch": 0}), stage_of({"stage": "test"})
+        ('fit', 'test')
+    """
+    return str(record.get("stage") or "fit")
+
+
+def place_record(records: list[dict[str, Any]], record: dict[str, Any], replace: bool | None = None
+                 ) -> list[dict[str, Any]]:
+    """``records`` with ``record`` added: the one rule of the report and the monitor's history.
+
+    ``replace`` (default: ``True`` for a fit audit, ``False`` for validate and test) replaces the last record of
+    the same stage and epoch in place (a fit audit redone after a resume, an audit completed at fit end);
+    otherwise the record is added. The result is sorted by epoch, stably: the records of one epoch keep the
+    order they were made in (fit, then validate, then test; a validate in a fresh process is at its trainer's
+    ``global_step``, 0, whatever the checkpoint's).
+
+    Example:
+        >>> recs = place_record([], {"stage": "fit", "epoch": 1, "global_step": 6, "v": 1})
+        >>> recs = place_record(recs, {"stage": "validate", "epoch": 1, "global_step": 6, "v": 2})
+        >>> recs = place_record(recs, {"stage": "validate", "epoch": 1, "global_step": 6, "v": 3})
+        >>> recs = place_record(recs, {"stage": "fit", "epoch": 1, "global_step": 6, "v": 4})
+        >>> [(stage_of(r), r["v"]) for r in recs]
+        [('fit', 4), ('validate', 2), ('validate', 3)]
+    """
+    out = list(records)
+    replace = stage_of(record) == "fit" if replace is None else replace
+    key = (stage_of(record), record["epoch"])
+    same = [i for i, r in enumerate(out) if (stage_of(r), r["epoch"]) == key] if replace else []
+    if same:
+        out[same[-1]] = record
+    else:
+        out.append(record)
+    out.sort(key=lambda r: r["epoch"])
+    return out
 
 
 class ReportError(ValueError):
@@ -174,8 +229,9 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
 
     The one validation pass of a loaded report (the gate, the page and ``show`` all read through
     :func:`load_report`): a JSON object of schema :data:`SCHEMA`; ``audits`` a list of objects, each with an
-    int ``epoch`` and a ``metrics`` object; ``alarms`` a list; ``run``, ``probe``, ``config`` and ``scorecard`` objects
-    when present. ``path`` only names the file in messages.
+    int ``epoch`` and a ``metrics`` object, and a ``health`` object of strings when present; ``alarms`` a list;
+    ``run``, ``probe``, ``config`` and ``scorecard`` objects when present. ``path`` only names the file in
+    messages.
 
     Example:
         >>> validate_report({"schema": SCHEMA, "audits": [{"epoch": 0, "metrics": {}}]})["audits"][0]["epoch"]
@@ -202,6 +258,12 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
     for i, a in enumerate(audits):
         if not (isinstance(a, dict) and isinstance(a.get("epoch"), int) and isinstance(a.get("metrics"), dict)):
             raise ReportError(f"{p}: audits[{i}] is malformed (needs an int 'epoch' and a 'metrics' object)")
+        health = a.get("health")
+        if health is not None and not (isinstance(health, dict) and all(isinstance(v, str) for v in health.values())):
+            raise ReportError(f"{p}: audits[{i}] 'health' must be an object of strings (\"ok\" or the problems), "
+                              f"got {health!r:.200}")
+        if a.get("stage") is not None and a["stage"] not in STAGES:
+            raise ReportError(f"{p}: audits[{i}] has stage {a['stage']!r}; expected one of {', '.join(STAGES)}")
     alarms = data.get("alarms", [])
     if not isinstance(alarms, list):
         raise ReportError(f"{p}: 'alarms' must be a list, got {type(alarms).__name__}")
@@ -297,7 +359,7 @@ def probe_info(probe: Any) -> dict[str, Any]:
 
 _AUDIT_DEFAULTS: dict[str, Any] = {"time": None, "duration_s": None, "precision": None, "errors": None,
                                    "maps": None}
-_ALARM_KEYS = ("name", "metric", "threshold", "mode", "epoch", "global_step", "value", "action")
+_ALARM_KEYS = ("name", "metric", "threshold", "mode", "stage", "epoch", "global_step", "value", "action")
 
 
 class AuditReport:
@@ -324,7 +386,7 @@ class AuditReport:
     # -- reading ------------------------------------------------------------------------------------------
     @property
     def audits(self) -> list[dict[str, Any]]:
-        """The audit records, sorted by epoch."""
+        """The audit records, sorted by epoch (then in the order they were made)."""
         return self.data["audits"]
 
     @property
@@ -337,9 +399,10 @@ class AuditReport:
         """The folder holding ``report.json`` (``<log_dir>/saliency``); saved maps are relative to it."""
         return self.path.parent
 
-    def latest(self) -> dict[str, Any] | None:
-        """The last audit record, or ``None`` before the first audit."""
-        return self.audits[-1] if self.audits else None
+    def latest(self, stage: str | None = None) -> dict[str, Any] | None:
+        """The last audit record (of ``stage`` when given), or ``None`` when there is none."""
+        audits = [a for a in self.audits if stage is None or stage_of(a) == stage]
+        return audits[-1] if audits else None
 
     def epochs(self) -> list[int]:
         """The audited epochs, ascending."""
@@ -381,14 +444,18 @@ class AuditReport:
         """Set the ``scorecard`` section (:meth:`lightning_saliency.scorecards.Scorecard.to_dict`), replaced whole."""
         self.data["scorecard"] = _clean(dict(scorecard), "scorecard")
 
-    def append_audit(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Add one audit record; an audit for an epoch already present replaces it. Returns the stored record.
+    def append_audit(self, record: Mapping[str, Any], replace: bool | None = None) -> dict[str, Any]:
+        """Add one audit record, placed by :func:`place_record` (a fit audit for an epoch already present
+        replaces it; validate and test audits are added unless ``replace=True``). Returns the stored record.
 
         Required keys: ``epoch`` (int), ``global_step`` (int), ``metrics`` (``{key: number}``). Optional:
-        ``time`` (default now), ``duration_s``, ``precision``, ``errors`` (list of :func:`error_record` dicts or
-        exceptions), ``maps`` (path relative to the report's folder). Non-finite values become ``None``.
+        ``stage`` (default ``"fit"``), ``time`` (default now), ``duration_s``, ``precision``, ``health``
+        (``{name: "ok" | problems}``), ``errors`` (list of :func:`error_record` dicts or exceptions), ``maps`` (path
+        relative to the report's folder). Non-finite values become ``None``.
         """
-        rec = dict(record)
+        rec = {"stage": "fit", **dict(record)}
+        if rec["stage"] not in STAGES:
+            raise ValueError(f"audit stage must be one of {', '.join(STAGES)}, got {rec['stage']!r}")
         missing = [k for k in ("epoch", "global_step", "metrics") if k not in rec]
         if missing:
             raise ValueError(f"audit record lacks {missing}: pass at least epoch, global_step and metrics")
@@ -415,34 +482,33 @@ class AuditReport:
             rec["time"] = _now()
         rec["errors"] = [error_record(e) if isinstance(e, BaseException) else e for e in (rec["errors"] or [])]
         rec = _clean(rec, f"audit[epoch={rec['epoch']}]")
-        audits = [a for a in self.audits if a["epoch"] != rec["epoch"]]
-        audits.append(rec)
-        audits.sort(key=lambda a: (a["epoch"], a["global_step"]))
-        self.data["audits"] = audits
+        self.data["audits"] = place_record(self.audits, rec, replace)
         return rec
 
     def append_alarm(self, rec: Mapping[str, Any]) -> dict[str, Any]:
-        """Record an alarm that fired; the same alarm (name and metric) at the same epoch replaces the old one.
+        """Record an alarm that fired; the same alarm (name and metric) at the same fit epoch replaces the old one.
 
         Keys: ``name, metric, threshold, mode ("max"|"min"), epoch, global_step, value, action
-        ("warn"|"stop"|"raise")``.
+        ("warn"|"stop"|"raise")``, and ``stage`` (default ``"fit"``; a validate or test firing is added).
         """
-        rec = _clean(dict(rec), "alarm")
+        rec = _clean({"stage": "fit", **dict(rec)}, "alarm")
         missing = [k for k in _ALARM_KEYS if k not in rec]
         if missing:
             raise ValueError(f"alarm record lacks {missing}: pass {', '.join(_ALARM_KEYS)}")
         key = (rec["name"], rec["metric"], rec["epoch"])
-        self.data["alarms"] = [a for a in self.alarms if (a["name"], a["metric"], a["epoch"]) != key] + [rec]
+        kept = [a for a in self.alarms if stage_of(rec) != "fit" or stage_of(a) != "fit"
+                or (a["name"], a["metric"], a["epoch"]) != key]
+        self.data["alarms"] = kept + [rec]
         return rec
 
     def truncate_after(self, epoch: int) -> int:
-        """Drop audits and alarms of epochs after ``epoch`` (for resuming from a checkpoint taken at ``epoch``).
-
-        Returns how many audits were dropped.
+        """Drop the fit audits and fit alarms of epochs after ``epoch`` (for resuming a fit from a checkpoint
+        taken at ``epoch``: those epochs are trained again). Validate and test audits are kept: they audited
+        weights that existed. Returns how many audits were dropped.
         """
         before = len(self.audits)
-        self.data["audits"] = [a for a in self.audits if a["epoch"] <= epoch]
-        self.data["alarms"] = [a for a in self.alarms if a.get("epoch", -1) <= epoch]
+        self.data["audits"] = [a for a in self.audits if stage_of(a) != "fit" or a["epoch"] <= epoch]
+        self.data["alarms"] = [a for a in self.alarms if stage_of(a) != "fit" or a.get("epoch", -1) <= epoch]
         scored = (self.data.get("scorecard") or {}).get("epoch")
         if isinstance(scored, int) and scored > epoch:  # it scored weights that the resumed run no longer has
             self.data.pop("scorecard")

@@ -45,7 +45,7 @@ def test_gate_repeated_flags(run_dir, capsys, tmp_path):
     obj = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in obj["rules"]] == ["gradcam/spurious_mass", "gradient/spurious_mass", "gradcam/stability"]
     assert obj["passed"] is True
-    assert ET.parse(xml).getroot().find("testsuite").get("tests") == "3"
+    assert ET.parse(xml).getroot().find("testsuite").get("tests") == "4"  # three rules and the health case
 
 
 def test_gate_config_and_epoch(run_dir, capsys, tmp_path):

@@ -2,7 +2,8 @@
 
 ``callbacks/audit.yaml`` with ``pytorch_lightning.cli.LightningCLI`` (the shortcut example's model and
 datamodule) and with ``lightning.pytorch.cli.LightningCLI`` (a ``lightning.pytorch`` module);
-``callbacks/audit-wandb.yaml`` with ``WANDB_MODE=offline``: the offline run directory holds the overlays.
+``callbacks/audit-wandb.yaml`` with ``WANDB_MODE=offline``: the offline run directory holds the overlays. Both
+configs run on plain ``(image, label)`` batches too: their alarm watches a key every probe gives.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import os
 import warnings
 
 import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from examples.shortcut_shapes import ShapesDataModule, ShapesNet
-from lightning_saliency import SaliencyMonitor, ShortcutAlarm
+from lightning_saliency import ProbeSet, SaliencyMonitor, ShortcutAlarm
+from lightning_saliency.checks import check_alarm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT = os.path.join(ROOT, "callbacks", "audit.yaml")
@@ -71,7 +78,7 @@ def test_audit_yaml_fit(distribution, tmp_path, monkeypatch):
     monitors = [c for c in cli.trainer.callbacks if isinstance(c, SaliencyMonitor)]
     alarms = [c for c in cli.trainer.callbacks if isinstance(c, ShortcutAlarm)]
     assert len(monitors) == 1 and len(alarms) == 1
-    assert alarms[0].action == "warn" and alarms[0].metric == "gradcam/spurious_mass"
+    assert alarms[0].action == "warn" and alarms[0].metric == "gradcam/stability"
     assert len(monitors[0].probe) == 64  # drawn from the validation data
     report = _report(cli.trainer.log_dir)
     assert report["probe"]["size"] == 64 and report["probe"]["spurious_masks"]
@@ -124,3 +131,60 @@ def test_audit_wandb_yaml_fit_offline(distribution, offline_wandb):
     (log,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))  # the offline transaction log: scalars and summary
     with open(log, "rb") as f:
         assert b"saliency/gradcam/spurious_mass" in f.read()
+
+
+class TupleNet(pl.LightningModule):
+    """A model whose loaders yield plain ``(image, label)`` tuples: a probe drawn from them has no masks."""
+
+    def __init__(self, n: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, 2))
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 2, (n,), generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32)
+
+
+@pytest.mark.parametrize("config", [AUDIT, AUDIT_WANDB])
+def test_configs_alarm_watches_a_key_a_probe_without_masks_gives(config):
+    with open(config) as f:
+        callbacks = yaml.safe_load(f)["trainer"]["callbacks"]
+    args = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in callbacks}
+    monitor = SaliencyMonitor(**args["SaliencyMonitor"])
+    alarm = ShortcutAlarm(**args["ShortcutAlarm"])
+    plain = ProbeSet(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]))  # no masks, no groups
+    check_alarm(alarm.metric, monitor.spec.methods, monitor.spec.metrics, plain)  # raises if it can never fire
+    with pytest.raises(ValueError, match="spurious masks"):  # the shortcut alarm the comments describe
+        check_alarm("gradcam/spurious_mass", monitor.spec.methods, monitor.spec.metrics, plain)
+
+
+def test_audit_yaml_fit_on_tuple_data(tmp_path, monkeypatch):
+    from pytorch_lightning.cli import LightningCLI
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", AUDIT, *SMALL, f"--trainer.default_root_dir={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ShortcutAlarm")
+        cli = LightningCLI(TupleNet, args=args, save_config_callback=None)
+    report = _report(cli.trainer.log_dir)
+    assert report["probe"]["size"] == 64 and not report["probe"]["spurious_masks"]
+    (audit,) = report["audits"]
+    assert not audit["errors"] and "gradcam/spurious_mass" not in audit["metrics"]
+    assert isinstance(audit["metrics"]["gradcam/stability"], float)  # the key the alarm watches

@@ -154,6 +154,7 @@ def test_report_equals_single_process_report(ddp_run, tmp_path):
     single = monitor.history[-1]["metrics"]
     distributed = _report(out)["audits"][0]["metrics"]
     assert not _report(out)["audits"][0]["errors"]
+    assert _report(out)["audits"][0]["health"] == monitor.history[-1]["health"]  # pooled from both shards
     assert sorted(distributed) == sorted(single)
     assert any(k.endswith("/stability") for k in single) and any(k.endswith("/deletion_auc") for k in single)
     diffs = {k: (distributed[k], single[k]) for k in single

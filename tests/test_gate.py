@@ -228,13 +228,13 @@ def test_junit_parsed_back(run_dir, tmp_path):
     assert root.tag == "testsuites"
     suite = root.find("testsuite")
     assert suite is not None
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("3", "1", "0")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("4", "1", "0")
     cases = suite.findall("testcase")
     assert [c.get("name") for c in cases] == [
-        "gradcam/spurious_mass <= 0.2", "gradient/spurious_mass <= 0.9", "gradcam/stability >= 0.8"]
+        "gradcam/spurious_mass <= 0.2", "gradient/spurious_mass <= 0.9", "gradcam/stability >= 0.8", "health"]
     failure = cases[0].find("failure")
     assert failure is not None and "0.5 violates <= 0.2" in failure.get("message")
-    assert cases[1].find("failure") is None and cases[2].find("failure") is None
+    assert all(c.find("failure") is None for c in cases[1:])  # health: no health recorded, nothing to fail
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert props["epoch"] == "5" and props["selection"] == "last"
 

@@ -134,10 +134,13 @@ def test_trainer_validate_and_test_audit_under_inference_mode(tmp_path):
     trainer.validate(U.model(), datamodule=dm)
     trainer.test(U.model(), datamodule=dm)
     report = _report(trainer)
-    assert len(report["audits"]) == 1  # same epoch 0: the test audit replaces the validate one
-    maps = load_maps(os.path.join(trainer.log_dir, "saliency"), 0)
-    assert all(torch.isfinite(torch.as_tensor(maps[m])).all() for m in ("gradcam", "gradient"))
-    assert maps["gradient"].max() > 0
+    # two records, never a replacement; the weights were neither trained nor restored here: epoch -1
+    assert [(a["stage"], a["epoch"]) for a in report["audits"]] == [("validate", -1), ("test", -1)]
+    assert [a["maps"] for a in report["audits"]] == ["maps/validate_001.npz", "maps/test_001.npz"]
+    for audit in report["audits"]:
+        maps = load_maps(os.path.join(trainer.log_dir, "saliency", audit["maps"]))
+        assert all(torch.isfinite(torch.as_tensor(maps[m])).all() for m in ("gradcam", "gradient"))
+        assert maps["gradient"].max() > 0
 
 
 def test_bf16_mixed_precision_gives_finite_maps_and_records_precision(tmp_path):
@@ -196,7 +199,9 @@ def test_failure_inside_audit_warns_records_and_training_completes(tmp_path):
         trainer, _ = U.fit([monitor], tmp_path, max_epochs=2, net=Vanishing(width=4))
     assert trainer.current_epoch == 2  # training completed
     audits = _report(trainer)["audits"]
-    assert not audits[0]["errors"] and audits[-1]["errors"]  # the layer vanished after the first audit
+    # audit failures, not health findings (a tiny net's Grad-CAM maps may be mostly all zero)
+    failures = [[e for e in a["errors"] if e["type"] != "UnhealthyAudit"] for a in audits]
+    assert not failures[0] and failures[-1]  # the layer vanished after the first audit
     assert any(e["method"] == "gradcam" for e in audits[-1]["errors"])
     assert "gradient/spurious_mass" in audits[-1]["metrics"]  # the other method still ran
 

@@ -79,12 +79,14 @@ def test_round_trip_matches_schema(tmp_path):
     assert set(raw["probe"]) == {"size", "fingerprint", "groups", "object_masks", "spurious_masks"}
     assert set(raw["config"]) == {"methods", "layer", "metrics", "every_n_epochs"}
     a0, a1 = raw["audits"]
-    assert set(a0) == {"epoch", "global_step", "time", "duration_s", "precision", "metrics", "errors", "maps"}
+    assert set(a0) == {"stage", "epoch", "global_step", "time", "duration_s", "precision", "metrics", "errors",
+                       "maps"}
+    assert a0["stage"] == "fit"  # the default stage (issue 10)
     assert a0["maps"] == "maps/epoch_0000.npz" and a1["maps"] is None
     assert a1["errors"] == [{"method": None, "type": "ValueError", "message": "layer vanished"},
                             {"method": "gradient", "type": "RuntimeError", "message": "boom"}]
-    assert set(raw["alarms"][0]) == {"name", "metric", "threshold", "mode", "epoch", "global_step", "value",
-                                     "action"}
+    assert set(raw["alarms"][0]) == {"name", "metric", "threshold", "mode", "stage", "epoch", "global_step",
+                                     "value", "action"}
     for stamp in (raw["created"], raw["updated"], a0["time"]):
         assert stamp.endswith("+00:00") and "T" in stamp
 

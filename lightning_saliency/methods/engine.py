@@ -111,6 +111,7 @@ class AttributionInfo:
             that ran a pass of its own.
         errors: method -> the exception it raised, for methods that failed under ``on_error="collect"`` or
             ``"warn"`` (a combined method whose part failed holds the part's exception).
+        finite: ``[N]`` bool, True where every logit of the image is finite (a NaN model: all False).
 
     Example:
         >>> import torch
@@ -129,6 +130,7 @@ class AttributionInfo:
     backwards: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     errors: dict[str, BaseException] = field(default_factory=dict)
+    finite: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -289,10 +291,11 @@ def _cam_weights(cap: _Capture, logits: Tensor, A: Tensor, t: Tensor, q: Tensor 
 
 def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Tensor | None, q_all: Tensor | None,
                  target: Any, guard: SideEffectGuard, scorer: Scorer, batch_size: int,
-                 collect: dict[str, BaseException] | None) -> tuple[dict[str, list[Tensor]], Tensor, Tensor, Tensor, str]:
+                 collect: dict[str, BaseException] | None
+                 ) -> tuple[dict[str, list[Tensor]], Tensor, Tensor, Tensor, str, Tensor]:
     """One forward and (at most) one ``autograd.grad`` per batch, computing what the union of ``specs`` needs:
     the input gradient for ``"shared"`` rows, the layer's activations and their gradient for ``"cam"`` rows, the
-    activations and the linear head for ``"head"`` rows (no backward)."""
+    activations and the linear head for ``"head"`` rows (no backward). Also whether each image's logits are finite."""
     N, _, H, W = x.shape
     rows = [s for s in specs if s.rides in ("shared", "cam", "head")]
     need_act_grad = any(s.rides == "cam" for s in rows)
@@ -311,7 +314,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
 
     out: dict[str, list[Tensor]] = {s.name: [] for s in rows}
     failed: set[str] = set()
-    targets, preds, scores = [], [], []
+    targets, preds, scores, finite = [], [], [], []
     dtype = "float32"
 
     def fail(method: str, err: Exception) -> None:
@@ -336,6 +339,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
         score = class_scores(logits, t, q)
         targets.append(t)
         preds.append(pred)
+        finite.append(torch.isfinite(logits.detach()).all(dim=1))
         scores.append(score.detach())
 
         A_raw = cap.activation if cap is not None else None
@@ -391,7 +395,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
         guard.remove()
     for m in failed:
         out.pop(m, None)
-    return out, torch.cat(targets), torch.cat(preds), torch.cat(scores), dtype
+    return out, torch.cat(targets), torch.cat(preds), torch.cat(scores), dtype, torch.cat(finite)
 
 
 def _run_own(spec: MethodSpec, p: OwnPass, opts: dict[str, Any]) -> Tensor:
@@ -534,8 +538,8 @@ def attribute(
                 specs = [s for s in specs if not s.needs_layer]
         scorer = Scorer(model, targets=torch.zeros(N, dtype=torch.long, device=device), contrast=q_all,
                         batch_size=extra_bs, autocast_off=not opts["autocast"])
-        shared, t, pred, score, dtype = _shared_pass(model, x, specs, t_all, q_all, target, guard, scorer,
-                                                     shared_bs, collect)
+        shared, t, pred, score, dtype, finite = _shared_pass(model, x, specs, t_all, q_all, target, guard,
+                                                             scorer, shared_bs, collect)
         scorer.targets = t
         seconds["shared"] = time.perf_counter() - start
         maps: dict[str, Tensor] = {m: torch.cat(v) for m, v in shared.items()}
@@ -574,5 +578,5 @@ def attribute(
         return result
     info = AttributionInfo(targets=t.detach(), predictions=pred, scores=score.float(), forward_dtype=dtype,
                            layer=None if target is None else target.name, forwards=scorer.forwards,
-                           backwards=scorer.backwards, seconds=seconds, errors=errors)
+                           backwards=scorer.backwards, seconds=seconds, errors=errors, finite=finite.cpu())
     return result, info

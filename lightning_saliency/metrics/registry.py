@@ -48,8 +48,10 @@ __all__ = [
     "metric_names",
     "metric_of_key",
     "missing_key_hint",
+    "need_text",
     "register_metric",
     "specs",
+    "unmet_needs",
     "unregister_metric",
 ]
 
@@ -78,6 +80,8 @@ class MetricSpec:
         compute: ``compute(ctx: AuditContext, methods) -> {method[+suffix]: values [n]}`` (per-image rows).
         summary: ``summary(result, probe, method) -> float | None`` (probe-level rows, computed over groups).
         builtin: a row of the package (``False``: added with :func:`register_metric`).
+        reads: metrics whose per-image values ``summary`` reads, in order of preference (one suffices): a
+            probe-level row is reported only when one of them is computed too.
         scorecard: a column of the method scorecard's default set (:func:`lightning_saliency.scorecard`).
 
     Example:
@@ -98,6 +102,7 @@ class MetricSpec:
     compute: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False, compare=False)
     summary: Callable[..., float | None] | None = field(default=None, repr=False, compare=False)
     builtin: bool = True
+    reads: tuple[str, ...] = ()
     scorecard: bool = False
 
     def __post_init__(self) -> None:
@@ -252,8 +257,12 @@ def _quiet(fn: Callable[[], dict]) -> dict:
         return fn()
 
 
+_DISPARITY_READS = ("spurious_mass", "object_mass")  # the per-image statistic: spurious mass, else object mass
+
+
 def _disparity(result: Any, probe: Any, method: str) -> float | None:
-    stat = result.per_image.get(f"{method}/spurious_mass", result.per_image.get(f"{method}/object_mass"))
+    stat = next((result.per_image[k] for k in (f"{method}/{r}" for r in _DISPARITY_READS) if k in result.per_image),
+                None)
     if stat is None:
         return None
     return _quiet(lambda: _f().attention_disparity(stat, probe.groups))["disparity"]
@@ -273,7 +282,7 @@ _BUILTIN = (
                needs=("object_masks",), per_group=True, default=True,
                compute=_mask_metric("region_mass", "object_masks")),
     MetricSpec("attention_disparity", False, "gap between group means of spurious (else object) mass",
-               needs=("groups", "masks"), default=True, summary=_disparity),
+               needs=("groups", "masks"), default=True, summary=_disparity, reads=_DISPARITY_READS),
     MetricSpec("pointing_game", True, "share of maps whose maximum lies in the object mask, per group",
                needs=("object_masks",), per_group=True, default=True,
                compute=_mask_metric("pointing_game", "object_masks")),
@@ -374,6 +383,42 @@ _NEED_TEXT = {
     "previous": "a previous audit to compare with (it is missing from the first audit)",
     "signed": "a signed method (integrated_gradients, input_x_gradient)",
 }
+
+
+_PROBE_NEEDS = ("object_masks", "spurious_masks", "masks", "groups")  # what the probe, not the setup, provides
+
+
+def need_text(need: str) -> str:
+    """What a need (:data:`NEEDS`) asks for, with how to provide it.
+
+    Example:
+        >>> need_text("groups")
+        'groups on the probe (ProbeSet(groups=...) or from_dataset(group_fn=...))'
+    """
+    return _NEED_TEXT.get(need, need)
+
+
+def unmet_needs(key: str, have: Iterable[str]) -> tuple[str, ...]:
+    """The needs of report key ``key`` that a probe providing ``have`` leaves unmet (names of :data:`NEEDS`).
+
+    Only what a probe provides is judged: masks (``"masks"`` is met by either kind) and groups, which a
+    per-group key ``<method>/<metric>/<group>`` needs too. ``()`` for a key of no registered metric.
+
+    Example:
+        >>> unmet_needs("gradcam/spurious_mass/site_a", {"object_masks"})
+        ('spurious_masks', 'groups')
+        >>> unmet_needs("gradcam/attention_disparity", {"object_masks", "groups"})
+        ()
+    """
+    found = metric_of_key(key)
+    if found is None:
+        return ()
+    spec, _, group = found
+    have = set(have) | ({"masks"} if set(have) & {"object_masks", "spurious_masks"} else set())
+    wanted = [n for n in spec.needs if n in _PROBE_NEEDS]
+    if group is not None and spec.per_group and "groups" not in wanted:
+        wanted.append("groups")
+    return tuple(n for n in wanted if n not in have)
 
 
 def missing_key_hint(key: str, present: Iterable[str] = ()) -> str:
