@@ -231,3 +231,28 @@ def test_show_scorecard_and_the_page_never_import_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[0,", "0]", "False"]
     assert "★" in (tmp_path / "a.html").read_text(encoding="utf-8")
+
+
+def test_a_failing_scorecard_is_recorded_not_fatal_and_skipped_off_rank_0(tmp_path):
+    from lightning_saliency.audit import AuditSpec
+    from lightning_saliency.recording import Recorder
+
+    class Trainer:
+        current_epoch, global_step, global_rank, world_size = 2, 10, 0, 1
+
+    model, probe = _spots()  # no convolution: Grad-CAM finds no target layer, so the whole scorecard fails
+    recorder = Recorder(save_maps=False, log_images=0, on_error="collect", scorecard=True)
+    recorder.report = AuditReport(tmp_path / "report.json")
+    recorder.record_scorecard(Trainer(), model, probe, AuditSpec(methods=("gradcam",), metrics=()))
+    section = load_report(tmp_path).data["scorecard"]
+    assert section["rows"] == [] and "the scorecard failed" in section["notes"][0] and section["epoch"] == 1
+    other = Recorder(save_maps=False, log_images=0, scorecard=True)
+    other.report = AuditReport(tmp_path / "other" / "report.json")
+    Trainer.global_rank = 1  # another rank: nothing computed, nothing written
+    other.record_scorecard(Trainer(), model, probe, AuditSpec(methods=("gradient",), metrics=()))
+    assert "scorecard" not in other.report.data
+    Trainer.global_rank = 0
+    off = Recorder(save_maps=False, log_images=0)  # scorecard=False (the default): nothing either
+    off.report = AuditReport(tmp_path / "off" / "report.json")
+    off.record_scorecard(Trainer(), model, probe, AuditSpec(methods=("gradient",), metrics=()))
+    assert "scorecard" not in off.report.data
