@@ -195,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline unless configured)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-gate", action="store_true", help="skip the CI gate and the HTML page at the end")
+    p.add_argument("--scorecard", action="store_true", help="score every method once at the end of fit")
     return p.parse_args(argv)
 
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         from lightning_saliency import SaliencyMonitor, ShortcutAlarm
 
         callbacks = [SaliencyMonitor(build_probe(dm), methods=tuple(args.methods.split(",")), every_n_epochs=1,
-                                     class_names=CLASSES),
+                                     class_names=CLASSES, scorecard=args.scorecard),
                      ShortcutAlarm(metric="gradcam/spurious_mass", threshold=args.alarm, patience=2,
                                    action=args.alarm_action)]
     trainer = pl.Trainer(max_epochs=args.epochs, logger=loggers, callbacks=callbacks, accelerator="cpu",

@@ -3,7 +3,7 @@
 The public API (DESIGN §3): :func:`attribute` computes saliency maps, :class:`ProbeSet` is the fixed set of
 images an audit explains, :class:`SaliencyMonitor` and :class:`ShortcutAlarm` are the Lightning callbacks, and
 :mod:`lightning_saliency.metrics` scores maps; :func:`register_metric` adds a metric of yours (its rows:
-:class:`MetricSpec`).
+:class:`MetricSpec`); :func:`scorecard` compares methods on one model ("which map should I trust?").
 
 The names are imported on first use, so that ``lightning-saliency gate`` (which only reads a JSON report) does not
 pay for importing Lightning.
@@ -29,13 +29,15 @@ _EXPORTS = {
     "SaliencyMonitor": "lightning_saliency.callbacks",
     "ShortcutAlarm": "lightning_saliency.callbacks",
     "ShortcutDetected": "lightning_saliency.callbacks",
+    "scorecard": "lightning_saliency.scorecards",
+    "Scorecard": "lightning_saliency.scorecards",
 }
 
 __all__ = ["METHODS", "MethodSpec", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute",
            "method_names", "register_method", "unregister_method"]
 _LIVE = ("METHODS",)  # read at each access (methods registered later included), never cached
-__all__ = ["METHODS", "MetricSpec", "ProbeSet", "SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected", "attribute",
-           "register_metric"]
+__all__ = ["METHODS", "MetricSpec", "ProbeSet", "SaliencyMonitor", "Scorecard", "ShortcutAlarm", "ShortcutDetected",
+           "attribute", "register_metric", "scorecard"]
 
 if TYPE_CHECKING:
     from lightning_saliency.callbacks import SaliencyMonitor, ShortcutAlarm, ShortcutDetected
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     )
     from lightning_saliency.metrics.registry import MetricSpec, register_metric
     from lightning_saliency.probe import ProbeSet
+    from lightning_saliency.scorecards import Scorecard, scorecard
 
 
 def __getattr__(name: str) -> Any:

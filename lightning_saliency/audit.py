@@ -64,6 +64,7 @@ __all__ = [
     "AuditSpec",
     "ShardResult",
     "audit_shard",
+    "lacks_periodic",
     "merge",
     "summarize",
     "validate_metrics",
@@ -311,6 +312,17 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         finite_logits=finite,
         degenerate=degenerate,
     )
+
+
+def lacks_periodic(record: Mapping[str, Any], metrics: Sequence[str]) -> bool:
+    """Whether an audit record has none of the periodic metrics among ``metrics`` (that audit skipped them).
+
+    Example:
+        >>> lacks_periodic({"metrics": {"gradcam/drift": 0.9}}, ("drift", "stability"))
+        True
+    """
+    wanted = set(metric_names(periodic=True)) & set(metrics)
+    return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
 
 def merge(results: Sequence[ShardResult]) -> ShardResult:

@@ -43,6 +43,7 @@ from .audit import (
     AuditSpec,
     ShardResult,
     audit_shard,
+    lacks_periodic,
     merge,
     summarize,
 )
@@ -217,6 +218,7 @@ class SaliencyMonitor(_Base):
         stability_images: probe images used by the stability metric (the first ones; ``None`` = all).
         expensive_images: probe images used by the expensive metrics.
         seed: seed of the metrics' own random draws (never the global generators).
+        scorecard: at the end of fit, score every method once into the report (:func:`lightning_saliency.scorecard`).
 
     Example:
         >>> import torch
@@ -250,6 +252,7 @@ class SaliencyMonitor(_Base):
         stability_images: int | None = 8,
         expensive_images: int | None = 16,
         seed: int = 0,
+        scorecard: bool = False,
     ) -> None:
         _check_arguments(probe, every_n_epochs, on_error, expensive_every_n_audits, probe_size, image_colors)
         self.probe = probe
@@ -284,7 +287,8 @@ class SaliencyMonitor(_Base):
         self._run_id, self._weights_epoch = None, -1  # lightning_saliency.runs; the weights' last trained epoch
         # report.json, maps files, dashboards: written by the recorder, on rank 0
         self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images, on_error=on_error,
-                                  class_names=self.class_names, cmap=cmap, image_colors=self.image_colors)
+                                  class_names=self.class_names, cmap=cmap, image_colors=self.image_colors,
+                                  scorecard=scorecard)
 
     # -- identity and state ------------------------------------------------------------------------------------
     @property
@@ -378,17 +382,14 @@ class SaliencyMonitor(_Base):
         if self._prepared_for == (id(trainer), id(pl_module)):
             if not any(r["epoch"] == epoch and stage_of(r) == "fit" for r in self.history):
                 self.audit(trainer, pl_module, epoch=epoch, periodic=True)
-            elif self._lacks_periodic(self.history[-1]) and stage_of(self.history[-1]) == "fit" and \
+            elif lacks_periodic(self.history[-1], self.spec.metrics) and stage_of(self.history[-1]) == "fit" and \
                     self._last_audit == (id(trainer), self.history[-1]["epoch"]):
                 # training ended where nobody could tell in advance (an alarm's stop, a time limit, ...): the last
                 # audit, made in this fit, gets the periodic metrics it skipped, from the same weights and the same
                 # previous maps
                 self._complete(trainer, pl_module)
+            self._recorder.record_scorecard(trainer, pl_module, self.probe, self.spec)  # when scorecard=True
         self._recorder.flush()
-
-    def _lacks_periodic(self, record: dict[str, Any]) -> bool:
-        wanted = set(metric_registry.metric_names(periodic=True)) & set(self.spec.metrics)
-        return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
         last = self.history[-1]

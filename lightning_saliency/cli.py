@@ -6,7 +6,7 @@ Usage::
                                [--epoch last|best|N] [--stage fit|validate|test] [--junit FILE] [--json]
                                [--allow-unhealthy]
     lightning-saliency report LOG_DIR [-o audit.html] [--max-images N] [--max-epochs N] [--cmap NAME]
-    lightning-saliency show LOG_DIR
+    lightning-saliency show LOG_DIR [--scorecard]
     lightning-saliency --version
 
 ``REPORT`` / ``LOG_DIR`` may be the ``report.json`` file, its ``saliency`` folder, or the run's log dir
@@ -33,7 +33,7 @@ from typing import Any
 
 from lightning_saliency import __version__
 
-__all__ = ["main", "build_parser", "show"]
+__all__ = ["main", "build_parser", "show", "show_scorecard"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     show_p = sub.add_parser("show", help="print a short summary of the latest audit",
                             description="Print a short terminal summary of the latest audit.")
     show_p.add_argument("log_dir", metavar="LOG_DIR", help="the run's log dir (or its saliency/ or report.json)")
+    show_p.add_argument("--scorecard", action="store_true",
+                        help="print the method scorecard instead (SaliencyMonitor(scorecard=True)); exit 2 if none")
     return parser
 
 
@@ -205,6 +207,32 @@ def show(report: str, out: Any = None) -> int:
     return 0
 
 
+def show_scorecard(report: str, out: Any = None) -> int:
+    """Print the report's method scorecard as a table; return the exit code (2: unreadable, or no scorecard).
+
+    Example:
+        >>> show_scorecard("/nonexistent")  # doctest: +SKIP
+        2
+    """
+    from lightning_saliency.gate import _safe
+    from lightning_saliency.report import ReportError, load_report
+    from lightning_saliency.scorecards import Scorecard
+
+    try:
+        loaded = load_report(report)
+    except ReportError as exc:
+        print(f"lightning-saliency show: error: {_safe(exc)}", file=sys.stderr)
+        return 2
+    if not loaded.data.get("scorecard"):
+        print(f"lightning-saliency show: {_safe(loaded.path)} has no scorecard: train with "
+              "SaliencyMonitor(scorecard=True), or call lightning_saliency.scorecard(model, probe)", file=sys.stderr)
+        return 2
+    text = Scorecard.from_dict(loaded.data["scorecard"]).to_text()
+    lines = [f"report: {loaded.path}", *text.splitlines()]  # each line made safe (a newline is a control too)
+    print("\n".join(_safe(line) for line in lines), file=out if out is not None else sys.stdout)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -305,7 +333,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "report":
         return _report(args)
     if args.command == "show":
-        return show(args.log_dir)
+        return show_scorecard(args.log_dir) if args.scorecard else show(args.log_dir)
     parser.print_help()
     return 2
 

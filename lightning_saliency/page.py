@@ -51,6 +51,7 @@ import numpy as np
 from .charts import MAX_POINTS, _chart, _e, _reduce
 from .health import health_line, problems
 from .page_assets import _SCRIPT, _STYLE
+from .page_scorecard import section_scorecard
 from .report import split_key
 
 __all__ = ["render_page", "write_page", "CSP", "MAX_POINTS", "MAX_SERIES", "MAX_ROWS"]
@@ -520,11 +521,12 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
         f'<div class="badges">{"".join(badges)}</div>',
         "</header>",
         '<nav><a href="#overlays">Overlays</a><a href="#curves">Curves</a><a href="#latest">Latest audit</a>'
-        '<a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
+        '<a href="#scorecard">Scorecard</a><a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
         "<main>",
         overlays,
         _section_curves([a for a in audits if a.get("stage") in (None, "fit")] or audits, alarms),  # over fit epochs
         _section_latest(latest),
+        section_scorecard(data),
         _section_groups(latest, probe),
         _section_alarms(alarms),
         _section_errors(audits),

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from .charts import CHART_CSS
+from .page_scorecard import SCORECARD_CSS
 
 __all__: list[str] = []
 
@@ -29,7 +30,7 @@ position:sticky;top:0;background:var(--bg);padding:6px 0;z-index:1}.slider input
 image-rendering:pixelated}.tiles{display:flex;flex-wrap:wrap;gap:6px}.tile{margin:0;width:64px}
 .ov{width:64px;background-size:100% 100%;background-color:#000;aspect-ratio:1/1}
 .ov img{display:block;width:100%;height:100%;opacity:.5}.cap{font-size:11px;text-align:center;
-color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}""" + CHART_CSS + """table{border-collapse:collapse;margin:4px 0 8px}
+color:var(--muted)}.cap.wrong{color:var(--bad);font-weight:600}""" + CHART_CSS + SCORECARD_CSS + """table{border-collapse:collapse;margin:4px 0 8px}
 th,td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}thead th{background:var(--soft)}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.na{color:var(--muted)}
 td.msg{max-width:720px;white-space:pre-wrap;word-break:break-word}tr.sizes td,tr.sizes th{color:var(--muted)}

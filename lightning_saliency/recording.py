@@ -81,6 +81,7 @@ class Recorder:
         cmap: colormap of the overlays.
         image_colors: colours of the overlay grids' PNG palette (``None``: full colour).
         on_error: the monitor's ``on_error``: ``"collect"`` records an unhealthy audit without a warning.
+        scorecard: score every method once at the end of fit (:meth:`record_scorecard`).
 
     Example:
         >>> Recorder(class_names=["cat", "dog"]).class_names
@@ -89,8 +90,9 @@ class Recorder:
 
     def __init__(self, dirpath: str | None = None, save_maps: bool = True, log_images: int = 16,
                  class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256,
-                 on_error: str = "warn") -> None:
+                 on_error: str = "warn", scorecard: bool = False) -> None:
         self.dirpath, self.save_maps, self.log_images = dirpath, bool(save_maps), int(log_images)
+        self.scorecard = bool(scorecard)  # score the methods once at the end of fit (record_scorecard)
         self.on_error, self.warned_health = on_error, False
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap, self.image_colors = cmap, image_colors
@@ -316,6 +318,37 @@ class Recorder:
             with contextlib.suppress(Exception):
                 sink.log_text("saliency/alarms", text, int(firing["global_step"]))
                 sink.alert("lightning-saliency alarm", text)
+
+    def record_scorecard(self, trainer: Any, pl_module: Any, probe: ProbeSet, spec: Any) -> None:
+        """With ``scorecard=True``: score every method of ``spec`` once (:func:`lightning_saliency.scorecards.score`,
+        the scorecard's default metrics) into the report's ``scorecard`` section and onto the dashboards as text.
+
+        Rank 0 only, on the whole probe: the other ranks return at once (the scorecard runs no collective). A
+        failure is recorded in the section (``rows`` empty, the reason in ``notes``) and warned about, unless
+        ``on_error="raise"``.
+        """
+        if not self.scorecard or world(trainer)[0] != 0:
+            return
+        import dataclasses
+
+        from .scorecards import Scorecard, default_metrics, score
+
+        try:
+            card = score(pl_module, probe, dataclasses.replace(spec, metrics=default_metrics()), on_error=self.on_error)
+        except Exception as e:
+            if self.on_error == "raise":
+                raise
+            if self.on_error == "warn":
+                warnings.warn(f"lightning-saliency: the scorecard failed ({type(e).__name__}: {e}); recorded in the "
+                              "report", RuntimeWarning, stacklevel=2)
+            card = Scorecard([], [], notes=[f"the scorecard failed: {type(e).__name__}: {e}"])
+        card.info.update(epoch=max(int(trainer.current_epoch) - 1, 0), global_step=int(trainer.global_step))
+        if self.report is not None:
+            self.report.set_scorecard(card.to_dict())
+            self._write()
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.log_text("saliency/scorecard", card.to_text(), int(trainer.global_step))
 
     def flush(self) -> None:
         """Push every sink's buffered output to disk. Between audits the writers flush on their own schedule

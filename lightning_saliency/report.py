@@ -26,7 +26,13 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
                  "metrics": {"<method>/<metric>[/<group>]": float | null},
                  "health": {"logits": "ok" | "<problem>: k of n", "<method>": "ok" | "<problem>: k of n[; ...]"},
                  "errors": [{"method", "type", "message"}], "maps": "maps/epoch_0003.npz" | null}],
-     "alarms": [{"name", "metric", "threshold", "mode", "stage", "epoch", "global_step", "value", "action"}]}
+     "alarms": [{"name", "metric", "threshold", "mode", "stage", "epoch", "global_step", "value", "action"}],
+     "scorecard": {"epoch", "global_step", "columns": [{"name", "higher_is_better", "kind", "of", "doc"}],
+                   "rows": [{"method", "<column>": float | null}], "best": {"<column>": [method]},
+                   "reasons": {method: {"<column>": why it is null}}, "notes": [str], "images", "device"}}
+
+``scorecard`` (:mod:`lightning_saliency.scorecards`) is written once, at the end of fit, by
+``SaliencyMonitor(scorecard=True)``; a report without it is just as valid.
 
 ``stage`` is ``"fit"``, ``"validate"`` or ``"test"`` (a report written before stages existed reads as
 ``"fit"``); ``epoch`` is the last trained epoch of the weights audited (``-1``: not known, e.g. a validate of
@@ -224,7 +230,8 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
     The one validation pass of a loaded report (the gate, the page and ``show`` all read through
     :func:`load_report`): a JSON object of schema :data:`SCHEMA`; ``audits`` a list of objects, each with an
     int ``epoch`` and a ``metrics`` object, and a ``health`` object of strings when present; ``alarms`` a list;
-    ``run``, ``probe`` and ``config`` objects when present. ``path`` only names the file in messages.
+    ``run``, ``probe``, ``config`` and ``scorecard`` objects when present. ``path`` only names the file in
+    messages.
 
     Example:
         >>> validate_report({"schema": SCHEMA, "audits": [{"epoch": 0, "metrics": {}}]})["audits"][0]["epoch"]
@@ -260,7 +267,7 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
     alarms = data.get("alarms", [])
     if not isinstance(alarms, list):
         raise ReportError(f"{p}: 'alarms' must be a list, got {type(alarms).__name__}")
-    for key in ("run", "probe", "config"):
+    for key in ("run", "probe", "config", "scorecard"):
         value = data.get(key) or {}
         if not isinstance(value, dict):
             raise ReportError(f"{p}: {key!r} must be an object, got {type(value).__name__}")
@@ -433,6 +440,10 @@ class AuditReport:
         if config is not None:
             self.data["config"] = _clean(dict(config), "config")
 
+    def set_scorecard(self, scorecard: Mapping[str, Any]) -> None:
+        """Set the ``scorecard`` section (:meth:`lightning_saliency.scorecards.Scorecard.to_dict`), replaced whole."""
+        self.data["scorecard"] = _clean(dict(scorecard), "scorecard")
+
     def append_audit(self, record: Mapping[str, Any], replace: bool | None = None) -> dict[str, Any]:
         """Add one audit record, placed by :func:`place_record` (a fit audit for an epoch already present
         replaces it; validate and test audits are added unless ``replace=True``). Returns the stored record.
@@ -498,6 +509,9 @@ class AuditReport:
         before = len(self.audits)
         self.data["audits"] = [a for a in self.audits if stage_of(a) != "fit" or a["epoch"] <= epoch]
         self.data["alarms"] = [a for a in self.alarms if stage_of(a) != "fit" or a.get("epoch", -1) <= epoch]
+        scored = (self.data.get("scorecard") or {}).get("epoch")
+        if isinstance(scored, int) and scored > epoch:  # it scored weights that the resumed run no longer has
+            self.data.pop("scorecard")
         return before - len(self.audits)
 
     # -- files --------------------------------------------------------------------------------------------

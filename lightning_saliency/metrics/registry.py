@@ -101,6 +101,7 @@ class MetricSpec:
         builtin: a row of the package (``False``: added with :func:`register_metric`).
         reads: metrics whose per-image values ``summary`` reads, in order of preference (one suffices): a
             probe-level row is reported only when one of them is computed too.
+        scorecard: a column of the method scorecard's default set (:func:`lightning_saliency.scorecard`).
 
     Example:
         >>> get_metric("object_mass").direction, get_metric("object_mass").per_group
@@ -122,6 +123,7 @@ class MetricSpec:
     summary: Callable[..., float | None] | None = field(default=None, repr=False, compare=False)
     builtin: bool = True
     reads: tuple[str, ...] = ()
+    scorecard: bool = False
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -176,9 +178,10 @@ class AuditContext:
 
 
 _P = dict(periodic=True, images="expensive", needs=("model",))
+_S = dict(_P, scorecard=True)  # also a column of the scorecard
 _AGREEMENT_KEYS = ("_tau", "_topk", "_tau_ceiling", "_tau_floor", "_topk_ceiling", "_topk_floor")
 # the causal tests of the spurious masks: probe-level (keys probe/<name>), forward passes over the whole probe
-_S = dict(periodic=True, probe_level=True, per_group=True, needs=("model", "spurious_masks"))
+_CAUSAL = dict(periodic=True, probe_level=True, per_group=True, needs=("model", "spurious_masks"))
 _BUILTIN = (
     MetricSpec("spurious_mass", False, "mean relevance mass inside the spurious masks, per group",
                needs=("spurious_masks",), per_group=True, default=True,
@@ -194,33 +197,33 @@ _BUILTIN = (
     MetricSpec("group_divergence", False, "1 - Pearson between groups' mean maps (no masks needed)",
                needs=("groups",), default=True, summary=_divergence),
     MetricSpec("stability", True, "Spearman of maps under input noise, k draws", needs=("model",),
-               periodic=True, default=True, images="stability", one_pass=True,
+               periodic=True, default=True, images="stability", one_pass=True, scorecard=True,
                compute=_noisy("stability", "stability")),
     MetricSpec("drift", None, "Spearman with the previous audit's maps", needs=("previous",), default=True,
                compute=_drift),
     MetricSpec("deletion_auc", False, "RISE deletion (and its random-ranking reference)",
-               extra_keys=("_random",), compute=_rise("deletion_auc"), **_P),
+               extra_keys=("_random",), compute=_rise("deletion_auc"), **_S),
     MetricSpec("insertion_auc", True, "RISE insertion (and its random-ranking reference)",
-               extra_keys=("_random",), compute=_rise("insertion_auc"), **_P),
+               extra_keys=("_random",), compute=_rise("insertion_auc"), **_S),
     MetricSpec("infidelity", False, "squared error of the map's linear prediction of drops",
-               compute=_infidelity, **_P),
+               compute=_infidelity, **_S),
     MetricSpec("max_sensitivity", False, "worst relative change of the map under small noise", one_pass=True,
                compute=_noisy("max_sensitivity", "expensive"), **_P),
     MetricSpec("completeness_gap", False, "sum of the map vs the logit change (signed methods only)",
                compute=_completeness_gap, **{**_P, "needs": ("model", "signed")}),
     MetricSpec("randomization_similarity", False, "Spearman with the maps of a re-initialised copy",
-               compute=_randomization, **_P),
+               compute=_randomization, **_S),
     MetricSpec("fragility", False, "top-k attack within an L-inf ball vs random-sign noise (Ghorbani et al.)",
-               extra_keys=("_random",), compute=_fragility, **_P),
+               extra_keys=("_random",), compute=_fragility, **_S),
     *(MetricSpec(f"{short}_agreement", True, f"Kendall tau and top-k cells vs {ref}, calibrated: seeds / random",
-                 extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), **_P)
+                 extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), **_S)
       for short, ref in (("shap", "shapley"), ("lime", "lime"))),
     MetricSpec("spurious_flip_rate", False, "share of predictions moving to the donor's class when the spurious "
-               "region is swapped between classes", compute=_spurious("flip"), **_S),
+               "region is swapped between classes", compute=_spurious("flip"), **_CAUSAL),
     MetricSpec("spurious_logit_gain", False, "gain of the donor class's logit margin when the spurious region is "
-               "swapped", compute=_spurious("logit_gain"), **_S),
+               "swapped", compute=_spurious("logit_gain"), **_CAUSAL),
     MetricSpec("spurious_erase_drop", False, "accuracy lost when each image's spurious region is filled with a blur",
-               compute=_spurious("erase"), **_S),
+               compute=_spurious("erase"), **_CAUSAL),
 )
 _REGISTRY: dict[str, MetricSpec] = {s.name: s for s in _BUILTIN}
 
