@@ -24,7 +24,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-__all__ = ["Base", "audit_stage", "eval_source", "overrides", "stage", "trained_epoch"]
+__all__ = ["Base", "audit_stage", "eval_source", "final_epoch", "overrides", "stage", "trained_epoch"]
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -117,3 +117,20 @@ def trained_epoch(checkpoint: Any) -> int:
         return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["started"]) - 1
     except Exception:
         return -1
+
+
+def final_epoch(trainer: Any) -> bool:
+    """Whether the epoch ending now is the fit's last one, as far as can be told before it ends.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> final_epoch(SimpleNamespace(should_stop=False, max_epochs=3, current_epoch=2, max_steps=-1))
+        True
+    """
+    if getattr(trainer, "should_stop", False):
+        return True
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    max_steps = getattr(trainer, "max_steps", -1)
+    return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps

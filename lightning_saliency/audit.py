@@ -64,6 +64,7 @@ __all__ = [
     "AuditSpec",
     "ShardResult",
     "audit_shard",
+    "failed_shard",
     "lacks_periodic",
     "merge",
     "summarize",
@@ -312,6 +313,21 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         finite_logits=finite,
         degenerate=degenerate,
     )
+
+
+def failed_shard(exc: Exception, on_error: str, indices: torch.Tensor) -> ShardResult:
+    """The result of a shard whose audit raised: the error recorded (and warned about), or raised again.
+
+    Example:
+        >>> failed_shard(ValueError("boom"), "collect", torch.arange(2)).errors[0]["message"]
+        'boom'
+    """
+    if on_error == "raise":
+        raise exc
+    if on_error == "warn":
+        warnings.warn(f"lightning-saliency: the audit failed ({type(exc).__name__}: {exc}); recorded in the "
+                      "report, training goes on (pass on_error='raise' to stop instead)", RuntimeWarning, stacklevel=4)
+    return ShardResult(indices=indices, predictions=torch.full((len(indices),), -1), errors=[error_record(exc)])
 
 
 def lacks_periodic(record: Mapping[str, Any], metrics: Sequence[str]) -> bool:

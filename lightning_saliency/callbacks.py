@@ -35,6 +35,7 @@ from torch import nn
 from ._lightning import Base as _Base
 from ._lightning import audit_stage as _audit_stage
 from ._lightning import eval_source as _eval_source
+from ._lightning import final_epoch as _final_epoch
 from ._lightning import overrides as _overrides
 from ._lightning import stage as _stage
 from ._lightning import trained_epoch as _trained_epoch
@@ -43,11 +44,13 @@ from .audit import (
     AuditSpec,
     ShardResult,
     audit_shard,
+    failed_shard,
     lacks_periodic,
     merge,
     summarize,
 )
 from .checks import check_alarm, key_problem
+from .discovery_audit import DiscoveryAudit
 from .distributed import broadcast as _broadcast
 from .distributed import gather as _gather
 from .distributed import rank0_buffers as _rank0_buffers
@@ -58,7 +61,7 @@ from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
-from .report import error_record, place_record, stage_of
+from .report import place_record, stage_of
 
 __all__ = ["SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected"]
 
@@ -152,17 +155,6 @@ def _probe_from_data(trainer: Any, pl_module: Any, size: int, seed: int) -> Prob
     return ProbeSet.from_dataloader(loader, size=size, seed=seed)
 
 
-def _final_epoch(trainer: Any) -> bool:
-    """Whether the epoch ending now is the fit's last one, as far as can be told before it ends."""
-    if getattr(trainer, "should_stop", False):
-        return True
-    max_epochs = getattr(trainer, "max_epochs", None)
-    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-        return True
-    max_steps = getattr(trainer, "max_steps", -1)
-    return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
-
-
 def _on_device(shard: ProbeSet, pl_module: Any, moved: tuple[Any, ProbeSet] | None) -> tuple[Any, ProbeSet]:
     """``((device, dtype), shard)`` with the shard on the module's device and floating dtype; ``moved`` (the
     previous answer) is reused while the module stays where it was."""
@@ -219,6 +211,8 @@ class SaliencyMonitor(_Base):
         expensive_images: probe images used by the expensive metrics.
         seed: seed of the metrics' own random draws (never the global generators).
         scorecard: at the end of fit, score every method once into the report (:func:`lightning_saliency.scorecard`).
+        discover, discover_method, discover_options: find unannotated shortcuts at every audit and confirm them
+            by pasting (the record's ``discovery``, keys ``discovery/suspects``): :mod:`~lightning_saliency.discovery_audit`.
 
     Example:
         >>> import torch
@@ -253,6 +247,7 @@ class SaliencyMonitor(_Base):
         expensive_images: int | None = 16,
         seed: int = 0,
         scorecard: bool = False,
+        discover: bool = True, discover_method: str | None = None, discover_options: dict[str, Any] | None = None,
     ) -> None:
         _check_arguments(probe, every_n_epochs, on_error, expensive_every_n_audits, probe_size, image_colors)
         self.probe = probe
@@ -273,6 +268,7 @@ class SaliencyMonitor(_Base):
                               layer="auto", batch_size=batch_size, target=target,
                               method_options=dict(method_options or {}), stability_images=stability_images,
                               expensive_images=expensive_images, seed=seed)
+        self.discovery = DiscoveryAudit(discover, discover_method, discover_options, self.spec.methods, seed)
         self.history: list[dict[str, Any]] = []
         self._alarms: list[ShortcutAlarm] = []
         self._loaded_fingerprint: str | None = None
@@ -432,8 +428,9 @@ class SaliencyMonitor(_Base):
         if rank == 0:
             merged = merge(gathered)
             metrics = summarize(merged, self.probe, self.spec) if merged.maps else {}
+            found = self.discovery(pl_module, self.probe, merged, self.spec, metrics, self.on_error)
             record = self._recorder.record(trainer, merged, metrics, self.probe, epoch, started,
-                                           images=_completing is None, stage=stage)
+                                           images=_completing is None, stage=stage, discovery=found)
         record = _broadcast(trainer, record)
         self.history = place_record(self.history, record)
         self._last_audit = (id(trainer), int(record["epoch"])) if stage == "fit" else self._last_audit
@@ -458,14 +455,7 @@ class SaliencyMonitor(_Base):
                                      previous_ranks=self._prev_ranks, expensive=expensive, on_error=self.on_error,
                                      full_probe=self.probe)
         except Exception as e:
-            if self.on_error == "raise":
-                raise
-            if self.on_error == "warn":
-                warnings.warn(f"lightning-saliency: the audit failed ({type(e).__name__}: {e}); recorded in the "
-                              "report, training goes on (pass on_error='raise' to stop instead)", RuntimeWarning,
-                              stacklevel=2)
-            result = ShardResult(indices=indices, predictions=torch.full((len(shard),), -1),
-                                 errors=[error_record(e)])
+            result = failed_shard(e, self.on_error, indices)
         result.indices = indices
         return result
 
@@ -559,9 +549,11 @@ class ShortcutAlarm(_Base):
             raise ValueError("ShortcutAlarm needs a SaliencyMonitor in the same Trainer: "
                              "Trainer(callbacks=[SaliencyMonitor(probe, ...), ShortcutAlarm(...)])")
         # the names now; the probe's masks and groups too when it is known, else when it is drawn (fit start)
-        owner = [m for m in monitors if key_problem(self.metric, m.spec.methods, m.spec.metrics, m.probe) is None]
+        owner = [m for m in monitors if key_problem(self.metric, m.spec.methods, m.spec.metrics, m.probe,
+                                                    discover=m.discovery.enabled) is None]
         if not owner:
-            check_alarm(self.metric, monitors[0].spec.methods, monitors[0].spec.metrics, monitors[0].probe)
+            check_alarm(self.metric, monitors[0].spec.methods, monitors[0].spec.metrics, monitors[0].probe,
+                        discover=monitors[0].discovery.enabled)
         owner[0]._register(self)
 
     def check(self, trainer: Any, monitor: SaliencyMonitor, record: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ fix in the message, instead of warning at every audit or staying silent:
 - :func:`key_problem`: why an audit of these methods and metrics on this probe never reports a key (an alarm's
   ``metric``): an unknown metric or method, a method or metric not configured, a need (masks, groups, a signed
   method) the probe or the method does not meet, a group or class the probe does not have.
+- the ``discovery/...`` keys (:data:`~lightning_saliency.suspects.DISCOVERY_KEYS`) are reported when the monitor
+  has ``discover=True``: :func:`key_problem` takes the flag.
 - :func:`check_alarm`: :func:`key_problem` as a ``ValueError`` that says the fix and lists the keys the
   configuration does report.
 
@@ -33,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .metrics import registry as metric_registry  # torch-free: the gate reads report_probe_problem from here
+from .suspects import DISCOVERY_KEYS
 
 __all__ = ["AUDIT_SETS", "check_alarm", "check_method_options", "key_problem", "report_probe_problem", "reported_keys"]
 
@@ -103,11 +106,25 @@ def _accuracy_problem(key: str, probe: Any) -> str | None:
             + f"; probe/accuracy/<name> is reported for: {', '.join(names)}")
 
 
-def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe: Any = None) -> str | None:
+def _discovery_problem(key: str, discover: bool | None) -> str | None:
+    """Why a monitor never reports a ``discovery/...`` key (:data:`DISCOVERY_KEYS`), or ``None``."""
+    if key not in DISCOVERY_KEYS:
+        close = difflib.get_close_matches(key, DISCOVERY_KEYS, n=1)
+        return (f"{key!r} is not a discovery key" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; discovery reports {', '.join(DISCOVERY_KEYS)}")
+    if discover is False:
+        return (f"{key} is reported only when the monitor discovers shortcuts, and this one has discover=False: "
+                "pass SaliencyMonitor(discover=True)")
+    return None
+
+
+def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe: Any = None, *,
+                discover: bool | None = None) -> str | None:
     """Why an audit of ``methods`` and ``metrics`` on ``probe`` never reports ``key`` (``None``: it may).
 
     With ``probe=None`` (a probe drawn at the start of fit) only the names are judged; the masks, groups and
-    classes once the probe is known.
+    classes once the probe is known. ``discover``: the monitor's ``discover`` (``None``: not known), which
+    decides the ``discovery/...`` keys.
 
     Example:
         >>> key_problem("gradcam/drift", ("gradcam",), ("drift",)) is None
@@ -117,6 +134,8 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
     """
     key = str(key)
     parts = key.split("/", 2)
+    if parts[0] == "discovery":
+        return _discovery_problem(key, discover)
     if parts[:2] == ["probe", "accuracy"]:
         return _accuracy_problem(key, probe)
     if len(parts) < 2 or not all(parts[:2]):
@@ -163,7 +182,8 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
     return None
 
 
-def reported_keys(methods: Sequence[str], metrics: Sequence[str], probe: Any = None) -> list[str]:
+def reported_keys(methods: Sequence[str], metrics: Sequence[str], probe: Any = None, *,
+                  discover: bool | None = None) -> list[str]:
     """The probe-level keys (no per-group ones) an audit of ``methods`` and ``metrics`` on ``probe`` may report.
 
     Example:
@@ -173,10 +193,12 @@ def reported_keys(methods: Sequence[str], metrics: Sequence[str], probe: Any = N
     rows = [metric_registry.get_metric(k) for k in metrics]
     keys = [f"{m}/{r.name}{suffix}" for r in rows for m in (("probe",) if _probe_level(r) else methods)
             for suffix in ("", *r.extra_keys)] + ["probe/accuracy"]
-    return [k for k in keys if key_problem(k, methods, metrics, probe) is None]
+    keys += list(DISCOVERY_KEYS) if discover else []
+    return [k for k in keys if key_problem(k, methods, metrics, probe, discover=discover) is None]
 
 
-def check_alarm(metric: str, methods: Sequence[str], metrics: Sequence[str], probe: Any = None) -> None:
+def check_alarm(metric: str, methods: Sequence[str], metrics: Sequence[str], probe: Any = None, *,
+                discover: bool | None = None) -> None:
     """A ``ValueError`` saying why and how to fix it when an alarm on ``metric`` could never fire.
 
     Example:
@@ -186,14 +208,16 @@ def check_alarm(metric: str, methods: Sequence[str], metrics: Sequence[str], pro
         ...
         ValueError: ShortcutAlarm(metric='gradient/drfit') watches a key this configuration never reports: no metric is named 'drfit' (did you mean 'drift'?). Did you mean 'gradient/drift'? Keys it reports: gradient/drift, probe/accuracy ...
     """
-    problem = key_problem(metric, methods, metrics, probe)
+    problem = key_problem(metric, methods, metrics, probe, discover=discover)
     if problem is None:
         return
-    keys = reported_keys(methods, metrics, probe)
+    keys = reported_keys(methods, metrics, probe, discover=discover)
     found = metric_registry.metric_of_key(metric)
     unmet = () if probe is None else metric_registry.unmet_needs(metric, _have(probe))
     hint = ""
-    if found is None or str(metric).split("/", 1)[0] not in methods:  # a name problem: the closest name helps
+    if str(metric).startswith("discovery/"):
+        pass  # the problem says it
+    elif found is None or str(metric).split("/", 1)[0] not in methods:  # a name problem: the closest name helps
         close = difflib.get_close_matches(str(metric), keys, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
     elif unmet:

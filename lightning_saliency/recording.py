@@ -197,11 +197,14 @@ class Recorder:
 
     # -- one audit ----------------------------------------------------------------------------------------------
     def record(self, trainer: Any, result: ShardResult, metrics: dict[str, Any], probe: ProbeSet, epoch: int,
-               started: float, images: bool = True, stage: str = "fit") -> dict[str, Any]:
+               started: float, images: bool = True, stage: str = "fit",
+               discovery: dict[str, Any] | None = None) -> dict[str, Any]:
         """Build the audit's record, write it (report, maps) and log it (scalars, overlays, table); rank 0 only.
 
         ``result`` is the merged audit, ``metrics`` its summary; ``images=False`` logs no pictures (an audit
-        being completed was already drawn). ``stage``: ``"fit"``, ``"validate"`` or ``"test"``.
+        being completed was already drawn). ``stage``: ``"fit"``, ``"validate"`` or ``"test"``. ``discovery``:
+        the record's section (:mod:`lightning_saliency.discovery_audit`), also logged as the text
+        ``saliency/discovery`` and one grid per confirmed candidate.
         """
         health = describe(result)
         record: dict[str, Any] = {
@@ -209,6 +212,8 @@ class Recorder:
             "duration_s": round(time.perf_counter() - started, 4), "precision": result.dtype, "metrics": metrics,
             "health": health, "errors": result.errors + health_errors(health), "maps": None,
         }
+        if discovery is not None:
+            record["discovery"] = discovery
         if problems(health) and self.on_error != "collect" and not self.warned_health:
             self.warned_health = True
             warnings.warn(f"lightning-saliency: the audit at epoch {epoch} is unhealthy ({'; '.join(problems(health))}"
@@ -236,6 +241,7 @@ class Recorder:
                         for method, tiles, captions in self.overlays(result, probe)]
         logging_errors = len(record["errors"])
         table = self.table(result, probe) if overlays else None
+        suspects = self.suspects(discovery, probe) if discovery and self.log_images > 0 and images else []
         for sink in self.sinks:
             try:
                 sink.log_metrics(finite, step)
@@ -245,6 +251,13 @@ class Recorder:
                 if table is not None:
                     sink.log_table("saliency/probe", *table, step)
                 sink.log_text("saliency/health", f"{stage} epoch {epoch}: {health_line(health)}", step)
+                if discovery is not None:
+                    from .suspects import section_lines
+
+                    sink.log_text("saliency/discovery", "\n".join(section_lines(discovery, self.class_names)), step)
+                for name, tiles, captions, picture in suspects:
+                    sink.log_overlays(name, tiles, captions, step, epoch=epoch if stage == "fit" else None,
+                                      picture=picture)
                 sink.summary(finite)
             except Exception as e:
                 record["errors"].append(error_record(e, method=None))
@@ -293,6 +306,25 @@ class Recorder:
             if scale > 1:
                 tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
             yield method, list(tiles), captions
+
+    def suspects(self, discovery: dict[str, Any], probe: ProbeSet) -> list[tuple[str, list[Any], list[str], Any]]:
+        """Per confirmed candidate: ``("discovery/suspect_<i>", tiles, captions, picture)``, its first
+        ``log_images`` members with the region outlined, the grid captioned with :func:`~.suspects.candidate_line`."""
+        from .render import Picture, grid, outline, to_image
+        from .suspects import candidate_line, class_name
+
+        out = []
+        scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
+        for i, c in enumerate(c for c in discovery.get("candidates") or [] if c.get("confirmed")):
+            members = list(c["members"])[: self.log_images]
+            box = [int(v) * scale for v in c["region"]]
+            tiles = [outline(to_image(probe.inputs[j].float()).repeat(scale, 0).repeat(scale, 1), box, width=scale)
+                     for j in members]
+            captions = [f"#{j}: {class_name(int(probe.targets[j]), self.class_names)}" for j in members]
+            captions[0] = f"{candidate_line(c, self.class_names)} | {captions[0]}"
+            out.append((f"discovery/suspect_{i}", tiles, captions,
+                        Picture(grid(tiles, captions), colors=self.image_colors)))
+        return out
 
     @staticmethod
     def table(result: ShardResult, probe: ProbeSet) -> tuple[list[str], list[list[Any]]]:

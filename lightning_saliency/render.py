@@ -8,6 +8,7 @@ This is the only module that turns maps into pictures. Everything it returns is 
 - :func:`colorize` maps a saliency map in ``[0, 1]`` through a matplotlib colormap (``"jet"``, ``"viridis"``,
   or any other name ``matplotlib.colormaps`` knows).
 - :func:`overlay` alpha-blends a colorized map over an image; :func:`overlays` does a batch at once.
+- :func:`outline` draws a rectangle's border on an image (a suspected shortcut's region).
 - :func:`grid` lays tiles out in rows with a caption under each tile (Pillow's default font).
 - :func:`save_png` writes an array to a PNG file atomically.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["to_image", "colorize", "overlay", "overlays", "grid", "save_png", "get_cmap", "Picture"]
+__all__ = ["to_image", "colorize", "overlay", "overlays", "outline", "grid", "save_png", "get_cmap", "Picture"]
 
 ArrayLike = Any  # np.ndarray | Tensor
 
@@ -248,6 +249,32 @@ def _caption_block(font: Any, lines: tuple[str, ...], width: int, line_h: int, t
     block = np.asarray(pil, dtype=np.uint8).copy()
     block.flags.writeable = False
     return block
+
+
+def outline(image: ArrayLike, box: Sequence[int], color: tuple[int, int, int] = (255, 0, 255),
+            width: int = 1) -> np.ndarray:
+    """A copy of ``image`` (``uint8 [H, W, 3]``) with the border of ``box = [top, left, bottom, right]`` (bottom
+    and right exclusive, clipped to the image) drawn ``width`` pixels wide, inside the box.
+
+    Example:
+        >>> import numpy as np
+        >>> out = outline(np.zeros((6, 6, 3), np.uint8), [1, 1, 4, 5])
+        >>> (out[..., 0] > 0).astype(int)[1:4].tolist()
+        [[0, 1, 1, 1, 1, 0], [0, 1, 0, 0, 1, 0], [0, 1, 1, 1, 1, 0]]
+    """
+    out = np.array(_to_numpy(image), dtype=np.uint8, copy=True)
+    h, w = out.shape[:2]
+    top, left = max(0, int(box[0])), max(0, int(box[1]))
+    bottom, right = min(h, int(box[2])), min(w, int(box[3]))
+    if bottom <= top or right <= left:
+        return out
+    k = max(1, int(width))
+    c = np.asarray(color, dtype=np.uint8)
+    out[top:min(bottom, top + k), left:right] = c
+    out[max(top, bottom - k):bottom, left:right] = c
+    out[top:bottom, left:min(right, left + k)] = c
+    out[top:bottom, max(left, right - k):right] = c
+    return out
 
 
 def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, ncols: int | None = None,

@@ -229,7 +229,8 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
 
     The one validation pass of a loaded report (the gate, the page and ``show`` all read through
     :func:`load_report`): a JSON object of schema :data:`SCHEMA`; ``audits`` a list of objects, each with an
-    int ``epoch`` and a ``metrics`` object, and a ``health`` object of strings when present; ``alarms`` a list;
+    int ``epoch`` and a ``metrics`` object, and a ``health`` object of strings and a ``discovery`` object (its
+    ``candidates`` a list) when present; ``alarms`` a list;
     ``run``, ``probe``, ``config`` and ``scorecard`` objects when present. ``path`` only names the file in
     messages.
 
@@ -262,6 +263,10 @@ def validate_report(data: Any, path: str | os.PathLike = "report") -> dict[str, 
         if health is not None and not (isinstance(health, dict) and all(isinstance(v, str) for v in health.values())):
             raise ReportError(f"{p}: audits[{i}] 'health' must be an object of strings (\"ok\" or the problems), "
                               f"got {health!r:.200}")
+        disc = a.get("discovery")
+        if disc is not None and not (isinstance(disc, dict) and isinstance(disc.get("candidates", []), list)):
+            raise ReportError(f"{p}: audits[{i}] 'discovery' must be an object with a 'candidates' list, got "
+                              f"{disc!r:.200}")
         if a.get("stage") is not None and a["stage"] not in STAGES:
             raise ReportError(f"{p}: audits[{i}] has stage {a['stage']!r}; expected one of {', '.join(STAGES)}")
     alarms = data.get("alarms", [])

@@ -353,6 +353,9 @@ def missing_key_hint(key: str, present: Iterable[str] = ()) -> str:
     parts = str(key).split("/", 2)
     if len(parts) < 2:
         return ""
+    if parts[0] == "discovery":  # lightning_saliency.discovery_audit: not a metric row, the monitor's discover=
+        return ("discovery/ keys are written when SaliencyMonitor(discover=True) (the default) audits: this run's "
+                "monitor had discover=False, or its discovery failed (see the audit's errors)")
     found = metric_of_key(key)
     if found is None:
         close = difflib.get_close_matches(parts[1], list(_REGISTRY), n=1, cutoff=0.6)

@@ -1,0 +1,158 @@
+"""Discovery in the monitor's audit: on the find_shortcut data (a watermark on half of one class's images, no masks
+given), a fit writes a ``discovery`` section with a confirmed candidate and ``discovery/suspects >= 1``, which the
+gate and the alarm read like any other key; ``discover=False`` writes none; the page and ``show`` show it."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from examples.find_shortcut import MARK, planted
+from examples.shortcut_shapes import ShapesNet
+from lightning_saliency import ProbeSet, SaliencyMonitor, ShortcutAlarm
+from lightning_saliency.audit import ShardResult
+from lightning_saliency.discovery_audit import DiscoveryAudit, default_method, run_discovery
+
+
+def _fit(tmp_path, *callbacks, epochs=2, seed=0, name="run"):
+    pl.seed_everything(seed, verbose=False)
+    train = planted(600, 0.5, False, seed)
+    items = [{"image": x, "label": int(t)} for x, t in zip(train["inputs"], train["labels"])]
+    loader = torch.utils.data.DataLoader(items, batch_size=32, shuffle=True)
+    model = ShapesNet(lr=2e-3, width=8)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=list(callbacks),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         deterministic=True, limit_val_batches=0, default_root_dir=str(tmp_path / name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, train_dataloaders=loader)
+    return trainer, model
+
+
+def _probe(seed=0):
+    data = planted(0, 0.5, False, seed + 1, per_class=24)
+    return ProbeSet(data["inputs"], data["labels"]), set(data["marked"].nonzero()[:, 0].tolist())
+
+
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("discovery")
+    probe, truth = _probe()
+    monitor = SaliencyMonitor(probe, methods=("gradient", "gradcam"), log_images=0, dirpath=str(tmp / "sal"),
+                              metrics=("drift",), class_names=["square", "disk", "cross"])
+    alarm = ShortcutAlarm(metric="discovery/suspects", threshold=0, action="stop")
+    trainer, _ = _fit(tmp, monitor, alarm, epochs=2)
+    return {"dir": tmp / "sal", "monitor": monitor, "alarm": alarm, "trainer": trainer, "truth": truth}
+
+
+def test_a_fit_writes_a_confirmed_candidate_that_matches_the_planted_watermark(discovered):
+    report = json.loads((discovered["dir"] / "report.json").read_text())
+    audits = report["audits"]
+    assert all(a["discovery"]["method"] == "gradcam" for a in audits)  # the first CAM-family method, not the first
+    last = audits[-1]
+    assert last["metrics"]["discovery/suspects"] >= 1
+    confirmed = [c for c in last["discovery"]["candidates"] if c["confirmed"]]
+    best = max(confirmed, key=lambda c: c["flip_rate"])
+    assert best["class"] == 0 and best["flip_rate"] >= 0.1 and best["flip_rate"] >= 3 * best["null_flip_rate"]
+    members, truth = set(best["members"]), discovered["truth"]
+    assert len(members & truth) / len(members) >= 0.8 and len(members & truth) / len(truth) >= 0.8
+    top, left, bottom, right = best["region"]  # the box holds the watermark's rows 2-6, cols 26-30
+    assert top <= MARK[0].start and bottom >= MARK[0].stop and left <= MARK[1].start and right >= MARK[1].stop
+    assert last["metrics"]["discovery/max_flip_rate"] == pytest.approx(max(c["flip_rate"]
+                                                                          for c in last["discovery"]["candidates"]))
+    assert "mask" not in best  # JSON-safe: the mask is dropped, its bounding box stays
+
+
+def test_the_alarm_on_suspects_fires_and_stops_training(discovered):
+    alarm, trainer = discovered["alarm"], discovered["trainer"]
+    assert alarm.mode == "max" and alarm.firings and alarm.firings[0]["metric"] == "discovery/suspects"
+    assert trainer.should_stop
+    report = json.loads((discovered["dir"] / "report.json").read_text())
+    assert report["alarms"][0]["value"] >= 1
+
+
+def test_the_gate_fails_on_a_suspect_and_passes_a_looser_rule(discovered):
+    from lightning_saliency.cli import main
+
+    path = str(discovered["dir"] / "report.json")
+    assert main(["gate", path, "--max", "discovery/suspects=0"]) == 1
+    assert main(["gate", path, "--max", "discovery/suspects=100"]) == 0
+
+
+def test_show_prints_the_suspects_of_the_latest_audit(discovered, capsys):
+    from lightning_saliency.cli import main
+
+    assert main(["show", str(discovered["dir"] / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "discovery on gradcam maps" in out and "class 0:" in out and "CONFIRMED" in out
+
+
+def test_the_page_has_a_suspected_shortcuts_section_with_outlined_members(discovered, tmp_path):
+    from lightning_saliency.cli import main
+
+    page = tmp_path / "audit.html"
+    assert main(["report", str(discovered["dir"]), "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "Suspected shortcuts" in html and "CONFIRMED" in html
+    section = html[html.index("Suspected shortcuts"):]
+    assert "data:image/png;base64," in section[:200000]  # member thumbnails with the region outlined
+
+
+def test_discover_false_writes_no_discovery_and_an_alarm_on_it_fails_at_setup(tmp_path):
+    probe, _ = _probe()
+    monitor = SaliencyMonitor(probe, methods=("gradcam",), log_images=0, dirpath=str(tmp_path / "off"),
+                              metrics=("drift",), discover=False)
+    _fit(tmp_path, monitor, epochs=1)
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["audits"] and all("discovery" not in a and "discovery/suspects" not in a["metrics"]
+                                    for a in report["audits"])
+    from lightning_saliency.cli import main
+
+    assert main(["gate", str(tmp_path / "off" / "report.json"), "--max", "discovery/suspects=0"]) == 2
+    monitor = SaliencyMonitor(probe, methods=("gradcam",), log_images=0, discover=False)
+    with pytest.raises(ValueError, match="discover=False"):
+        _fit(tmp_path, monitor, ShortcutAlarm(metric="discovery/suspects", threshold=0), epochs=1, name="refused")
+
+
+def test_configuration_errors_fail_at_construction():
+    probe, _ = _probe()
+    with pytest.raises(ValueError, match="did you mean 'min_flip'"):
+        SaliencyMonitor(probe, discover_options={"min_flp": 0.2})
+    with pytest.raises(ValueError, match="not among the monitor's methods"):
+        SaliencyMonitor(probe, methods=("gradient",), discover_method="gradcam")
+    with pytest.raises(ValueError, match="not a discovery key"):
+        from lightning_saliency.checks import check_alarm
+
+        check_alarm("discovery/suspect", ("gradcam",), ("drift",), discover=True)
+    assert default_method(("gradient", "layercam", "gradcam")) == "layercam"
+    assert default_method(("gradient", "input_x_gradient")) == "gradient"
+
+
+def test_an_unhealthy_method_is_skipped_with_its_reason_and_null_metrics():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    probe = ProbeSet(torch.rand(12, 1, 4, 4), torch.tensor([0, 1] * 6))
+    result = ShardResult(torch.arange(12), torch.tensor([0, 1] * 6), {"gradient": torch.zeros(12, 4, 4)},
+                         degenerate={"gradient": torch.full((12,), 2, dtype=torch.int8)})
+    section, metrics = run_discovery(model, probe, result, "gradient")
+    assert "constant maps: 12 of 12" in section["skipped"] and section["candidates"] == []
+    assert all(math.isnan(v) for v in metrics.values())
+
+
+def test_a_failing_discovery_is_recorded_and_warned_not_raised_unless_asked():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    probe = ProbeSet(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    result = ShardResult(torch.arange(4), torch.tensor([0, 1, 0, 1]), {"gradient": torch.rand(4, 4, 4)})
+    audit = DiscoveryAudit(True, None, {"size": 0}, ("gradient",))  # discover() refuses size 0 at the first audit
+    spec = type("Spec", (), {"target": "prediction", "batch_size": None})()
+    metrics: dict = {}
+    with pytest.warns(RuntimeWarning, match="discovery failed"):
+        section = audit(model, probe, result, spec, metrics)
+    assert "discovery failed" in section["skipped"] and result.errors[-1]["type"] == "ValueError"
+    assert math.isnan(metrics["discovery/suspects"])
+    with pytest.raises(ValueError):
+        audit(model, probe, result, spec, {}, on_error="raise")
