@@ -14,7 +14,7 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
 
 The record's ``discovery`` section (JSON-safe: the masks are dropped, their bounding box ``region`` stays)::
 
-    "discovery": {"method": "gradcam", "too_small": [2], "skipped": null,
+    "discovery": {"method": "gradcam", "too_small": [2], "skipped": null, "n_clusters": {"0": 2, "1": 1},
                   "candidates": [{"class": 0, "members": [3, 5, 9], "region": [0, 24, 8, 32],
                                   "flip_rate": 0.6, "null_flip_rate": 0.05, "rest_flip_rate": 0.0,
                                   "logit_gain": 3.1, "erase_accuracy_drop": 0.4, "score": 0.4,
@@ -145,6 +145,7 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
     explained = labels if target == "label" else result.predictions.cpu().long()
     found = discover(result.maps[method][where], explained[where], indices=where, **discover_opts)
     section["too_small"] = list(found["too_small"])
+    section["n_clusters"] = {str(c): int(q) for c, q in found["n_clusters"].items()}  # per clustered class
     if inputs is None:
         param = next(model.parameters(), None)
         inputs = probe.inputs.to(param.device if param is not None else "cpu")

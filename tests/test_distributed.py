@@ -161,6 +161,15 @@ def test_report_equals_single_process_report(ddp_run, tmp_path):
              if (distributed[k] is None) != (single[k] is None)
              or (single[k] is not None and not abs(distributed[k] - single[k]) <= 1e-5)}
     assert not diffs, f"DDP and single-process metrics differ: {diffs}"
+    # discovery clusters the gathered maps on rank 0: the same candidates as in one process
+    found, alone = _report(out)["audits"][0]["discovery"], json.loads(json.dumps(monitor.history[-1]["discovery"]))
+    assert (found["method"], found["too_small"], found["skipped"], found["n_clusters"]) == \
+        (alone["method"], alone["too_small"], alone["skipped"], alone["n_clusters"]) and found["n_clusters"]
+    assert [(c["class"], c["members"], c["region"], c["confirmed"]) for c in found["candidates"]] == \
+        [(c["class"], c["members"], c["region"], c["confirmed"]) for c in alone["candidates"]]
+    for a, b in zip(found["candidates"], alone["candidates"]):
+        assert all(a[k] == pytest.approx(b[k], abs=1e-5, nan_ok=True) for k in ("flip_rate", "null_flip_rate", "score"))
+    print(f"discovery: clusters per class {found['n_clusters']}, {len(found['candidates'])} candidate(s)")
     worst = max(abs(distributed[k] - single[k]) for k in single if single[k] is not None)
     print(f"max |DDP - single process| over {len(single)} metrics: {worst:.3g}")
 
