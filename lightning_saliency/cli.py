@@ -175,6 +175,10 @@ def show(report: str, out: Any = None) -> int:
         lines.append("the latest audit recorded no metrics")
     if n_group:
         lines.append(f"(+ {n_group} per-group values: `lightning-saliency report` renders them as a table)")
+    if isinstance(latest.get("discovery"), dict):  # suspected shortcuts (SaliencyMonitor(discover=True))
+        from lightning_saliency.suspects import section_lines
+
+        lines += ["", *(_safe(line) for line in section_lines(latest["discovery"]))]
     errors = latest.get("errors") or []
     lines.append("")
     if errors:

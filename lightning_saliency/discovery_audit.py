@@ -15,6 +15,7 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
 The record's ``discovery`` section (JSON-safe: the masks are dropped, their bounding box ``region`` stays)::
 
     "discovery": {"method": "gradcam", "too_small": [2], "skipped": null, "n_clusters": {"0": 2, "1": 1},
+                  "image_size": [32, 32],
                   "candidates": [{"class": 0, "members": [3, 5, 9], "region": [0, 24, 8, 32],
                                   "flip_rate": 0.6, "null_flip_rate": 0.05, "rest_flip_rate": 0.0,
                                   "logit_gain": 3.1, "erase_accuracy_drop": 0.4, "score": 0.4,
@@ -121,15 +122,17 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
     Example:
         >>> from lightning_saliency.audit import ShardResult
         >>> from lightning_saliency.probe import ProbeSet
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-        >>> probe = ProbeSet(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
-        >>> result = ShardResult(torch.arange(4), torch.tensor([0, 1, 0, 1]), {"gradient": torch.rand(4, 4, 4)})
+        >>> model = torch.nn.Flatten()  # 16 logits (no random weights: the global generator is left alone)
+        >>> probe = ProbeSet(torch.linspace(0, 1, 64).reshape(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+        >>> maps = torch.linspace(0, 1, 64).reshape(4, 4, 4)
+        >>> result = ShardResult(torch.arange(4), torch.tensor([0, 1, 0, 1]), {"gradient": maps})
         >>> section, metrics = run_discovery(model, probe, result, "gradient")
         >>> section["too_small"], section["candidates"], metrics
         ([0, 1], [], {'discovery/suspects': 0.0, 'discovery/max_flip_rate': nan})
     """
     discover_opts, confirm_opts = _split_options(options)
-    section: dict[str, Any] = {"method": method, "too_small": [], "candidates": [], "skipped": None}
+    section: dict[str, Any] = {"method": method, "too_small": [], "candidates": [], "skipped": None,
+                               "image_size": [int(v) for v in probe.inputs.shape[-2:]]}  # the regions' frame
     metrics = {"discovery/suspects": math.nan, "discovery/max_flip_rate": math.nan}
     if method not in result.maps:
         section["skipped"] = f"the audit has no {method} maps (the method failed: see the audit's errors)"

@@ -51,6 +51,7 @@ import numpy as np
 from .charts import MAX_POINTS, _chart, _e, _reduce
 from .health import health_line, problems
 from .page_assets import _SCRIPT, _STYLE
+from .page_discovery import DISCOVERY_CSS, section_discovery
 from .page_scorecard import section_scorecard
 from .report import split_key
 
@@ -521,11 +522,12 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
         f'<div class="badges">{"".join(badges)}</div>',
         "</header>",
         '<nav><a href="#overlays">Overlays</a><a href="#curves">Curves</a><a href="#latest">Latest audit</a>'
-        '<a href="#scorecard">Scorecard</a><a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
+        '<a href="#suspects">Suspects</a><a href="#scorecard">Scorecard</a><a href="#groups">Groups</a><a href="#alarms">Alarms</a><a href="#errors">Errors</a><a href="#run">Run</a></nav>',
         "<main>",
         overlays,
         _section_curves([a for a in audits if a.get("stage") in (None, "fit")] or audits, alarms),  # over fit epochs
         _section_latest(latest),
+        section_discovery(audits, saliency_dir),
         section_scorecard(data),
         _section_groups(latest, probe),
         _section_alarms(alarms),
@@ -540,7 +542,7 @@ def render_page(data: dict, saliency_dir: str | os.PathLike, max_images: int = 1
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>Saliency audit: {_e(model, 200)}</title>\n"
-        f"<style>{_STYLE}\n{thumbs_css}</style>\n</head>\n<body>\n"
+        f"<style>{_STYLE}\n{DISCOVERY_CSS}\n{thumbs_css}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
     )
