@@ -309,9 +309,10 @@ class Recorder:
 
     def suspects(self, discovery: dict[str, Any], probe: ProbeSet) -> list[tuple[str, list[Any], list[str], Any]]:
         """Per confirmed candidate: ``("discovery/suspect_<i>", tiles, captions, picture)``, its first
-        ``log_images`` members with the region outlined, the grid captioned with :func:`~.suspects.candidate_line`."""
+        ``log_images`` members with the region outlined, the first caption with the flip rate and its null (the
+        text ``saliency/discovery`` has the whole :func:`~.suspects.candidate_line`)."""
         from .render import Picture, grid, outline, to_image
-        from .suspects import candidate_line, class_name
+        from .suspects import class_name
 
         out = []
         scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
@@ -321,7 +322,7 @@ class Recorder:
             tiles = [outline(to_image(probe.inputs[j].float()).repeat(scale, 0).repeat(scale, 1), box, width=scale)
                      for j in members]
             captions = [f"#{j}: {class_name(int(probe.targets[j]), self.class_names)}" for j in members]
-            captions[0] = f"{candidate_line(c, self.class_names)} | {captions[0]}"
+            captions[0] += f" | flip {c['flip_rate']:.2f} vs null {c['null_flip_rate']:.2f}"  # the text has the rest
             out.append((f"discovery/suspect_{i}", tiles, captions,
                         Picture(grid(tiles, captions), colors=self.image_colors)))
         return out

@@ -156,3 +156,49 @@ def test_a_failing_discovery_is_recorded_and_warned_not_raised_unless_asked():
     assert math.isnan(metrics["discovery/suspects"])
     with pytest.raises(ValueError):
         audit(model, probe, result, spec, {}, on_error="raise")
+
+
+def test_tensorboard_gets_the_discovery_text_and_a_grid_of_each_confirmed_suspect(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    probe, _ = _probe()
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = SaliencyMonitor(probe, methods=("gradcam",), log_images=4, metrics=("drift",))
+    pl.seed_everything(0, verbose=False)
+    train = planted(600, 0.5, False, 0)
+    items = [{"image": x, "label": int(t)} for x, t in zip(train["inputs"], train["labels"])]
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         deterministic=True, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(ShapesNet(lr=2e-3, width=8), torch.utils.data.DataLoader(items, batch_size=32, shuffle=True))
+    record = monitor.history[-1]
+    confirmed = [c for c in record["discovery"]["candidates"] if c["confirmed"]]
+    assert confirmed
+    acc = ea.EventAccumulator(logger.log_dir, size_guidance={ea.IMAGES: 0, ea.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [t for t in tags["images"] if t.startswith("saliency/discovery/")] == \
+        [f"saliency/discovery/suspect_{i}/overlays" for i in range(len(confirmed))]
+    picture = np.asarray(Image.open(io.BytesIO(acc.Images("saliency/discovery/suspect_0/overlays")[-1]
+                                                .encoded_image_string)).convert("RGB"))
+    assert (np.abs(picture.astype(int) - [255, 0, 255]).sum(-1) < 40).any()  # the outline's magenta is drawn
+    text = acc.Tensors("saliency/discovery/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "CONFIRMED" in text and f"{len(confirmed[0]['members'])} members" in text
+
+
+def test_discovery_leaves_training_bit_identical(tmp_path):
+    """Discovery and its confirmation (forward passes on the probe, a candidate confirmed) change no weight."""
+    probe, _ = _probe()
+    monitor = SaliencyMonitor(probe, methods=("gradcam",), log_images=0, metrics=("drift",),
+                              dirpath=str(tmp_path / "sal"))
+    _, audited = _fit(tmp_path, monitor, epochs=2, name="with")
+    _, plain = _fit(tmp_path, epochs=2, name="without")
+    assert any(a["metrics"]["discovery/suspects"] >= 1 for a in monitor.history)  # confirm() did run
+    a, b = audited.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
