@@ -9,7 +9,7 @@ fix in the message, instead of warning at every audit or staying silent:
 - :func:`key_problem`: why an audit of these methods and metrics on this probe never reports a key (an alarm's
   ``metric``): an unknown metric or method, a method or metric not configured, a need (masks, groups, a signed
   method) the probe or the method does not meet, a group or class the probe does not have.
-- the ``discovery/...`` keys (:data:`~lightning_saliency.suspects.DISCOVERY_KEYS`) are reported when the monitor
+- the ``discovery/...`` keys (:data:`~lightning_saliency.metrics.registry.DISCOVERY_KEYS`) are reported when the monitor
   has ``discover=True``: :func:`key_problem` takes the flag.
 - :func:`check_alarm`: :func:`key_problem` as a ``ValueError`` that says the fix and lists the keys the
   configuration does report.
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .metrics import registry as metric_registry  # torch-free: the gate reads report_probe_problem from here
-from .suspects import DISCOVERY_KEYS
+from .metrics.registry import DISCOVERY_KEYS
 
 __all__ = ["AUDIT_SETS", "check_alarm", "check_method_options", "key_problem", "report_probe_problem", "reported_keys"]
 

@@ -54,10 +54,10 @@ from .health import describe, healthy_images, problems
 from .methods.registry import get_method
 from .metrics.causal import confirm
 from .metrics.discovery import discover
+from .metrics.registry import DISCOVERY_KEYS
 from .report import error_record
-from .suspects import DISCOVERY_KEYS
 
-__all__ = ["DISCOVERY_KEYS", "DiscoveryAudit", "default_method", "run_discovery"]
+__all__ = ["DiscoveryAudit", "default_method", "run_discovery"]
 
 _CAM_RIDES = ("cam", "head")  # the method registry's CAM family (Grad-CAM and friends, CAM)
 

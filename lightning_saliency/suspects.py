@@ -18,10 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["DISCOVERY_KEYS", "candidate_line", "class_name", "first_seen", "section_lines"]
-
-#: the metric keys a discovering audit reports: the confirmed candidates, and the largest flip rate
-DISCOVERY_KEYS = ("discovery/suspects", "discovery/max_flip_rate")
+__all__ = ["candidate_line", "class_name", "first_seen", "section_lines"]
 
 
 def _num(v: Any) -> str:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # annotations only: importing this module must not import tor
     from torch import Tensor
 
 __all__ = [
+    "DISCOVERY_KEYS",
     "NEEDS",
     "AuditContext",
     "MetricSpec",
@@ -226,6 +227,9 @@ _BUILTIN = (
                compute=_spurious("erase"), **_CAUSAL),
 )
 _REGISTRY: dict[str, MetricSpec] = {s.name: s for s in _BUILTIN}
+#: the keys of discovery (SaliencyMonitor(discover=True), lightning_saliency.discovery_audit), not metric rows: the
+#: confirmed candidates (mode max) and the largest flip rate of any candidate
+DISCOVERY_KEYS = ("discovery/suspects", "discovery/max_flip_rate")
 
 
 def specs() -> tuple[MetricSpec, ...]:
@@ -354,6 +358,10 @@ def missing_key_hint(key: str, present: Iterable[str] = ()) -> str:
     if len(parts) < 2:
         return ""
     if parts[0] == "discovery":  # lightning_saliency.discovery_audit: not a metric row, the monitor's discover=
+        if key not in DISCOVERY_KEYS:
+            close = difflib.get_close_matches(str(key), DISCOVERY_KEYS, n=1)
+            return (f"no discovery key is named {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; discovery reports {', '.join(DISCOVERY_KEYS)}")
         return ("discovery/ keys are written when SaliencyMonitor(discover=True) (the default) audits: this run's "
                 "monitor had discover=False, or its discovery failed (see the audit's errors)")
     found = metric_of_key(key)
