@@ -154,8 +154,14 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
         inputs = probe.inputs.to(param.device if param is not None else "cpu")
         if param is not None and param.is_floating_point() and inputs.is_floating_point():
             inputs = inputs.to(param.dtype)
-    tested = [confirm(model, inputs, labels.to(inputs.device), c, batch_size=batch_size, **confirm_opts)
-              for c in found["candidates"]]
+    logits = None
+    if len(found["candidates"]) > 1:  # one forward of the probe shared by every candidate's confirmation
+        from .metrics._common import _evaluating, _forward
+
+        with _evaluating(model):
+            logits = _forward(model, inputs, batch_size)
+    tested = [confirm(model, inputs, labels.to(inputs.device), c, logits=logits, batch_size=batch_size,
+                      **confirm_opts) for c in found["candidates"]]
     section["candidates"] = [{k: _json(v) for k, v in c.items() if k != "mask"} for c in tested]
     flips = [c["flip_rate"] for c in tested if math.isfinite(c["flip_rate"])]
     metrics = {"discovery/suspects": float(sum(c["confirmed"] for c in tested)),

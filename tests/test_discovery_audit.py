@@ -202,3 +202,29 @@ def test_discovery_leaves_training_bit_identical(tmp_path):
     assert any(a["metrics"]["discovery/suspects"] >= 1 for a in monitor.history)  # confirm() did run
     a, b = audited.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_candidates_share_one_forward_and_match_confirming_each_alone():
+    from lightning_saliency.metrics import confirm, discover
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.zeros(24, 16, 16)
+    maps[:, 6:10, 6:10] = 1.0
+    maps[[0, 1, 2, 3], :4, :4], maps[[0, 1, 2, 3], 6:10, 6:10] = 1.0, 0.0  # class 0's minority: a corner
+    maps[[12, 13, 14, 15], 12:, 12:], maps[[12, 13, 14, 15], 6:10, 6:10] = 1.0, 0.0  # class 1's: the other one
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    probe = ProbeSet(torch.rand(24, 1, 16, 16, generator=g), labels)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, 256, generator=g))
+        model[1].bias.zero_()
+    result = ShardResult(torch.arange(24), labels, {"gradient": maps})
+    section, metrics = run_discovery(model, probe, result, "gradient", target="label")
+    found = discover(maps, labels)
+    assert len(found["candidates"]) == 2 == len(section["candidates"])
+    alone = [confirm(model, probe.inputs, labels, c) for c in found["candidates"]]
+    for got, want in zip(section["candidates"], alone):
+        assert got["members"] == want["members"] and got["region"] == want["region"]
+        for k in ("flip_rate", "null_flip_rate", "logit_gain", "erase_accuracy_drop"):
+            assert got[k] == pytest.approx(want[k], abs=1e-6, nan_ok=True) or (got[k] is None and math.isnan(want[k]))
+    assert metrics["discovery/suspects"] == sum(c["confirmed"] for c in alone)
