@@ -31,6 +31,7 @@ __all__ = ["DISCOVERY_CSS", "section_discovery"]
 
 DISCOVERY_CSS = """section#suspects .suspect{border-left:4px solid #b00020;padding:4px 10px;margin:10px 0}
 section#suspects .suspect.recorded{border-left-color:#999;color:var(--muted)}
+section#suspects .strong{font-weight:700}
 section#suspects .members img{width:64px;height:64px;image-rendering:pixelated;margin:2px}"""
 _MAX_MEMBERS = 12
 _MAX_CANDIDATES = 20
@@ -75,11 +76,11 @@ def section_discovery(audits: list[dict], saliency_dir: str | os.PathLike, class
     latest = found[-1]
     section = latest["discovery"]
     raised = [a.get("epoch") for a in found if a["metrics"].get("discovery/suspects")]
-    parts = [f'<p>Discovery on <b>{_e(section.get("method"), 100)}</b> maps, latest audit (epoch '
-             f'{_e(latest.get("epoch"))}). A candidate is a minority cluster of a class whose maps share a region '
-             "the rest of the class does not use; it is <b>confirmed</b> (counted in discovery/suspects) only when "
-             "pasting that region onto other classes' images flips them to its class, well above pasting a random "
-             "region of the same size. Audits with confirmed suspects: "
+    parts = [f'<p>Discovery on <span class="strong">{_e(section.get("method"), 100)}</span> maps, latest audit '
+             f'(epoch {_e(latest.get("epoch"))}). A candidate is a minority cluster of a class whose maps share a '
+             'region the rest of the class does not use; it is <span class="strong">confirmed</span> (counted in '
+             "discovery/suspects) only when pasting that region onto other classes' images flips them to its class, "
+             "well above pasting a random region of the same size. Audits with confirmed suspects: "
              f"{_e(', '.join(str(e) for e in raised[:50]) or 'none', 400)}.</p>"]
     if section.get("skipped"):
         parts.append(f'<p class="note">Skipped: {_e(section["skipped"], 500)}</p>')
@@ -93,9 +94,9 @@ def section_discovery(audits: list[dict], saliency_dir: str | os.PathLike, class
             continue
         verdict = "CONFIRMED" if c.get("confirmed") else "recorded, not raised"
         parts.append(
-            f'<div class="suspect{"" if c.get("confirmed") else " recorded"}"><b>class '
-            f'{_e(class_name(c.get("class"), names), 100)}</b>: {_e(verdict)} · first seen at epoch '
-            f'{_e(first_seen(found, c))}<br>{_e(candidate_line(c, names), 600)}'
+            f'<div class="suspect{"" if c.get("confirmed") else " recorded"}"><div><span class="strong">class '
+            f'{_e(class_name(c.get("class"), names), 100)}</span>: {_e(verdict)} · first seen at epoch '
+            f'{_e(first_seen(found, c))}</div><div>{_e(candidate_line(c, names), 600)}</div>'
             f'{_members_html(c, thumbs, section.get("image_size"))}</div>')
     small = section.get("too_small") or []
     if small:

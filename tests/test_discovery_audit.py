@@ -98,6 +98,9 @@ def test_the_page_has_a_suspected_shortcuts_section_with_outlined_members(discov
     page = tmp_path / "audit.html"
     assert main(["report", str(discovered["dir"]), "-o", str(page)]) == 0
     html = page.read_text()
+    from tests.test_page import assert_safe
+
+    assert_safe(html)  # the page's structural safety holds with the section
     assert "Suspected shortcuts" in html and "CONFIRMED" in html
     section = html[html.index("Suspected shortcuts"):]
     assert "data:image/png;base64," in section[:200000]  # member thumbnails with the region outlined
