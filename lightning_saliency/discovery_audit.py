@@ -11,6 +11,9 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
    model's predictions, or the probe's labels with ``target="label"``);
 3. :func:`lightning_saliency.metrics.confirm` of each candidate on the whole probe (its inputs moved to the
    model's device and floating dtype once, and reused while the model stays there), with the probe's labels.
+   Confirmation reruns the model (a few times the maps' cost), so the monitor runs it at its periodic audits
+   (every ``expensive_every_n_audits`` and the last of a fit, validate or test), as it does the other metrics
+   that rerun the model; in between, candidates are recorded untested and the two keys are left out.
 
 The record's ``discovery`` section (JSON-safe: the masks are dropped, their bounding box ``region`` stays)::
 
@@ -107,8 +110,12 @@ def _json(value: Any) -> Any:
 
 def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, options: Mapping[str, Any] | None = None,
                   *, target: str = "prediction", inputs: torch.Tensor | None = None,
-                  batch_size: int | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+                  batch_size: int | None = None, confirm_now: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
     """Discovery and confirmation on one audit: ``(record section, metrics)`` (module docstring).
+
+    ``confirm_now=False`` clusters only: the candidates are recorded with ``confirmed: null`` ("not tested at
+    this audit") and the metrics are left out (an alarm reads only the audits that computed them), unless there
+    is no candidate at all, which needs no test: ``discovery/suspects`` is then 0.
 
     Args:
         model: the audited model (forward passes only, under the side-effect guard).
@@ -118,6 +125,8 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
         options: keyword options of ``discover`` and ``confirm``.
         target: the audit's ``target``: the maps explain the ``"prediction"`` or the ``"label"``.
         inputs: the probe's inputs on the model's device and dtype (default: moved here).
+        batch_size: chunk size of the confirmation's forward passes.
+        confirm_now: test the candidates by intervention now (the monitor: at its periodic audits).
 
     Example:
         >>> from lightning_saliency.audit import ShardResult
@@ -149,6 +158,11 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
     found = discover(result.maps[method][where], explained[where], indices=where, **discover_opts)
     section["too_small"] = list(found["too_small"])
     section["n_clusters"] = {str(c): int(q) for c, q in found["n_clusters"].items()}  # per clustered class
+    if found["candidates"] and not confirm_now:
+        section["candidates"] = [{**{k: _json(v) for k, v in c.items() if k != "mask"}, "confirmed": None,
+                                  "reason": "not tested at this audit: confirmation runs at the periodic audits"}
+                                 for c in found["candidates"]]
+        return section, {}
     if inputs is None:
         param = next(model.parameters(), None)
         inputs = probe.inputs.to(param.device if param is not None else "cpu")
@@ -209,9 +223,11 @@ class DiscoveryAudit:
         return self._inputs[1]
 
     def __call__(self, model: nn.Module, probe: Any, result: Any, spec: Any, metrics: dict[str, float],
-                 on_error: str = "warn") -> dict[str, Any] | None:
+                 on_error: str = "warn", periodic: bool = True) -> dict[str, Any] | None:
         """Run discovery on a merged audit (rank 0): add its keys to ``metrics``, return the record's section
-        (``None`` when disabled). A failure is recorded in ``result.errors`` and warned about (never raised unless
+        (``None`` when disabled). Clustering runs at every audit; the candidates' confirmation (forward passes
+        of the whole probe, a few times the maps' cost) only when ``periodic``, like the other metrics that
+        run the model again. A failure is recorded in ``result.errors`` and warned about (never raised unless
         ``on_error="raise"``); its metrics are then ``null``."""
         if not self.enabled or not result.maps:
             return None
@@ -220,7 +236,8 @@ class DiscoveryAudit:
         try:
             with SideEffectGuard(model):
                 section, found = run_discovery(model, probe, result, self.method, self.options, target=spec.target,
-                                               inputs=self._moved(model, probe), batch_size=spec.batch_size)
+                                               inputs=self._moved(model, probe), batch_size=spec.batch_size,
+                                               confirm_now=periodic)
         except Exception as e:
             if on_error == "raise":
                 raise

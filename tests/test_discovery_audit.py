@@ -231,3 +231,28 @@ def test_several_candidates_share_one_forward_and_match_confirming_each_alone():
         for k in ("flip_rate", "null_flip_rate", "logit_gain", "erase_accuracy_drop"):
             assert got[k] == pytest.approx(want[k], abs=1e-6, nan_ok=True) or (got[k] is None and math.isnan(want[k]))
     assert metrics["discovery/suspects"] == sum(c["confirmed"] for c in alone)
+
+
+def test_between_periodic_audits_candidates_are_clustered_not_tested_and_their_keys_left_out():
+    maps = torch.zeros(12, 16, 16)
+    maps[:, 6:10, 6:10] = 1.0
+    maps[[0, 1, 2, 3], :4, :4], maps[[0, 1, 2, 3], 6:10, 6:10] = 1.0, 0.0  # a minority lit in a corner
+    labels = torch.zeros(12, dtype=torch.long)
+    probe = ProbeSet(torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0)), labels)
+
+    class Counting(torch.nn.Module):  # a model that counts its forwards: clustering alone runs none
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return torch.zeros(len(x), 2)
+
+    result = ShardResult(torch.arange(12), labels, {"gradient": maps})
+    section, metrics = run_discovery(Counting(), probe, result, "gradient", target="label", confirm_now=False)
+    assert Counting.calls == 0 and metrics == {}  # an alarm skips the audit instead of reading "0 suspects"
+    assert [c["members"] for c in section["candidates"]] == [[0, 1, 2, 3]]
+    assert section["candidates"][0]["confirmed"] is None and "not tested" in section["candidates"][0]["reason"]
+    # no candidate needs no test: the count is known, and 0
+    flat = ShardResult(torch.arange(12), labels, {"gradient": torch.ones(12, 16, 16) + torch.rand(12, 16, 16) * 1e-3})
+    _, metrics = run_discovery(Counting(), probe, flat, "gradient", target="label", confirm_now=False)
+    assert metrics["discovery/suspects"] == 0 and math.isnan(metrics["discovery/max_flip_rate"])
