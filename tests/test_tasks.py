@@ -1,0 +1,256 @@
+"""Outputs and tasks (lightning_saliency.tasks): which tensor of a model's output is explained, and how a task
+turns it into one differentiable score per row; through attribute() for every method."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_saliency import attribute
+from lightning_saliency.methods.registry import builtin_names
+from lightning_saliency.tasks import TaskModel, get_task, infer_task, output_adapter
+
+FAST = dict(smoothgrad_samples=2, ig_steps=4, occlusion_patch=4, occlusion_stride=4, shapley_grid=2,
+            shapley_permutations=2, lime_grid=2, lime_samples=20)
+
+
+def _cnn(classes: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, classes))
+
+
+def _x(n: int = 3) -> torch.Tensor:
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+class _ModelOutput(OrderedDict):
+    """What a Hugging Face ``ModelOutput`` is: an ordered dict whose values are attributes too."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+class _Logits:
+    """A plain object with ``.logits`` (not a dict)."""
+
+    def __init__(self, logits):
+        self.logits, self.hidden = logits, logits * 0
+
+
+class Wrapped(nn.Module):
+    def __init__(self, net: nn.Module, form: str):
+        super().__init__()
+        self.net, self.form = net, form
+
+    def forward(self, x):
+        y = self.net(x)
+        return {
+            "dict_logits": lambda: {"aux": y * 2, "logits": y},
+            "dict_out": lambda: {"out": y, "aux": y * 0},
+            "tuple": lambda: (y, x.mean()),
+            "list": lambda: [y, y * 3],
+            "model_output": lambda: _ModelOutput(loss=None, logits=y),
+            "object": lambda: _Logits(y),
+            "key": lambda: {"scores": y, "logits": y * 5},
+            "callable": lambda: {"heads": [y * 7, y]},
+        }[self.form]()
+
+
+OUTPUTS = {"key": "scores", "callable": lambda out: out["heads"][1]}
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+
+
+def test_the_default_adapter_picks_a_tensor_the_first_element_logits_then_out_then_dot_logits():
+    t = torch.ones(2, 3)
+    a = output_adapter(None)
+    assert a(t) is t and a.picked == "tensor"
+    assert a((t, 1)) is t and a.picked == "first element"
+    assert a([t, t * 2]) is t
+    assert a({"out": t * 2, "logits": t}) is t and a.picked == "key 'logits'"  # "logits" before "out"
+    assert a({"aux": t * 2, "out": t}) is t and a.picked == "key 'out'"
+    assert a(_Logits(t)) is t and a.picked == "attribute 'logits'"
+    assert a(_ModelOutput(logits=t)) is t
+
+
+def test_a_dict_without_logits_or_out_is_an_error_listing_its_keys_and_naming_output():
+    with pytest.raises(ValueError, match=r"keys \['a', 'b'\].*output="):
+        output_adapter(None)({"a": torch.ones(1), "b": torch.ones(1)})
+    with pytest.raises(ValueError, match="output="):
+        output_adapter(None)("not a tensor")
+    with pytest.raises(ValueError, match=r"output='x'.*keys are \['a'\]"):
+        output_adapter("x")({"a": torch.ones(1)})
+    with pytest.raises(ValueError, match="not a tensor"):
+        output_adapter(lambda out: 3)(torch.ones(1))
+    with pytest.raises(ValueError, match="output= must be"):
+        output_adapter(3)
+
+
+def test_a_string_picks_a_key_or_an_attribute_and_a_callable_maps_the_output():
+    t = torch.ones(2)
+    assert output_adapter("hidden")(_Logits(t)).sum() == 0
+    assert output_adapter("aux")({"aux": t, "logits": t * 0}) is t
+    assert output_adapter(lambda out: out[1])((t * 0, t)) is t
+
+
+@pytest.mark.parametrize("form", ["dict_logits", "dict_out", "tuple", "list", "model_output", "object", "key",
+                                  "callable"])
+def test_every_method_explains_a_model_whose_output_is_not_a_tensor_exactly_as_the_plain_model(form):
+    net, x = _cnn(), _x()
+    methods = builtin_names()
+    ref = attribute(net, x, methods=methods, layer="1", **FAST)
+    maps, info = attribute(Wrapped(net, form), x, methods=methods, layer="net.1", output=OUTPUTS.get(form),
+                           return_info=True, **FAST)
+    assert list(maps) == list(methods)
+    for m in methods:
+        assert tuple(maps[m].shape) == (3, 8, 8) and bool(torch.isfinite(maps[m]).all())
+        torch.testing.assert_close(maps[m], ref[m], msg=m)
+    assert info.task == "multiclass" and info.task_inferred
+
+
+def test_a_dict_model_without_known_keys_is_an_error_naming_output_in_attribute():
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _cnn()
+
+        def forward(self, x):
+            return {"scores": self.net(x)}
+
+    with pytest.raises(ValueError, match=r"keys \['scores'\].*output="):
+        attribute(Scores(), _x(), methods="gradient")
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+def test_infer_task_from_output_and_target_shapes():
+    assert infer_task(torch.zeros(4, 1), torch.tensor([0, 1, 1, 0])).name == "binary"
+    assert infer_task(torch.zeros(4)).name == "binary"
+    assert infer_task(torch.zeros(4, 3), torch.tensor([0, 2, 1, 0])).name == "multiclass"
+    assert infer_task(torch.zeros(2, 3), torch.tensor([[1.0, 1, 0], [0, 0, 1]])).name == "multilabel"
+    assert infer_task(torch.zeros(2, 3, 4, 4)).name == "segmentation"
+    with pytest.raises(ValueError, match="task='multilabel'.*task='multiclass'"):
+        infer_task(torch.zeros(2, 3), torch.tensor([[1, 0, 0], [0, 0, 1]]))  # one-hot: ambiguous
+    with pytest.raises(ValueError, match="task='binary'.*other than 0 and 1"):
+        infer_task(torch.zeros(3, 1), torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="output=.*task="):
+        infer_task(torch.zeros(2, 5, 7))
+
+
+def test_a_task_that_does_not_fit_the_output_or_a_misspelt_task_is_an_error_naming_task():
+    with pytest.raises(ValueError, match="task='binary' needs.*multiclass"):
+        attribute(_cnn(3), _x(), methods="gradient", task="binary")
+    with pytest.raises(ValueError, match="task='segmentation' needs"):
+        attribute(_cnn(3), _x(), methods="gradient", task="segmentation")
+    with pytest.raises(ValueError, match="Did you mean 'multiclass'"):
+        attribute(_cnn(3), _x(), methods="gradient", task="multiclas")
+    with pytest.raises(ValueError, match=r"targets\[1\] = 2 is out of range \[0, 2\) for task='binary'"):
+        attribute(_cnn(1), _x(2), torch.tensor([0, 2]), methods="gradient", task="binary")
+
+
+class Linear1(nn.Module):
+    """z = w . x + b on the flattened image: every input gradient of z is w, exactly."""
+
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        self.fc, self.squeeze = nn.Linear(3 * 8 * 8, 1), squeeze
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.linspace(-1, 1, 3 * 8 * 8).reshape(1, -1))
+            self.fc.bias.fill_(0.25)
+
+    def forward(self, x):
+        z = self.fc(x.flatten(1))
+        return z[:, 0] if self.squeeze else z
+
+
+@pytest.mark.parametrize("squeeze", [False, True], ids=["N1", "N"])
+def test_binary_target_1_explains_the_logit_and_target_0_its_negation(squeeze):
+    model, x = Linear1(squeeze), _x(2)
+    w = model.fc.weight.detach().reshape(3, 8, 8)
+    z = model(x).reshape(-1).detach()
+    for t, sign in ((1, 1.0), (0, -1.0)):
+        maps, info = attribute(model, x, torch.tensor([t, t]), methods=("input_x_gradient", "integrated_gradients"),
+                               ig_steps=4, return_info=True)
+        assert info.task == "binary" and info.task_inferred
+        torch.testing.assert_close(info.scores, sign * z)
+        # the input gradient is +-W: input x gradient = sign * sum_c x * W; IG of a linear model is the same
+        torch.testing.assert_close(maps["input_x_gradient"], sign * (x * w).sum(1))
+        torch.testing.assert_close(maps["integrated_gradients"], sign * (x * w).sum(1), atol=1e-5, rtol=1e-5)
+    # no target: the prediction (z > 0) is explained, so the score is |z|
+    _, info = attribute(model, x, methods="gradient", return_info=True)
+    assert info.targets.tolist() == (z > 0).long().tolist()
+    torch.testing.assert_close(info.scores, z.abs())
+
+
+def test_binary_cam_uses_the_signed_head_row_and_matches_gradcam_on_a_gap_linear_model():
+    net, x = _cnn(1), _x(4)
+    for t in (0, 1):
+        maps = attribute(net, x, torch.full((4,), t), methods=("cam", "gradcam"), layer="1")
+        cam, grad = maps["cam"], maps["gradcam"]
+        assert bool((cam.flatten(1).amax(1) > 0).any())
+        # GAP + linear: Grad-CAM's weights are W[c] / (h w), so the two maps are proportional
+        torch.testing.assert_close(cam / 64.0, grad, atol=1e-6, rtol=1e-4)
+
+
+class Seg(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        return {"out": self.head(self.body(x)), "aux": None}
+
+
+def test_segmentation_scores_a_class_by_its_logits_over_the_pixels_predicted_as_it():
+    model, x = Seg(), _x(3)
+    logits = model(x)["out"].detach()
+    pred = logits.argmax(1)
+    maps, info = attribute(model, x, torch.tensor([0, 1, 2]), methods=("gradcam", "gradient"), layer="body.1",
+                           return_info=True)
+    assert info.task == "segmentation" and info.task_inferred and info.output == "key 'out'"
+    expected = torch.stack([(logits[i, c] * (pred[i] == c)).sum() for i, c in enumerate((0, 1, 2))])
+    torch.testing.assert_close(info.scores, expected)
+    for m in maps.values():
+        assert tuple(m.shape) == (3, 8, 8) and bool(torch.isfinite(m).all())
+    # a class predicted on no pixel has score 0 and an all-zero map; the others do not
+    predicted_somewhere = torch.stack([(pred[i] == c).any() for i, c in enumerate((0, 1, 2))])
+    assert (maps["gradient"].flatten(1).amax(1) > 0).tolist() == predicted_somewhere.tolist()
+    assert not bool(predicted_somewhere.all())  # the case is covered
+    # no target: the class predicted on the most pixels
+    _, info = attribute(model, x, methods="gradient", return_info=True)
+    counts = torch.nn.functional.one_hot(pred, 3).sum((1, 2))
+    assert info.targets.tolist() == counts.argmax(1).tolist()
+    # CAM has no linear head here: a clear error saying what to use
+    with pytest.raises(ValueError, match="gradcam"):
+        attribute(model, x, methods="cam", layer="body.1")
+
+
+def test_multilabel_explains_one_label_logit_and_its_confidence_is_the_sigmoid():
+    net, x = _cnn(4), _x(2)
+    logits = net(x).detach()
+    _, info = attribute(net, x, torch.tensor([3, 1]), methods="gradient", task="multilabel", return_info=True)
+    assert info.task == "multilabel" and not info.task_inferred
+    torch.testing.assert_close(info.scores, torch.stack([logits[0, 3], logits[1, 1]]))
+    torch.testing.assert_close(get_task("multilabel").probabilities(logits), torch.sigmoid(logits))
+
+
+def test_a_task_model_returns_the_class_score_matrix_and_attribute_sees_through_it():
+    model, x = Linear1(True), _x(2)
+    wrapped = TaskModel(model, task="binary")
+    z = model(x).detach()
+    torch.testing.assert_close(wrapped(x).detach(), torch.stack([-z, z], 1))
+    torch.testing.assert_close(wrapped.probabilities(x).detach()[:, 1], torch.sigmoid(z))
+    a = attribute(wrapped, x, torch.tensor([0, 1]), methods="input_x_gradient")
+    b = attribute(model, x, torch.tensor([0, 1]), methods="input_x_gradient", task="binary")
+    torch.testing.assert_close(a["input_x_gradient"], b["input_x_gradient"])
