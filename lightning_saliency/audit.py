@@ -56,6 +56,7 @@ from .methods.registry import SIGNED_METHODS, method_names
 from .metrics.registry import AuditContext, get_metric, metric_names, specs
 from .probe import ProbeSet
 from .report import error_record
+from .tasks import TaskModel, check_task, output_adapter
 
 __all__ = [
     "ALL_METRICS",
@@ -116,6 +117,9 @@ class AuditSpec:
             it is sharded; ``None`` = all).
         expensive_images: images used by the expensive metrics (the first ones; ``None`` = all).
         seed: seed of every random draw the metrics make (they never touch the global generators).
+        output, task: which tensor of the model's output to explain and the task giving its class scores
+            (:mod:`lightning_saliency.tasks`; ``task=None`` infers it at each audit); ``task_inferred`` records
+            that a caller (the monitor's setup check) inferred ``task``.
     """
 
     methods: tuple[str, ...] = ("gradcam", "gradient")
@@ -130,6 +134,9 @@ class AuditSpec:
     stability_images: int | None = 8
     expensive_images: int | None = 16
     seed: int = 0
+    output: Any = None
+    task: str | None = None
+    task_inferred: bool = False
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -144,6 +151,8 @@ class AuditSpec:
         self.method_options = check_method_options(self.method_options, self.methods)
         if self.target not in ("prediction", "label"):
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
+        check_task(self.task)
+        output_adapter(self.output)  # a bad output= fails now
 
     def explain(self, model: nn.Module, inputs: Tensor, targets: Tensor,
                 methods: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -155,7 +164,8 @@ class AuditSpec:
         if isinstance(layer, TargetLayer) and not any(m is layer.module for m in model.modules()):
             layer = layer.name
         return attribute(model, inputs, targets, methods=tuple(methods or self.methods), layer=layer,
-                         reshape=self.reshape, batch_size=self.batch_size, **self.method_options)
+                         reshape=self.reshape, batch_size=self.batch_size, output=self.output, task=self.task,
+                         **self.method_options)
 
 
 @dataclass
@@ -231,7 +241,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
 
     def explain_with_info(methods: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
         return attribute(model, inputs, explain_targets, methods=tuple(methods), layer=spec.layer,
-                         reshape=spec.reshape, batch_size=spec.batch_size, return_info=True,
+                         reshape=spec.reshape, batch_size=spec.batch_size, return_info=True, output=spec.output,
+                         task=spec.task,
                          on_error="raise" if on_error == "raise" else "collect", **spec.method_options)
 
     try:
@@ -253,8 +264,10 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             from .guard import SideEffectGuard
 
             with SideEffectGuard(model), torch.no_grad():
-                logits = model(inputs)
-            predictions, finite = logits.argmax(1), torch.isfinite(logits).all(1)
+                wrapped = TaskModel(model, spec.output, spec.task)
+                out = wrapped.tensor(inputs)
+                logits = wrapped.task.class_scores(out)
+            predictions, finite = wrapped.task.predict(out), torch.isfinite(logits).all(1)
             dtype = str(logits.dtype).replace("torch.", "")
             targets = predictions if explain_targets is None else explain_targets
         else:
@@ -262,6 +275,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     else:
         predictions, targets, dtype, finite = info.predictions, info.targets, info.forward_dtype, info.finite
     finite = torch.ones(n, dtype=torch.bool) if finite is None else finite.detach().bool().cpu()
+    # the metrics that run the model again see its class-score matrix: every task alike
+    model = TaskModel(model, spec.output, info.task if info is not None else wrapped.task)
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
 

@@ -390,7 +390,7 @@ class TaskModel(nn.Module):
     after ``output`` picked the tensor; :meth:`probabilities` gives the task's confidences.
 
     :func:`~lightning_saliency.attribute` given a ``TaskModel`` explains the wrapped model with its ``output``
-    and ``task`` (layer names are the wrapped model's).
+    and ``task`` (layer names are the wrapped model's). ``task=None`` infers the task at the first forward.
 
     Example:
         >>> import torch
@@ -399,14 +399,17 @@ class TaskModel(nn.Module):
         torch.Size([2, 2])
     """
 
-    def __init__(self, model: nn.Module, output: Any = None, task: str | Task = "multiclass"):
+    def __init__(self, model: nn.Module, output: Any = None, task: str | Task | None = "multiclass"):
         super().__init__()
         self.model = model
         self.adapter = output_adapter(output)
-        self.task = get_task(task)
+        self.task: Task | None = None if task is None else get_task(task)
 
     def tensor(self, x: Any) -> Tensor:
+        """The adapted output (checked against the task)."""
         out = self.adapter(self.model(x))
+        if self.task is None:
+            self.task = infer_task(out)
         self.task.check(out)
         return out
 
@@ -427,5 +430,5 @@ def unwrap(model: nn.Module, output: Any, task: Any) -> tuple[nn.Module, Any, An
         True
     """
     if isinstance(model, TaskModel):
-        return model.model, model.adapter, model.task
+        return model.model, model.adapter, model.task if model.task is not None else task
     return model, output, task

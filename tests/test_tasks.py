@@ -254,3 +254,53 @@ def test_a_task_model_returns_the_class_score_matrix_and_attribute_sees_through_
     a = attribute(wrapped, x, torch.tensor([0, 1]), methods="input_x_gradient")
     b = attribute(model, x, torch.tensor([0, 1]), methods="input_x_gradient", task="binary")
     torch.testing.assert_close(a["input_x_gradient"], b["input_x_gradient"])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def _binary_cnn() -> nn.Module:
+    return Wrapped(_cnn(1), "dict_logits")
+
+
+ALL_METRICS_FAST = dict(smoothgrad_samples=2, ig_steps=4, shapley_grid=2, shapley_permutations=2, lime_grid=2,
+                        lime_samples=20)
+
+
+@pytest.mark.parametrize("case", ["dict_multiclass", "binary", "segmentation"])
+def test_every_metric_runs_per_task_through_the_audit(case):
+    from lightning_saliency.audit import AuditSpec, audit_shard, summarize
+    from lightning_saliency.metrics.registry import metric_names
+    from lightning_saliency.probe import ProbeSet
+
+    x = _x(4)
+    model = {"dict_multiclass": lambda: Wrapped(_cnn(3), "model_output"), "binary": _binary_cnn,
+             "segmentation": Seg}[case]()
+    layer = "body.1" if case == "segmentation" else "net.1"
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[:, :3] = True
+    probe = ProbeSet(x, torch.tensor([0, 1, 1, 0]), groups=["a", "b", "a", "b"], spurious_masks=masks,
+                     object_masks=~masks)
+    spec = AuditSpec(methods=("gradcam", "gradient", "integrated_gradients"), metrics=metric_names(), layer=layer,
+                     target="label", method_options=ALL_METRICS_FAST, expensive_images=2, stability_images=2,
+                     stability_k=2)
+    result = audit_shard(model, probe, spec, on_error="raise")
+    metrics = summarize(result, probe, spec)
+    for name in ("deletion_auc", "insertion_auc", "infidelity", "stability", "randomization_similarity",
+                 "fragility", "shap_agreement", "spurious_mass", "attention_disparity"):
+        assert f"gradient/{name}" in metrics, name
+    assert "integrated_gradients/completeness_gap" in metrics
+    assert result.errors == []
+    for key in ("gradient/deletion_auc", "gradient/insertion_auc", "gradient/spurious_mass"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["probe/accuracy"] == pytest.approx(float((result.predictions == probe.targets).float().mean()))
+
+
+def test_binary_deletion_curve_starts_at_the_sigmoid_of_the_explained_logit():
+    from lightning_saliency.metrics import deletion_auc
+
+    model, x = Linear1(True), _x(2)
+    z = model(x).detach()
+    t = torch.tensor([1, 0])
+    r = deletion_auc(TaskModel(model, task="binary"), x, t, torch.rand(2, 8, 8), steps=4, random_reference=False)
+    torch.testing.assert_close(r["curve"][:, 0], torch.stack([torch.sigmoid(z[0]), 1 - torch.sigmoid(z[1])]))
