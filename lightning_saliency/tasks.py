@@ -57,10 +57,12 @@ __all__ = [
     "OutputAdapter",
     "Task",
     "TaskModel",
+    "check_probe_fit",
     "check_task",
     "get_task",
     "infer_task",
     "output_adapter",
+    "probe_task",
     "unwrap",
 ]
 
@@ -213,8 +215,8 @@ class Task:
         if len(bad):
             i = int(bad[0, 0])
             what = "0 (explain -logit) or 1 (+logit)" if self.name == "binary" else f"class indices in [0, {k})"
-            raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range [0, {k}) for task={self.name!r} on a model "
-                             f"with outputs {tuple(out.shape[1:])}: pass {what}, or the task= that fits the model")
+            raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range [0, {k}) for task={self.name!r} on model "
+                             f"outputs {tuple(out.shape[1:])} ({k} classes): pass {what}, or the task= that fits")
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -380,6 +382,52 @@ def resolve(out: Tensor, task: str | Task | None, targets: Tensor | None = None)
     t = get_task(task)
     t.check(out)
     return t, False
+
+
+def check_probe_fit(raw: Any, targets: Tensor, output: Any = None, task: str | Task | None = None,
+                    who: str = "SaliencyMonitor") -> tuple[Task, bool]:
+    """``(task, inferred)`` for a probe whose ``targets`` are explained on the model's output ``raw`` (of a forward
+    of a few probe images): a ``ValueError`` starting with ``who`` and naming ``output=`` or ``task=`` when no
+    tensor can be picked, the task does not fit, or a target is not one of the model's classes.
+
+    Example:
+        >>> import torch
+        >>> check_probe_fit({"logits": torch.zeros(2, 1)}, torch.tensor([0, 1, 1]))
+        (Task('binary'), True)
+    """
+    try:
+        out = output_adapter(output)(raw)
+        resolved, inferred = resolve(out, task, targets)
+        if targets.ndim == 1:
+            resolved.check_targets(targets, out, "the probe's targets")
+    except ValueError as e:
+        raise ValueError(f"{who}: {e}") from e
+    return resolved, inferred
+
+
+def probe_task(model: nn.Module, example: Tensor, probe: Any, output: Any = None, task: str | Task | None = None,
+               who: str = "SaliencyMonitor") -> tuple[Task, bool]:
+    """:func:`check_probe_fit` on one guarded forward of ``example`` (a few of ``probe``'s inputs, on the model's
+    device): the setup check of :class:`~lightning_saliency.SaliencyMonitor`. A forward that fails is a
+    ``ValueError`` saying that the probe does not fit the model.
+
+    Example:
+        >>> import torch
+        >>> from lightning_saliency.probe import ProbeSet
+        >>> probe = ProbeSet(torch.rand(2, 1, 2, 2), torch.tensor([0, 1]))
+        >>> probe_task(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1)), probe.inputs, probe)
+        (Task('binary'), True)
+    """
+    from .guard import SideEffectGuard
+
+    try:
+        with SideEffectGuard(model), torch.no_grad():
+            raw = model(example)
+    except Exception as e:
+        raise ValueError(f"the probe's inputs {tuple(probe.inputs.shape)} do not fit the model "
+                         f"({type(e).__name__}: {e}). Build the probe from the data the model trains on, "
+                         f"e.g. ProbeSet.from_dataset(val_set)") from e
+    return check_probe_fit(raw, probe.targets, output, task, who)
 
 
 # ------------------------------------------------------------------------------------------------ wrapper

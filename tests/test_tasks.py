@@ -3,6 +3,7 @@ turns it into one differentiable score per row; through attribute() for every me
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import pytest
@@ -304,3 +305,88 @@ def test_binary_deletion_curve_starts_at_the_sigmoid_of_the_explained_logit():
     t = torch.tensor([1, 0])
     r = deletion_auc(TaskModel(model, task="binary"), x, t, torch.rand(2, 8, 8), steps=4, random_reference=False)
     torch.testing.assert_close(r["curve"][:, 0], torch.stack([torch.sigmoid(z[0]), 1 - torch.sigmoid(z[1])]))
+
+
+# ------------------------------------------------------------------------------------------------ monitor
+
+
+class _Net(__import__("pytorch_lightning").LightningModule):
+    """A 16-px CNN trained on a pattern: ``form`` "dict" returns ``{"logits": [N, 3], "features": ...}``,
+    "binary" one logit ``[N, 1]``, "scores" ``{"scores": [N, 3]}`` (needs ``output="scores"``)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        torch.manual_seed(0)
+        classes = 1 if form == "binary" else 3
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(32, 3, 16, 16, generator=g)
+        self.y = torch.arange(32) % (2 if form == "binary" else 3)
+        self.x[:, 0] += self.y.view(-1, 1, 1).float()
+
+    def forward(self, x):
+        h = self.body(x)
+        y = self.head(h)
+        return {"dict": {"features": h, "logits": y}, "binary": y, "scores": {"scores": y}}[self.form]
+
+    def training_step(self, batch, _):
+        x, y = batch
+        if self.form == "binary":
+            return nn.functional.binary_cross_entropy_with_logits(self(x)[:, 0], y.float())
+        out = self(x)
+        return nn.functional.cross_entropy(out["logits"] if self.form == "dict" else out["scores"], y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=16)
+
+
+def _monitor_fit(tmp_path, form: str, **kwargs):
+    import json
+
+    import pytorch_lightning as pl
+
+    from lightning_saliency import ProbeSet, SaliencyMonitor
+
+    net = _Net(form)
+    probe = ProbeSet(net.x[:8], net.y[:8])
+    monitor = SaliencyMonitor(probe, methods=("gradcam", "gradient", "cam"), layer="body.1",
+                              metrics=("stability", "drift", "deletion_auc"), expensive_every_n_audits=1,
+                              dirpath=str(tmp_path / "saliency"), log_images=2, **kwargs)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(net)
+    with open(tmp_path / "saliency" / "report.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("form,kwargs,task", [("dict", {}, "multiclass"), ("binary", {}, "binary"),
+                                              ("scores", {"output": "scores"}, "multiclass")])
+def test_a_two_epoch_monitor_fit_writes_a_report_with_metrics_and_no_errors(tmp_path, form, kwargs, task):
+    report = _monitor_fit(tmp_path, form, **kwargs)
+    assert report["config"]["task"] == task and report["config"]["task_inferred"] is True
+    assert [a["epoch"] for a in report["audits"]] == [0, 1]
+    for audit in report["audits"]:
+        assert audit["errors"] == []
+        m = audit["metrics"]
+        for key in ("gradcam/stability", "gradient/stability", "cam/deletion_auc", "probe/accuracy"):
+            assert m[key] is not None and math.isfinite(m[key]), key
+        assert 0 <= m["probe/accuracy"] <= 1
+    assert report["audits"][-1]["metrics"]["gradient/drift"] is not None
+
+
+def test_the_monitor_records_a_task_passed_explicitly_and_fails_at_setup_on_one_that_does_not_fit(tmp_path):
+    report = _monitor_fit(tmp_path / "a", "binary", task="binary")
+    assert report["config"]["task"] == "binary" and report["config"]["task_inferred"] is False
+    with pytest.raises(ValueError, match=r"SaliencyMonitor: task='binary' needs"):
+        _monitor_fit(tmp_path / "b", "dict", task="binary")
+    with pytest.raises(ValueError, match=r"SaliencyMonitor: .*keys \['scores'\].*output="):
+        _monitor_fit(tmp_path / "c", "scores")
+    from lightning_saliency import SaliencyMonitor
+
+    with pytest.raises(ValueError, match="Did you mean 'binary'"):
+        SaliencyMonitor(None, task="binar")
