@@ -56,7 +56,7 @@ from .methods.registry import SIGNED_METHODS, method_names
 from .metrics.registry import AuditContext, get_metric, metric_names, specs
 from .probe import ProbeSet
 from .report import error_record
-from .tasks import TaskModel, check_task, output_adapter
+from .tasks import TaskModel, check_task, multilabel_accuracy, output_adapter
 
 __all__ = [
     "ALL_METRICS",
@@ -187,6 +187,7 @@ class ShardResult:
     ranks: dict[str, Tensor] = field(default_factory=dict)  # |M| ranked, for the next audit's drift (not merged)
     finite_logits: Tensor | None = None
     degenerate: dict[str, Tensor] = field(default_factory=dict)
+    label_predictions: Tensor | None = None  # [n, C] bool, a multi-label probe's logit > 0 (per-label accuracy)
 
 
 def _nan(n: int) -> Tensor:
@@ -277,6 +278,13 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     finite = torch.ones(n, dtype=torch.bool) if finite is None else finite.detach().bool().cpu()
     # the metrics that run the model again see its class-score matrix: every task alike
     model = TaskModel(model, spec.output, info.task if info is not None else wrapped.task)
+    label_predictions = None
+    if getattr(probe, "label_sets", None) is not None and model.task.name == "multilabel":
+        from .guard import SideEffectGuard
+
+        with SideEffectGuard(model), torch.no_grad():
+            step = spec.batch_size or n
+            label_predictions = torch.cat([model(inputs[i : i + step]) > 0 for i in range(0, n, step)]).cpu()
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
 
@@ -320,6 +328,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         ranks={k: v.detach().cpu() for k, v in ctx.ranks.items()},
         finite_logits=finite,
         degenerate=degenerate,
+        label_predictions=label_predictions,
     )
 
 
@@ -358,9 +367,12 @@ def merge(results: Sequence[ShardResult]) -> ShardResult:
                             for r, k in zip(results, sizes)])[order]
     degenerate = {key: torch.cat([r.degenerate.get(key, torch.zeros(k, dtype=torch.int8))
                                   for r, k in zip(results, sizes)])[order] for key in maps}
+    labels = None
+    if all(r.label_predictions is not None for r in results):
+        labels = torch.cat([r.label_predictions for r in results])[order]
     return ShardResult(indices=indices[order], predictions=torch.cat([r.predictions for r in results])[order],
                        maps=maps, per_image=per_image, errors=errors, dtype=results[0].dtype,
-                       finite_logits=finite, degenerate=degenerate)
+                       finite_logits=finite, degenerate=degenerate, label_predictions=labels)
 
 
 def _nanmean(v: Tensor) -> float:
@@ -373,7 +385,9 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
 
     Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the rows
     reported ``per_group``), the probe-level rows' values (their ``summary``: ``attention_disparity``,
-    ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
+    ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``; on a
+    multi-label probe (``label_sets``) these are per-label accuracies, plus ``probe/f1``
+    (:func:`~lightning_saliency.tasks.multilabel_accuracy`).
 
     Degenerate images (:mod:`lightning_saliency.health`) are left out: the accuracies are NaN when any logit is not
     finite; a probe-level row uses a method's usable images only, and is NaN when none (or no image of some group)
@@ -392,6 +406,10 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
         for g in sorted(set(groups)):
             sel = torch.tensor([x == g for x in groups])
             out[f"probe/accuracy/{g}"] = float(correct[sel].mean())
+    if result.label_predictions is not None and getattr(probe, "label_sets", None) is not None:
+        # multi-label: per-label accuracy and F1 instead (NaN like the above when a logit is not finite)
+        multi = multilabel_accuracy(result.label_predictions, probe.label_sets, groups)
+        out.update({k: v if bool(correct.isfinite().all()) else math.nan for k, v in multi.items()})
     for key, values in result.per_image.items():
         out[key] = _nanmean(values)
         row = get_metric(key.split("/", 1)[1])

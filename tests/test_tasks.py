@@ -318,23 +318,30 @@ class _Net(__import__("pytorch_lightning").LightningModule):
         super().__init__()
         self.form = form
         torch.manual_seed(0)
-        classes = 1 if form == "binary" else 3
+        classes = {"binary": 1, "multilabel": 4}.get(form, 3)
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
         g = torch.Generator().manual_seed(0)
         self.x = torch.rand(32, 3, 16, 16, generator=g)
         self.y = torch.arange(32) % (2 if form == "binary" else 3)
         self.x[:, 0] += self.y.view(-1, 1, 1).float()
+        if form == "multilabel":  # label k present when channel k % 3 is bright in quadrant k
+            self.y = (torch.rand(32, 4, generator=g) < 0.5).float()
+            self.y[:, 0] = 1.0  # every image has at least one label
+            for k in range(4):
+                self.x[:, k % 3, (k // 2) * 8:(k // 2) * 8 + 8, (k % 2) * 8:(k % 2) * 8 + 8] += self.y[:, k, None, None]
 
     def forward(self, x):
         h = self.body(x)
         y = self.head(h)
-        return {"dict": {"features": h, "logits": y}, "binary": y, "scores": {"scores": y}}[self.form]
+        return {"dict": {"features": h, "logits": y}, "binary": y, "scores": {"scores": y}, "multilabel": y}[self.form]
 
     def training_step(self, batch, _):
         x, y = batch
         if self.form == "binary":
             return nn.functional.binary_cross_entropy_with_logits(self(x)[:, 0], y.float())
+        if self.form == "multilabel":
+            return nn.functional.binary_cross_entropy_with_logits(self(x), y)
         out = self(x)
         return nn.functional.cross_entropy(out["logits"] if self.form == "dict" else out["scores"], y)
 
@@ -390,3 +397,75 @@ def test_the_monitor_records_a_task_passed_explicitly_and_fails_at_setup_on_one_
 
     with pytest.raises(ValueError, match="Did you mean 'binary'"):
         SaliencyMonitor(None, task="binar")
+
+
+# ------------------------------------------------------------------------------------------------ multi-label
+
+
+def test_a_multi_hot_probe_explains_each_positive_label_of_an_image_as_its_own_row():
+    from lightning_saliency.probe import ProbeSet
+
+    labels = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 1, 1]])
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[2, :2] = True
+    x = _x(3)
+    probe = ProbeSet(x, labels, groups=["a", "b", "c"], spurious_masks=masks)
+    assert len(probe) == 6 and probe.targets.tolist() == [0, 1, 2, 0, 2, 3]
+    assert probe.groups == ["a", "a", "b", "c", "c", "c"]
+    assert torch.equal(probe.inputs[4], x[2]) and torch.equal(probe.spurious_masks[5], masks[2])
+    assert probe.label_sets.tolist() == labels.bool()[[0, 0, 1, 2, 2, 2]].tolist()
+    assert ProbeSet.from_state_dict(probe.state_dict()).fingerprint == probe.fingerprint
+    assert probe.shard(1, 2).label_sets.shape == (3, 4)
+    net = _cnn(4)
+    maps = attribute(net, probe.inputs, probe.targets, methods="gradient", task="multilabel")["gradient"]
+    one = attribute(net, x[2:3], torch.tensor([3]), methods="gradient", task="multilabel")["gradient"]
+    torch.testing.assert_close(maps[5:6], one)
+    assert not torch.allclose(maps[3], maps[5])  # two labels of one image: two different maps
+    with pytest.raises(ValueError, match="multi-hot labels"):
+        ProbeSet(x, torch.tensor([[0.2, 0.8, 0, 0]] * 3))
+
+
+def test_multilabel_probe_accuracy_is_per_label_accuracy_and_f1_over_images():
+    from lightning_saliency.audit import AuditSpec, audit_shard, summarize
+    from lightning_saliency.probe import ProbeSet
+
+    net, x = _cnn(4), _x(3)
+    labels = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 1, 1]])
+    probe = ProbeSet(x, labels)
+    spec = AuditSpec(methods=("gradient",), metrics=("stability",), task="multilabel", target="label")
+    result = audit_shard(net, probe, spec, on_error="raise")
+    metrics = summarize(result, probe, spec)
+    pred, truth = net(x).detach() > 0, labels.bool()  # per image, each image once
+    assert metrics["probe/accuracy"] == pytest.approx(float((pred == truth).float().mean()))
+    tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+    assert metrics["probe/f1"] == pytest.approx(float(2 * tp / (2 * tp + fp + fn)))
+    for k in range(4):
+        assert metrics[f"probe/accuracy/class_{k}"] == pytest.approx(float((pred[:, k] == truth[:, k]).float().mean()))
+    assert math.isfinite(metrics["gradient/stability"])
+
+
+def test_a_two_epoch_monitor_fit_on_a_multi_label_model_infers_the_task_and_reports_f1(tmp_path):
+    import json
+
+    import pytorch_lightning as pl
+
+    from lightning_saliency import ProbeSet, SaliencyMonitor
+
+    net = _Net("multilabel")
+    probe = ProbeSet(net.x[:6], net.y[:6])
+    # (not Grad-CAM: this 4-channel net's head has a label whose weights are all negative, a legitimately zero
+    # Grad-CAM map that the health record flags)
+    monitor = SaliencyMonitor(probe, methods=("gradient", "input_x_gradient"),
+                              metrics=("stability", "drift", "deletion_auc"), expensive_every_n_audits=1,
+                              dirpath=str(tmp_path / "saliency"), log_images=2)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(net)
+    report = json.loads((tmp_path / "saliency" / "report.json").read_text())
+    assert report["config"]["task"] == "multilabel" and report["config"]["task_inferred"] is True
+    assert [a["epoch"] for a in report["audits"]] == [0, 1]
+    for audit in report["audits"]:
+        assert audit["errors"] == []
+        assert audit["health"]["gradient"] == "ok"
+        for key in ("probe/accuracy", "probe/f1", "gradient/stability", "input_x_gradient/deletion_auc"):
+            assert audit["metrics"][key] is not None and math.isfinite(audit["metrics"][key]), key
