@@ -50,13 +50,14 @@ import torch
 from torch import Tensor, nn
 
 from . import health as _health
+from .labels import iou_counts, mean_iou, multilabel_accuracy
 from .layers import TargetLayer
 from .methods.engine import attribute
 from .methods.registry import SIGNED_METHODS, method_names
 from .metrics.registry import AuditContext, get_metric, metric_names, specs
 from .probe import ProbeSet
 from .report import error_record
-from .tasks import TaskModel, check_task, multilabel_accuracy, output_adapter
+from .tasks import TaskModel, check_task, output_adapter
 
 __all__ = [
     "ALL_METRICS",
@@ -187,7 +188,8 @@ class ShardResult:
     ranks: dict[str, Tensor] = field(default_factory=dict)  # |M| ranked, for the next audit's drift (not merged)
     finite_logits: Tensor | None = None
     degenerate: dict[str, Tensor] = field(default_factory=dict)
-    label_predictions: Tensor | None = None  # [n, C] bool, a multi-label probe's logit > 0 (per-label accuracy)
+    # a multi-label probe's logit > 0 ([n, C] bool) or a segmentation probe's IoU counts ([n, 3, C]): the accuracy
+    label_predictions: Tensor | None = None
 
 
 def _nan(n: int) -> Tensor:
@@ -279,12 +281,18 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     # the metrics that run the model again see its class-score matrix: every task alike
     model = TaskModel(model, spec.output, info.task if info is not None else wrapped.task)
     label_predictions = None
-    if getattr(probe, "label_sets", None) is not None and model.task.name == "multilabel":
+    labels = getattr(probe, "labels", None)
+    if labels is not None and model.task.name in ("multilabel", "segmentation"):
         from .guard import SideEffectGuard
 
-        with SideEffectGuard(model), torch.no_grad():
+        with SideEffectGuard(model), torch.no_grad():  # the decisions the probe accuracy needs
             step = spec.batch_size or n
-            label_predictions = torch.cat([model(inputs[i : i + step]) > 0 for i in range(0, n, step)]).cpu()
+            outs = [model.tensor(inputs[i : i + step]) for i in range(0, n, step)]
+            if model.task.name == "multilabel":
+                label_predictions = torch.cat([o > 0 for o in outs]).cpu()
+            else:
+                label_predictions = torch.cat([iou_counts(o.argmax(1), labels[i * step : (i + 1) * step], o.shape[1])
+                                               for i, o in enumerate(outs)]).cpu()
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
 
@@ -386,8 +394,8 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
     Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the rows
     reported ``per_group``), the probe-level rows' values (their ``summary``: ``attention_disparity``,
     ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``; on a
-    multi-label probe (``label_sets``) these are per-label accuracies, plus ``probe/f1``
-    (:func:`~lightning_saliency.tasks.multilabel_accuracy`).
+    multi-label probe (``labels``) these are per-label accuracies, plus ``probe/f1``; on a segmentation probe, IoUs
+    (``probe/accuracy`` is the mean IoU): :mod:`lightning_saliency.labels`.
 
     Degenerate images (:mod:`lightning_saliency.health`) are left out: the accuracies are NaN when any logit is not
     finite; a probe-level row uses a method's usable images only, and is NaN when none (or no image of some group)
@@ -406,9 +414,11 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
         for g in sorted(set(groups)):
             sel = torch.tensor([x == g for x in groups])
             out[f"probe/accuracy/{g}"] = float(correct[sel].mean())
-    if result.label_predictions is not None and getattr(probe, "label_sets", None) is not None:
-        # multi-label: per-label accuracy and F1 instead (NaN like the above when a logit is not finite)
-        multi = multilabel_accuracy(result.label_predictions, probe.label_sets, groups)
+    if result.label_predictions is not None and getattr(probe, "labels", None) is not None:
+        # multi-label: per-label accuracy and F1; segmentation: mean IoU (NaN like the above when a logit is not
+        # finite)
+        multi = multilabel_accuracy(result.label_predictions, probe.labels, groups) \
+            if result.label_predictions.ndim == 2 else mean_iou(result.label_predictions, groups)
         out.update({k: v if bool(correct.isfinite().all()) else math.nan for k, v in multi.items()})
     for key, values in result.per_image.items():
         out[key] = _nanmean(values)

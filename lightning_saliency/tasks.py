@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,7 +61,6 @@ __all__ = [
     "check_task",
     "get_task",
     "infer_task",
-    "multilabel_accuracy",
     "output_adapter",
     "probe_task",
     "unwrap",
@@ -433,42 +431,9 @@ def probe_task(model: nn.Module, example: Tensor, probe: Any, output: Any = None
         raise ValueError(f"the probe's inputs {tuple(probe.inputs.shape)} do not fit the model "
                          f"({type(e).__name__}: {e}). Build the probe from the data the model trains on, "
                          f"e.g. ProbeSet.from_dataset(val_set)") from e
-    sets = getattr(probe, "label_sets", None)  # a multi-label probe: its multi-hot labels decide the task
-    return check_probe_fit(raw, probe.targets if sets is None else sets, output, task, who)
-
-
-def multilabel_accuracy(predicted: Tensor, label_sets: Tensor, groups: list[str] | None = None) -> dict[str, float]:
-    """Per-label accuracy and micro F1 of a multi-label probe, whose rows are (image, positive label) pairs.
-
-    ``predicted`` and ``label_sets`` are ``[rows, C]`` bool (the model's ``logit > 0`` and the image's labels,
-    the same for every row of an image); each row weighs ``1 / (its image's positives)``, so every image counts
-    once. Keys: ``probe/accuracy`` (the share of (image, label) decisions that are right), ``probe/f1``,
-    ``probe/accuracy/class_<k>`` per label and ``probe/accuracy/<group>``.
-
-    Example:
-        >>> import torch
-        >>> sets = torch.tensor([[True, True], [True, True]])  # one image with labels 0 and 1: two rows
-        >>> pred = torch.tensor([[True, False], [True, False]])
-        >>> multilabel_accuracy(pred, sets)
-        {'probe/accuracy': 0.5, 'probe/f1': 0.6666666666666666, 'probe/accuracy/class_0': 1.0, 'probe/accuracy/class_1': 0.0}
-    """
-    predicted, sets = predicted.bool().cpu(), label_sets.bool().cpu()
-    w = 1.0 / sets.sum(1).clamp(min=1).double()
-    hit = (predicted == sets).double()
-
-    def mean(values: Tensor, sel: Tensor | None = None) -> float:
-        ww = w if sel is None else w[sel]
-        return float((ww * (values if sel is None else values[sel])).sum() / ww.sum()) if len(ww) else math.nan
-
-    tp, fp, fn = ((w[:, None] * (a & b)).sum() for a, b in ((predicted, sets), (predicted, ~sets), (~predicted, sets)))
-    out = {"probe/accuracy": mean(hit.mean(1)),
-           "probe/f1": float(2 * tp / (2 * tp + fp + fn)) if float(2 * tp + fp + fn) > 0 else math.nan}
-    for k in range(sets.shape[1]):
-        if bool(sets[:, k].any()):
-            out[f"probe/accuracy/class_{k}"] = mean(hit[:, k])
-    for g in sorted(set(groups or [])):
-        out[f"probe/accuracy/{g}"] = mean(hit.mean(1), torch.tensor([x == g for x in groups]))
-    return out
+    labels = getattr(probe, "labels", None)  # a multi-label probe: its multi-hot labels decide the task
+    multi_hot = labels is not None and labels.dtype == torch.bool
+    return check_probe_fit(raw, labels if multi_hot else probe.targets, output, task, who)
 
 
 # ------------------------------------------------------------------------------------------------ wrapper

@@ -413,9 +413,9 @@ def test_a_multi_hot_probe_explains_each_positive_label_of_an_image_as_its_own_r
     assert len(probe) == 6 and probe.targets.tolist() == [0, 1, 2, 0, 2, 3]
     assert probe.groups == ["a", "a", "b", "c", "c", "c"]
     assert torch.equal(probe.inputs[4], x[2]) and torch.equal(probe.spurious_masks[5], masks[2])
-    assert probe.label_sets.tolist() == labels.bool()[[0, 0, 1, 2, 2, 2]].tolist()
+    assert probe.labels.tolist() == labels.bool()[[0, 0, 1, 2, 2, 2]].tolist()
     assert ProbeSet.from_state_dict(probe.state_dict()).fingerprint == probe.fingerprint
-    assert probe.shard(1, 2).label_sets.shape == (3, 4)
+    assert probe.shard(1, 2).labels.shape == (3, 4)
     net = _cnn(4)
     maps = attribute(net, probe.inputs, probe.targets, methods="gradient", task="multilabel")["gradient"]
     one = attribute(net, x[2:3], torch.tensor([3]), methods="gradient", task="multilabel")["gradient"]
@@ -469,3 +469,98 @@ def test_a_two_epoch_monitor_fit_on_a_multi_label_model_infers_the_task_and_repo
         assert audit["health"]["gradient"] == "ok"
         for key in ("probe/accuracy", "probe/f1", "gradient/stability", "input_x_gradient/deletion_auc"):
             assert audit["metrics"][key] is not None and math.isfinite(audit["metrics"][key]), key
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+
+
+def _label_maps(n: int = 3) -> torch.Tensor:
+    maps = torch.zeros(n, 8, 8, dtype=torch.long)
+    maps[0, :4] = 1
+    maps[1, :, :2] = 2
+    maps[1, 7, 7] = 255  # no class
+    maps[2:, 2:6, 2:6] = 1
+    return maps
+
+
+def test_a_label_map_probe_has_one_row_per_class_present_and_reports_mean_iou():
+    from lightning_saliency.audit import AuditSpec, audit_shard, summarize
+    from lightning_saliency.probe import ProbeSet
+
+    model, x, maps = Seg(), _x(3), _label_maps()
+    probe = ProbeSet(x, maps, groups=["a", "b", "b"])
+    assert probe.targets.tolist() == [0, 1, 0, 2, 0, 1] and probe.groups == ["a", "a", "b", "b", "b", "b"]
+    assert torch.equal(probe.labels[3], maps[1]) and torch.equal(probe.inputs[3], x[1])
+    spec = AuditSpec(methods=("gradcam", "gradient"), metrics=("stability",), layer="body.1", target="label")
+    result = audit_shard(model, probe, spec, on_error="raise")
+    metrics = summarize(result, probe, spec)
+    assert result.errors == []
+    pred = model(x)["out"].detach().argmax(1)
+    valid = maps != 255
+    ious = []
+    for c in range(3):  # dataset IoU per class, every image once
+        inter = ((pred == c) & (maps == c) & valid).sum()
+        union = (((pred == c) | (maps == c)) & valid).sum()
+        if union:
+            ious.append(float(inter / union))
+            assert metrics[f"probe/accuracy/class_{c}"] == pytest.approx(ious[-1])
+    assert metrics["probe/accuracy"] == pytest.approx(sum(ious) / len(ious))
+    assert math.isfinite(metrics["gradient/stability"])
+
+
+class _SegNet(__import__("pytorch_lightning").LightningModule):
+    """A 16-px segmenter returning ``{"out": [N, 2, H, W]}`` (torchvision's form): class 1 is a bright square."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(16, 3, 16, 16, generator=g) * 0.3
+        self.y = torch.zeros(16, 16, 16, dtype=torch.long)
+        for i in range(16):
+            r, c = int(torch.randint(0, 8, (1,), generator=g)), int(torch.randint(0, 8, (1,), generator=g))
+            self.y[i, r:r + 8, c:c + 8] = 1
+        self.x[:, 0] += self.y.float()
+
+    def forward(self, x):
+        return {"out": self.head(self.body(x)), "aux": None}
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x)["out"], y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=8)
+
+
+def test_a_two_epoch_monitor_fit_on_a_segmentation_model_infers_the_task_and_reports_mean_iou(tmp_path):
+    import json
+
+    import pytorch_lightning as pl
+
+    from lightning_saliency import ProbeSet, SaliencyMonitor
+
+    net = _SegNet()
+    probe = ProbeSet(net.x[:4], net.y[:4])
+    assert len(probe) == 8  # background and square in each image
+    monitor = SaliencyMonitor(probe, methods=("gradcam", "gradient"), layer="body.1", target="label",
+                              metrics=("stability", "drift", "deletion_auc"), expensive_every_n_audits=1,
+                              dirpath=str(tmp_path / "saliency"), log_images=2)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(net)
+    report = json.loads((tmp_path / "saliency" / "report.json").read_text())
+    assert report["config"]["task"] == "segmentation" and report["config"]["task_inferred"] is True
+    assert [a["epoch"] for a in report["audits"]] == [0, 1]
+    for audit in report["audits"]:
+        assert audit["errors"] == []
+        m = audit["metrics"]
+        assert 0 <= m["probe/accuracy"] <= 1 and m["probe/accuracy"] == pytest.approx(
+            (m["probe/accuracy/class_0"] + m["probe/accuracy/class_1"]) / 2)
+        for key in ("gradient/stability", "gradient/deletion_auc", "gradcam/stability"):
+            assert m[key] is not None and math.isfinite(m[key]), key
