@@ -564,3 +564,10 @@ def test_a_two_epoch_monitor_fit_on_a_segmentation_model_infers_the_task_and_rep
             (m["probe/accuracy/class_0"] + m["probe/accuracy/class_1"]) / 2)
         for key in ("gradient/stability", "gradient/deletion_auc", "gradcam/stability"):
             assert m[key] is not None and math.isfinite(m[key]), key
+    # the page renders the run, its task in the config, and the overlays of each method
+    from lightning_saliency.cli import main
+
+    out = tmp_path / "audit.html"
+    assert main(["report", str(tmp_path / "saliency"), "-o", str(out)]) == 0
+    html = out.read_text()
+    assert "segmentation" in html and "gradcam" in html and "<img" in html
