@@ -571,3 +571,39 @@ def test_a_two_epoch_monitor_fit_on_a_segmentation_model_infers_the_task_and_rep
     assert main(["report", str(tmp_path / "saliency"), "-o", str(out)]) == 0
     html = out.read_text()
     assert "segmentation" in html and "gradcam" in html and "<img" in html
+
+
+class _Body8(nn.Module):
+    """An 8-channel conv body with a head per task: multiclass / multilabel ``[N, 4]``, binary ``[N]``,
+    segmentation ``{"out": [N, 3, H, W]}``."""
+
+    def __init__(self, task: str):
+        super().__init__()
+        torch.manual_seed(3)
+        self.task = task
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.seg = nn.Conv2d(8, 3, 1)
+        self.fc = nn.Linear(8, 1 if task == "binary" else 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.task == "segmentation":
+            return {"out": self.seg(h)}
+        y = self.fc(h.mean((2, 3)))
+        return y[:, 0] if self.task == "binary" else y
+
+
+@pytest.mark.parametrize("task,targets", [("multiclass", [0, 1, 2, 3, 0, 1]), ("binary", [0, 1, 0, 1, 0, 1]),
+                                          ("multilabel", [3, 2, 1, 0, 1, 2]), ("segmentation", None)])
+def test_every_method_gives_finite_maps_of_the_right_shape_non_constant_for_most_images_per_task(task, targets):
+    model = _Body8(task)
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    methods = [m for m in builtin_names() if not (task == "segmentation" and m == "cam")]
+    t = None if targets is None else torch.tensor(targets)
+    maps, info = attribute(model, x, t, methods=methods, layer="body.3", task=task if task == "multilabel" else None,
+                           return_info=True, **FAST)
+    assert info.task == task and list(maps) == methods and not info.errors
+    for m, v in maps.items():
+        assert tuple(v.shape) == (6, 16, 16) and bool(torch.isfinite(v).all()), m
+        spread = v.flatten(1).amax(1) - v.flatten(1).amin(1)
+        assert int((spread > 0).sum()) >= 4, (m, spread)
