@@ -607,3 +607,15 @@ def test_every_method_gives_finite_maps_of_the_right_shape_non_constant_for_most
         assert tuple(v.shape) == (6, 16, 16) and bool(torch.isfinite(v).all()), m
         spread = v.flatten(1).amax(1) - v.flatten(1).amin(1)
         assert int((spread > 0).sum()) >= 4, (m, spread)
+
+
+def test_an_alarm_on_probe_f1_is_accepted_on_a_multi_label_probe_only():
+    from lightning_saliency.checks import check_alarm, key_problem
+    from lightning_saliency.probe import ProbeSet
+
+    multi = ProbeSet(_x(2), torch.tensor([[1, 1, 0], [0, 1, 1]]))
+    single = ProbeSet(_x(2), torch.tensor([0, 1]))
+    check_alarm("probe/f1", ("gradient",), ("stability",), multi)
+    assert key_problem("probe/f1", ("gradient",), ("stability",), None) is None  # probe drawn later
+    with pytest.raises(ValueError, match="multi-label probes only"):
+        check_alarm("probe/f1", ("gradient",), ("stability",), single)
