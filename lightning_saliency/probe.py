@@ -96,7 +96,7 @@ def _check_targets(targets: Any, n: int, device: torch.device) -> Tensor:
             ) from err
     if targets.ndim == 2 and targets.shape[0] == n and targets.shape[1] > 1:
         raise ValueError(
-            f"targets must be class indices [N] or multi-hot labels [N, C] of 0 and 1, got shape "
+            f"targets must be one class index per image [N] or multi-hot labels [N, C] of 0 and 1, got shape "
             f"{_shape(targets)} (one-hot or scores?): pass targets.argmax(dim=1) for one class per image"
         )
     if targets.ndim != 1 or targets.shape[0] != n:

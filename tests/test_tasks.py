@@ -619,3 +619,46 @@ def test_an_alarm_on_probe_f1_is_accepted_on_a_multi_label_probe_only():
     assert key_problem("probe/f1", ("gradient",), ("stability",), None) is None  # probe drawn later
     with pytest.raises(ValueError, match="multi-label probes only"):
         check_alarm("probe/f1", ("gradient",), ("stability",), single)
+
+
+def test_probes_drawn_from_data_take_multi_hot_labels_and_label_maps():
+    from lightning_saliency.probe import ProbeSet
+
+    x = _x(4)
+    multi = torch.tensor([[1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0]])
+    maps = torch.zeros(4, 8, 8, dtype=torch.long)
+    maps[:, :3] = 2
+    items = [{"image": x[i], "labels": multi[i].float()} for i in range(4)]
+    probe = ProbeSet.from_dataset(items, size=4, seed=0)
+    assert len(probe) == int(multi.sum()) and probe.labels.dtype == torch.bool and probe.labels.shape[1] == 3
+    seg_items = [(x[i], maps[i]) for i in range(4)]
+    loader = torch.utils.data.DataLoader(seg_items, batch_size=2)
+    seg = ProbeSet.from_dataloader(loader, size=4)
+    assert len(seg) == 8 and seg.targets.tolist() == [0, 2] * 4 and seg.labels.shape == (8, 8, 8)
+    with pytest.raises(ValueError, match="all class indices, all multi-hot"):
+        ProbeSet.from_dataset([{"image": x[0], "label": 1}, {"image": x[1], "label": multi[0]}], size=2)
+
+
+def test_a_monitor_without_a_probe_draws_a_segmentation_probe_from_the_validation_data(tmp_path):
+    import json
+
+    import pytorch_lightning as pl
+
+    from lightning_saliency import SaliencyMonitor
+
+    class WithVal(_SegNet):
+        def validation_step(self, batch, _):
+            return self.training_step(batch, 0)
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    monitor = SaliencyMonitor(None, probe_size=4, methods=("gradient",), metrics=("drift",),
+                              dirpath=str(tmp_path / "saliency"), log_images=0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(WithVal())
+    report = json.loads((tmp_path / "saliency" / "report.json").read_text())
+    assert report["config"]["task"] == "segmentation" and monitor.probe.labels.shape[1:] == (16, 16)
+    assert report["audits"][-1]["errors"] == [] and 0 <= report["audits"][-1]["metrics"]["probe/accuracy"] <= 1
