@@ -55,6 +55,7 @@ from torch import Tensor, nn
 __all__ = [
     "TASKS",
     "OutputAdapter",
+    "Segmentation",
     "Task",
     "TaskModel",
     "check_probe_fit",
@@ -164,7 +165,8 @@ class Task:
     implement :meth:`check` and :meth:`class_scores`; the rest derive from them.
 
     ``class_scores(out)`` is the ``[N, K]`` class-score matrix (differentiable, in the output's dtype): a target
-    is a column, the explained score of row ``i`` is ``class_scores(out)[i, target_i]``.
+    is a column, the explained score of row ``i`` is ``class_scores(out)[i, target_i]``. ``images`` (``[N]``, the
+    explained image each row derives from) lets a task hold per-image data, as :class:`Segmentation`'s masks.
     """
 
     name = "task"
@@ -179,7 +181,7 @@ class Task:
                           f"shape {tuple(out.shape)}{extra}: pass the task that fits (task='multiclass', "
                           "'binary', 'multilabel' or 'segmentation'), or output= to pick another tensor")
 
-    def class_scores(self, out: Tensor) -> Tensor:
+    def class_scores(self, out: Tensor, images: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def num_classes(self, out: Tensor) -> int:
@@ -232,7 +234,7 @@ class Multiclass(Task):
             hint = " (a segmentation model? task='segmentation')" if out.ndim == 4 else ""
             raise self._shape_error(out, hint)
 
-    def class_scores(self, out: Tensor) -> Tensor:
+    def class_scores(self, out: Tensor, images: Tensor | None = None) -> Tensor:
         return out
 
 
@@ -246,7 +248,7 @@ class Binary(Task):
             hint = " (two logits with a softmax: task='multiclass')" if out.ndim == 2 else ""
             raise self._shape_error(out, hint)
 
-    def class_scores(self, out: Tensor) -> Tensor:
+    def class_scores(self, out: Tensor, images: Tensor | None = None) -> Tensor:
         z = out.reshape(-1)
         return torch.stack([-z, z], dim=1)
 
@@ -269,20 +271,42 @@ class Multilabel(Multiclass):
 
 class Segmentation(Task):
     """Per-pixel logits ``[N, C, H, W]``: the score of class ``c`` is the sum of its logits over the pixels
-    predicted as ``c`` (zero when no pixel is); its confidence is the mean softmax probability of ``c``; with no
-    target, the class predicted on the most pixels is explained."""
+    predicted as ``c`` (zero when no pixel is), or over a given target mask: ``Segmentation(masks)`` with one mask
+    ``[H, W]`` per explained image (``[N, H, W]`` bool, at the output's resolution), e.g. the labelled pixels of
+    the target class. Its confidence is the mean softmax probability of ``c``; with no target, the class predicted
+    on the most pixels is explained.
+
+    Example:
+        >>> import torch
+        >>> out = torch.tensor([[[[1.0, 3.0]], [[2.0, 0.0]]]])  # [1, 2 classes, 1, 2]: pixel 0 is class 1
+        >>> Segmentation().class_scores(out).tolist(), Segmentation(torch.tensor([[[True, True]]])).class_scores(
+        ...     out, torch.tensor([0])).tolist()
+        ([[3.0, 2.0]], [[4.0, 2.0]])
+    """
 
     name, shape = "segmentation", "[N, num_classes, H, W]"
+
+    def __init__(self, masks: Tensor | None = None):
+        self.masks = None if masks is None else torch.as_tensor(masks).bool()
+
+    def __repr__(self) -> str:
+        return "Task('segmentation')" if self.masks is None else f"Segmentation(masks {tuple(self.masks.shape)})"
 
     def check(self, out: Tensor) -> None:
         if out.ndim != 4:
             raise self._shape_error(out)
+        if self.masks is not None and (self.masks.ndim != 3 or tuple(self.masks.shape[1:]) != tuple(out.shape[2:])):
+            raise ValueError(f"task=Segmentation(masks): the masks are {tuple(self.masks.shape)}, but they must be "
+                             f"[N, H, W] = [N, {out.shape[2]}, {out.shape[3]}], one per image at the output's size")
 
     @staticmethod
     def _predicted(out: Tensor) -> Tensor:
         return nn.functional.one_hot(out.detach().argmax(dim=1), out.shape[1]).permute(0, 3, 1, 2)
 
-    def class_scores(self, out: Tensor) -> Tensor:
+    def class_scores(self, out: Tensor, images: Tensor | None = None) -> Tensor:
+        if self.masks is not None and images is not None:
+            region = self.masks.to(out.device)[images.to(out.device)].unsqueeze(1)  # [n, 1, H, W], every class
+            return (out * region.to(out.dtype)).sum(dim=(2, 3))
         return (out * self._predicted(out).to(out.dtype)).sum(dim=(2, 3))
 
     def predict(self, out: Tensor) -> Tensor:

@@ -662,3 +662,30 @@ def test_a_monitor_without_a_probe_draws_a_segmentation_probe_from_the_validatio
     report = json.loads((tmp_path / "saliency" / "report.json").read_text())
     assert report["config"]["task"] == "segmentation" and monitor.probe.labels.shape[1:] == (16, 16)
     assert report["audits"][-1]["errors"] == [] and 0 <= report["audits"][-1]["metrics"]["probe/accuracy"] <= 1
+
+
+def test_segmentation_over_given_target_masks_scores_the_class_logits_inside_each_mask():
+    from lightning_saliency.tasks import Segmentation
+
+    model, x = Seg(), _x(3)
+    logits = model(x)["out"].detach()
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, :2], masks[1, :, 3:], masks[2, 4, 4] = True, True, True
+    t = torch.tensor([0, 2, 1])
+    maps, info = attribute(model, x, t, methods=("gradient", "integrated_gradients", "occlusion"), layer="body.1",
+                           task=Segmentation(masks), return_info=True, **FAST)
+    assert info.task == "segmentation"
+    expected = torch.stack([logits[i, c][masks[i]].sum() for i, c in enumerate(t.tolist())])
+    torch.testing.assert_close(info.scores, expected)
+    # the masks follow the images through the batched passes: one image at a time gives the same maps
+    for i in range(3):
+        one = attribute(model, x[i : i + 1], t[i : i + 1], methods=("gradient", "integrated_gradients", "occlusion"),
+                        layer="body.1", task=Segmentation(masks[i : i + 1]), batch_size=3, **FAST)
+        for m in maps:
+            torch.testing.assert_close(maps[m][i : i + 1], one[m], msg=m)
+    # a mask of the predicted pixels is the default score
+    pred = logits.argmax(1)
+    own = attribute(model, x, t, methods="gradient", task=Segmentation(pred == t.view(-1, 1, 1)))["gradient"]
+    torch.testing.assert_close(own, attribute(model, x, t, methods="gradient")["gradient"])
+    with pytest.raises(ValueError, match=r"Segmentation\(masks\).*\[N, 8, 8\]"):
+        attribute(model, x, t, methods="gradient", task=Segmentation(torch.ones(3, 4, 4)))

@@ -327,7 +327,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
         if cap is not None:
             cap.reset()
         with torch.set_grad_enabled(need_input_grad):
-            logits = scorer.forward(xc)
+            logits = scorer.forward(xc, torch.arange(s, s + xc.shape[0], device=x.device))
         dtype = str(logits.dtype).replace("torch.", "")
         if s == 0:
             scorer.task.check_targets(t_all, scorer.last_output, "targets")

@@ -116,9 +116,10 @@ class Scorer:
             return contextlib.nullcontext()
         return _no_autocast()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, images: Tensor | None = None) -> Tensor:
         """One forward pass, counted; returns the class-score matrix ``[n, K]`` of the task (the logits for a
-        multiclass model), in the output's dtype."""
+        multiclass model), in the output's dtype. ``images``: the explained image of each row (for a task holding
+        per-image data, e.g. segmentation masks)."""
         with self._autocast():
             raw = self.model(x)
         self.forwards += 1
@@ -128,7 +129,7 @@ class Scorer:
         else:
             self.task.check(out)
         self.last_output = out
-        return self.task.class_scores(out)
+        return self.task.class_scores(out, images)
 
     def _rows_scores(self, logits: Tensor, image_idx: Tensor) -> Tensor:
         t = self.targets[image_idx]
@@ -138,13 +139,13 @@ class Scorer:
     def scores(self, rows: Tensor, image_idx: Tensor) -> Tensor:
         """Scores ``[n]`` (float32, no graph) of ``rows`` derived from images ``image_idx``."""
         with torch.no_grad():
-            return self._rows_scores(self.forward(rows), image_idx).detach()
+            return self._rows_scores(self.forward(rows, image_idx), image_idx).detach()
 
     def input_grads(self, rows: Tensor, image_idx: Tensor) -> tuple[Tensor, Tensor]:
         """``(d score / d rows, scores)`` for ``rows`` derived from images ``image_idx``: one forward, one
         ``torch.autograd.grad`` to the rows only (parameters' ``.grad`` is never touched)."""
         x = rows.detach().clone().requires_grad_(True)
-        score = self._rows_scores(self.forward(x), image_idx)
+        score = self._rows_scores(self.forward(x, image_idx), image_idx)
         (grad,) = torch.autograd.grad(score.sum(), [x])
         self.backwards += 1
         return grad.float(), score.detach()
