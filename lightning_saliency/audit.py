@@ -152,7 +152,9 @@ class AuditSpec:
         self.method_options = check_method_options(self.method_options, self.methods)
         if self.target not in ("prediction", "label"):
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
-        check_task(self.task)
+        if getattr(check_task(self.task), "masks", None) is not None:
+            raise ValueError("task=Segmentation(masks) holds one mask per image of one attribute() call; an audit "
+                             "explains its probe in parts (noisy copies, subsets): pass task='segmentation'")
         output_adapter(self.output)  # a bad output= fails now
 
     def explain(self, model: nn.Module, inputs: Tensor, targets: Tensor,

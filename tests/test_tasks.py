@@ -689,3 +689,7 @@ def test_segmentation_over_given_target_masks_scores_the_class_logits_inside_eac
     torch.testing.assert_close(own, attribute(model, x, t, methods="gradient")["gradient"])
     with pytest.raises(ValueError, match=r"Segmentation\(masks\).*\[N, 8, 8\]"):
         attribute(model, x, t, methods="gradient", task=Segmentation(torch.ones(3, 4, 4)))
+    from lightning_saliency.audit import AuditSpec
+
+    with pytest.raises(ValueError, match="task='segmentation'"):  # an audit explains its probe in parts
+        AuditSpec(methods=("gradient",), task=Segmentation(masks))
