@@ -50,12 +50,14 @@ import torch
 from torch import Tensor, nn
 
 from . import health as _health
+from .labels import iou_counts, mean_iou, multilabel_accuracy
 from .layers import TargetLayer
 from .methods.engine import attribute
 from .methods.registry import SIGNED_METHODS, method_names
 from .metrics.registry import AuditContext, get_metric, metric_names, specs
 from .probe import ProbeSet
 from .report import error_record
+from .tasks import TaskModel, check_task, output_adapter
 
 __all__ = [
     "ALL_METRICS",
@@ -118,6 +120,9 @@ class AuditSpec:
             it is sharded; ``None`` = all).
         expensive_images: images used by the expensive metrics (the first ones; ``None`` = all).
         seed: seed of every random draw the metrics make (they never touch the global generators).
+        output, task: which tensor of the model's output to explain and the task giving its class scores
+            (:mod:`lightning_saliency.tasks`; ``task=None`` infers it at each audit); ``task_inferred`` records
+            that a caller (the monitor's setup check) inferred ``task``.
     """
 
     methods: tuple[str, ...] = ("gradcam", "gradient")
@@ -132,6 +137,9 @@ class AuditSpec:
     stability_images: int | None = 8
     expensive_images: int | None = 16
     seed: int = 0
+    output: Any = None
+    task: str | None = None
+    task_inferred: bool = False
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -146,6 +154,10 @@ class AuditSpec:
         self.method_options = check_method_options(self.method_options, self.methods)
         if self.target not in ("prediction", "label"):
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
+        if getattr(check_task(self.task), "masks", None) is not None:
+            raise ValueError("task=Segmentation(masks) holds one mask per image of one attribute() call; an audit "
+                             "explains its probe in parts (noisy copies, subsets): pass task='segmentation'")
+        output_adapter(self.output)  # a bad output= fails now
 
     def explain(self, model: nn.Module, inputs: Tensor, targets: Tensor,
                 methods: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -157,7 +169,8 @@ class AuditSpec:
         if isinstance(layer, TargetLayer) and not any(m is layer.module for m in model.modules()):
             layer = layer.name
         return attribute(model, inputs, targets, methods=tuple(methods or self.methods), layer=layer,
-                         reshape=self.reshape, batch_size=self.batch_size, **self.method_options)
+                         reshape=self.reshape, batch_size=self.batch_size, output=self.output, task=self.task,
+                         **self.method_options)
 
 
 @dataclass
@@ -179,6 +192,8 @@ class ShardResult:
     ranks: dict[str, Tensor] = field(default_factory=dict)  # |M| ranked, for the next audit's drift (not merged)
     finite_logits: Tensor | None = None
     degenerate: dict[str, Tensor] = field(default_factory=dict)
+    # a multi-label probe's logit > 0 ([n, C] bool) or a segmentation probe's IoU counts ([n, 3, C]): the accuracy
+    label_predictions: Tensor | None = None
 
 
 def _nan(n: int) -> Tensor:
@@ -235,7 +250,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
 
     def explain_with_info(methods: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
         return attribute(model, inputs, explain_targets, methods=tuple(methods), layer=spec.layer,
-                         reshape=spec.reshape, batch_size=spec.batch_size, return_info=True,
+                         reshape=spec.reshape, batch_size=spec.batch_size, return_info=True, output=spec.output,
+                         task=spec.task,
                          on_error="raise" if on_error == "raise" else "collect", **spec.method_options)
 
     try:
@@ -257,8 +273,10 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             from .guard import SideEffectGuard
 
             with SideEffectGuard(model), torch.no_grad():
-                logits = model(inputs)
-            predictions, finite = logits.argmax(1), torch.isfinite(logits).all(1)
+                wrapped = TaskModel(model, spec.output, spec.task)
+                out = wrapped.tensor(inputs)
+                logits = wrapped.task.class_scores(out)
+            predictions, finite = wrapped.task.predict(out), torch.isfinite(logits).all(1)
             dtype = str(logits.dtype).replace("torch.", "")
             targets = predictions if explain_targets is None else explain_targets
         else:
@@ -266,6 +284,21 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     else:
         predictions, targets, dtype, finite = info.predictions, info.targets, info.forward_dtype, info.finite
     finite = torch.ones(n, dtype=torch.bool) if finite is None else finite.detach().bool().cpu()
+    # the metrics that run the model again see its class-score matrix: every task alike
+    model = TaskModel(model, spec.output, info.task if info is not None else wrapped.task)
+    label_predictions = None
+    labels = getattr(probe, "labels", None)
+    if labels is not None and model.task.name in ("multilabel", "segmentation"):
+        from .guard import SideEffectGuard
+
+        with SideEffectGuard(model), torch.no_grad():  # the decisions the probe accuracy needs
+            step = spec.batch_size or n
+            outs = [model.tensor(inputs[i : i + step]) for i in range(0, n, step)]
+            if model.task.name == "multilabel":
+                label_predictions = torch.cat([o > 0 for o in outs]).cpu()
+            else:
+                label_predictions = torch.cat([iou_counts(o.argmax(1), labels[i * step : (i + 1) * step], o.shape[1])
+                                               for i, o in enumerate(outs)]).cpu()
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
 
@@ -312,6 +345,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         ranks={k: v.detach().cpu() for k, v in ctx.ranks.items()},
         finite_logits=finite,
         degenerate=degenerate,
+        label_predictions=label_predictions,
     )
 
 
@@ -376,9 +410,12 @@ def merge(results: Sequence[ShardResult]) -> ShardResult:
                             for r, k in zip(results, sizes)])[order]
     degenerate = {key: torch.cat([r.degenerate.get(key, torch.zeros(k, dtype=torch.int8))
                                   for r, k in zip(results, sizes)])[order] for key in maps}
+    labels = None
+    if all(r.label_predictions is not None for r in results):
+        labels = torch.cat([r.label_predictions for r in results])[order]
     return ShardResult(indices=indices[order], predictions=torch.cat([r.predictions for r in results])[order],
                        maps=maps, per_image=per_image, errors=errors, dtype=results[0].dtype,
-                       finite_logits=finite, degenerate=degenerate)
+                       finite_logits=finite, degenerate=degenerate, label_predictions=labels)
 
 
 def _nanmean(v: Tensor) -> float:
@@ -391,7 +428,9 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
 
     Keys: ``<method>/<metric>`` (mean over images), ``<method>/<metric>/<group>`` (per-group means of the rows
     reported ``per_group``), the probe-level rows' values (their ``summary``: ``attention_disparity``,
-    ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``.
+    ``group_divergence``), ``probe/accuracy``, ``probe/accuracy/class_<k>`` and ``probe/accuracy/<group>``; on a
+    multi-label probe (``labels``) these are per-label accuracies, plus ``probe/f1``; on a segmentation probe, IoUs
+    (``probe/accuracy`` is the mean IoU): :mod:`lightning_saliency.labels`.
 
     Degenerate images (:mod:`lightning_saliency.health`) are left out: the accuracies are NaN when any logit is not
     finite; a probe-level row uses a method's usable images only, and is NaN when none (or no image of some group)
@@ -410,6 +449,12 @@ def summarize(result: ShardResult, probe: ProbeSet, spec: AuditSpec) -> dict[str
         for g in sorted(set(groups)):
             sel = torch.tensor([x == g for x in groups])
             out[f"probe/accuracy/{g}"] = float(correct[sel].mean())
+    if result.label_predictions is not None and getattr(probe, "labels", None) is not None:
+        # multi-label: per-label accuracy and F1; segmentation: mean IoU (NaN like the above when a logit is not
+        # finite)
+        multi = multilabel_accuracy(result.label_predictions, probe.labels, groups) \
+            if result.label_predictions.ndim == 2 else mean_iou(result.label_predictions, groups)
+        out.update({k: v if bool(correct.isfinite().all()) else math.nan for k, v in multi.items()})
     for key, values in result.per_image.items():
         out[key] = _nanmean(values)
         row = get_metric(key.split("/", 1)[1])

@@ -62,6 +62,7 @@ from .metrics import registry as metric_registry
 from .probe import ProbeSet
 from .recording import Recorder
 from .report import place_record, stage_of
+from .tasks import probe_task
 
 __all__ = ["SaliencyMonitor", "ShortcutAlarm", "ShortcutDetected"]
 
@@ -107,20 +108,9 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec:
     param = next(pl_module.parameters(), None)
     if param is not None and param.is_floating_point() and example.is_floating_point():
         example = example.to(param.dtype)
-    try:
-        with _eager(), SideEffectGuard(pl_module), torch.no_grad():
-            logits = pl_module(example)
-    except Exception as e:
-        raise ValueError(f"the probe's inputs {tuple(probe.inputs.shape)} do not fit the model "
-                         f"({type(e).__name__}: {e}). Build the probe from the data the model trains on, "
-                         f"e.g. ProbeSet.from_dataset(val_set)") from e
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise ValueError("SaliencyMonitor needs the model's forward to return logits [N, num_classes], got "
-                         f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}; wrap the model so "
-                         "that forward(x) returns class scores")
-    if int(probe.targets.max()) >= logits.shape[1]:
-        raise ValueError(f"the probe has target {int(probe.targets.max())} but the model has {logits.shape[1]} "
-                         f"classes; build the probe from the model's own dataset")
+    with _eager():  # the probe fits the model, its output gives class scores, the task is known
+        task, inferred = probe_task(pl_module, example, probe, spec.output, None if spec.task_inferred else spec.task)
+    spec.task, spec.task_inferred = task.name, inferred
     opts = {**all_options(), **spec.method_options}
     for method in (m for m in spec.methods if get_method(m).validate is not None):
         try:  # a bad value fails here, not at every audit
@@ -137,6 +127,13 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec:
         return resolve_layer(pl_module, layer, example_input=example)
     except ValueError as e:
         raise ValueError(f"SaliencyMonitor(layer={layer!r}): {e}") from e
+
+
+def _config(monitor: SaliencyMonitor) -> dict[str, Any]:
+    """The report's ``config`` header: what the monitor audits, and the task (``task_inferred``: by the setup)."""
+    spec = monitor.spec
+    return {"methods": list(spec.methods), "layer": monitor.layer_name, "metrics": list(spec.metrics),
+            "every_n_epochs": monitor.every_n_epochs, "task": spec.task, "task_inferred": spec.task_inferred}
 
 
 def _probe_from_data(trainer: Any, pl_module: Any, size: int, seed: int) -> ProbeSet:
@@ -213,6 +210,8 @@ class SaliencyMonitor(_Base):
         scorecard: at the end of fit, score every method once into the report (:func:`lightning_saliency.scorecard`).
         discover, discover_method, discover_options: find unannotated shortcuts at every audit and confirm them
             by pasting (the record's ``discovery``, keys ``discovery/suspects``): :mod:`~lightning_saliency.discovery_audit`.
+        output, task: which tensor of the model's output to explain and the task giving its class scores, as in
+            :func:`~lightning_saliency.attribute` (``task=None``: inferred at setup, recorded in the report).
 
     Example:
         >>> import torch
@@ -248,6 +247,7 @@ class SaliencyMonitor(_Base):
         seed: int = 0,
         scorecard: bool = False,
         discover: bool = True, discover_method: str | None = None, discover_options: dict[str, Any] | None = None,
+        output: Any = None, task: Literal["multiclass", "binary", "multilabel", "segmentation"] | None = None,
     ) -> None:
         _check_arguments(probe, every_n_epochs, on_error, expensive_every_n_audits, probe_size, image_colors)
         self.probe = probe
@@ -267,7 +267,7 @@ class SaliencyMonitor(_Base):
         self.spec = AuditSpec(methods=tuple(methods), metrics=tuple(metrics) if metrics is not None else DEFAULT_METRICS,
                               layer="auto", batch_size=batch_size, target=target,
                               method_options=dict(method_options or {}), stability_images=stability_images,
-                              expensive_images=expensive_images, seed=seed)
+                              expensive_images=expensive_images, seed=seed, output=output, task=task)
         self.discovery = DiscoveryAudit(discover, discover_method, discover_options, self.spec.methods, seed)
         self.history: list[dict[str, Any]] = []
         self._alarms: list[ShortcutAlarm] = []
@@ -358,12 +358,10 @@ class SaliencyMonitor(_Base):
         self._shard = probe.shard(rank, world)
         self._moved = None
         self._prepared_for = (id(trainer), id(pl_module))
-        self._prev_maps = None
-        self._prev_ranks = None
+        self._prev_maps = self._prev_ranks = None
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank opens, here
         self._run_id = self._recorder.open(trainer, pl_module, probe, history=self.history, run_id=self._run_id,
-            stage=_audit_stage(trainer), config={"methods": list(self.spec.methods), "layer": self.layer_name,
-                                                 "metrics": list(self.spec.metrics), "every_n_epochs": self.every_n_epochs})
+            stage=_audit_stage(trainer), config=_config(self))
 
     # -- when to audit ------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

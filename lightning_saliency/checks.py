@@ -138,6 +138,10 @@ def key_problem(key: str, methods: Sequence[str], metrics: Sequence[str], probe:
         return _discovery_problem(key, discover)
     if parts[:2] == ["probe", "accuracy"]:
         return _accuracy_problem(key, probe)
+    if key == "probe/f1":  # multi-label probes only (lightning_saliency.labels)
+        labels = getattr(probe, "labels", None)
+        return None if probe is None or (labels is not None and labels.ndim == 2) else \
+            "probe/f1 is reported for multi-label probes only (ProbeSet with multi-hot targets [N, C])"
     if len(parts) < 2 or not all(parts[:2]):
         return f"{key!r} is not a report key: keys are <method>/<metric> and, per group, <method>/<metric>/<group>"
     method = parts[0]

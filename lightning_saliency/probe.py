@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, RandomSampler
 
+from .labels import label_rows
 from .sampling import (
     Sample,
     _binary,
@@ -95,8 +96,8 @@ def _check_targets(targets: Any, n: int, device: torch.device) -> Tensor:
             ) from err
     if targets.ndim == 2 and targets.shape[0] == n and targets.shape[1] > 1:
         raise ValueError(
-            f"targets must be class indices [N], got shape {_shape(targets)} (one-hot or scores?): "
-            "pass targets.argmax(dim=1)"
+            f"targets must be one class index per image [N] or multi-hot labels [N, C] of 0 and 1, got shape "
+            f"{_shape(targets)} (one-hot or scores?): pass targets.argmax(dim=1) for one class per image"
         )
     if targets.ndim != 1 or targets.shape[0] != n:
         raise ValueError(
@@ -147,7 +148,12 @@ class ProbeSet:
 
     Args:
         inputs: float tensor ``[N, C, H, W]``, as the model takes it (already normalised).
-        targets: integer class indices ``[N]`` (any int dtype, list or array; stored as ``torch.long``).
+        targets: integer class indices ``[N]`` (any int dtype, list or array; stored as ``torch.long``), or
+            multi-hot labels ``[N, C]`` (multi-label), or integer label maps ``[N, H, W]`` (segmentation; 255 and
+            negative values: no class): each positive label or class present of an image becomes its own probe
+            row (targeting it; inputs, groups and masks repeated), and :attr:`labels` keeps each row's image's
+            multi-hot labels ``[rows, C]`` or label map ``[rows, H, W]`` (:mod:`lightning_saliency.labels`: for
+            per-label accuracy and F1, or mean IoU). One-hot labels are refused: pass their ``argmax(dim=1)``.
         groups: optional names ``[N]`` (anything ``str()`` turns into a name), e.g. the acquisition site.
         object_masks: optional ``[N, H, W]`` (or ``[N, 1, H, W]``) bool or 0/1: where the object is.
         spurious_masks: optional, same form: where a known shortcut lives (a watermark, a border).
@@ -171,10 +177,21 @@ class ProbeSet:
         spurious_masks: Tensor | None = None,
         *,
         indices: Tensor | Sequence[int] | None = None,
+        labels: Tensor | None = None,
         _allow_empty: bool = False,
     ) -> None:
         inputs = _check_inputs(inputs)
         n = int(inputs.shape[0])
+        expanded = label_rows(targets, n, (int(inputs.shape[2]), int(inputs.shape[3])))
+        if expanded is not None:  # multi-hot labels or label maps: one row per (image, label or class present)
+            image, targets, labels = expanded
+            hw0, rows = (int(inputs.shape[2]), int(inputs.shape[3])), image.to(inputs.device)
+            if object_masks is not None:
+                object_masks = _check_masks(object_masks, n, hw0, "object_masks", inputs.device)[rows]
+            if spurious_masks is not None:
+                spurious_masks = _check_masks(spurious_masks, n, hw0, "spurious_masks", inputs.device)[rows]
+            groups = None if groups is None else [_check_groups(groups, n)[i] for i in image.tolist()]
+            inputs, n = inputs[rows], int(image.numel())
         if n == 0 and not _allow_empty:
             raise ValueError(
                 "the probe is empty (0 inputs): pass at least one image (a non-empty dataset, size > 0)"
@@ -186,6 +203,9 @@ class ProbeSet:
         self.groups: list[str] | None = _check_groups(groups, n)
         self.object_masks: Tensor | None = _check_masks(object_masks, n, hw, "object_masks", device)
         self.spurious_masks: Tensor | None = _check_masks(spurious_masks, n, hw, "spurious_masks", device)
+        self.labels: Tensor | None = None if labels is None else labels.detach().to(device)
+        if self.labels is not None and self.labels.shape[0] != n:
+            raise ValueError(f"labels must have one row per target, [{n}, ...], got {_shape(self.labels)}")
         if indices is None:
             self.indices: Tensor = torch.arange(n, dtype=torch.long)
         else:
@@ -247,7 +267,7 @@ class ProbeSet:
             ("targets", self.targets),
             ("object_masks", self.object_masks),
             ("spurious_masks", self.spurious_masks),
-        ]
+        ] + ([("labels", self.labels)] if self.labels is not None else [])
 
     @property
     def fingerprint(self) -> str:
@@ -303,6 +323,7 @@ class ProbeSet:
             object_masks=take(self.object_masks),
             spurious_masks=take(self.spurious_masks),
             indices=self.indices[idx] if idx is not None else self.indices.clone(),
+            labels=take(self.labels),
             _allow_empty=True,
         )
 
@@ -383,6 +404,7 @@ class ProbeSet:
             "object_masks": cpu(self.object_masks),
             "spurious_masks": cpu(self.spurious_masks),
             "indices": cpu(self.indices),
+            "labels": cpu(self.labels),
             "fingerprint": self.fingerprint,
         }
 
@@ -425,6 +447,7 @@ class ProbeSet:
             object_masks=copy(state.get("object_masks")),
             spurious_masks=copy(state.get("spurious_masks")),
             indices=copy(state.get("indices")),
+            labels=copy(state.get("labels")),
             _allow_empty=True,
         )
         stored = state.get("fingerprint")

@@ -21,7 +21,7 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
     {"schema": "lightning-saliency/report/v1", "created": iso8601, "updated": iso8601,
      "run": {"id", "log_dir", "model", "torch", "lightning", "precision", "world_size"},
      "probe": {"size", "fingerprint", "groups": {name: count} | null, "object_masks", "spurious_masks"},
-     "config": {"methods", "layer", "metrics", "every_n_epochs"},
+     "config": {"methods", "layer", "metrics", "every_n_epochs", "task", "task_inferred"},
      "audits": [{"stage", "epoch", "global_step", "time", "duration_s", "precision",
                  "metrics": {"<method>/<metric>[/<group>]": float | null},
                  "health": {"logits": "ok" | "<problem>: k of n", "<method>": "ok" | "<problem>: k of n[; ...]"},

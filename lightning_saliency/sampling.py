@@ -195,6 +195,21 @@ def _target_of(sample: Sample, index: int, target_key: str | int | None) -> int:
     return int(value)
 
 
+def _label_of(sample: Sample, index: int, target_key: str | int | None, hw: tuple[int, int]) -> int | Tensor:
+    """The item's target: a class index, or a tensor when it holds multi-hot labels ``[C]`` (0 and 1) or an
+    integer label map ``[H, W]`` at the input's size (:mod:`lightning_saliency.labels` expands them into rows)."""
+    value = _resolve_key(sample, target_key, _TARGET_KEYS, 1, "target", index)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if isinstance(value, Tensor) and value.numel() > 1:
+        if value.ndim == 1 and bool(((value == 0) | (value == 1)).all()):
+            return value.detach().cpu()
+        label_map = value.squeeze(0) if value.ndim == 3 else value
+        if label_map.ndim == 2 and tuple(label_map.shape) == hw and not label_map.is_floating_point():
+            return label_map.detach().cpu().long()
+    return _target_of(sample, index, target_key)
+
+
 def _input_of(sample: Sample, index: int, input_key: str | int | None) -> Tensor:
     value = _resolve_key(sample, input_key, _INPUT_KEYS, 0, "input", index)
     if isinstance(value, np.ndarray):
@@ -262,10 +277,14 @@ def _build(
                 "the probe images must share one size; add a Resize/CenterCrop transform"
             )
         inputs.append(x)
-        targets.append(_target_of(sample, index, target_key))
+        hw = (int(x.shape[1]), int(x.shape[2]))
+        targets.append(_label_of(sample, index, target_key, hw))
+        if isinstance(targets[-1], Tensor) != isinstance(targets[0], Tensor) or (
+                isinstance(targets[0], Tensor) and targets[-1].shape != targets[0].shape):
+            raise ValueError(f"item {index}'s target does not match item {samples[0][0]}'s: the probe's targets are "
+                             "all class indices, all multi-hot labels [C] or all label maps [H, W]")
         if group_fn is not None:
             groups.append(_to_name(group_fn(sample)))
-        hw = (int(x.shape[1]), int(x.shape[2]))
         for key in masks:
             masks[key].append(_mask_of(sample, fns[key], key, index, hw))
     stacked: dict[str, Tensor | None] = {}
@@ -283,7 +302,7 @@ def _build(
             stacked[key] = None
     return cls(
         torch.stack(inputs),
-        torch.tensor(targets, dtype=torch.long),
+        torch.stack(targets) if targets and isinstance(targets[0], Tensor) else torch.tensor(targets, dtype=torch.long),
         groups=groups if group_fn is not None else None,
         object_masks=stacked["object_mask"],
         spurious_masks=stacked["spurious_mask"],

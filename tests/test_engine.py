@@ -201,16 +201,16 @@ def test_bad_input_is_a_clear_error(kwargs, match):
         attribute(**args)
 
 
-def test_model_that_does_not_return_logits_is_a_clear_error():
+def test_model_whose_output_holds_no_logits_is_a_clear_error_naming_output():
     class Dict(nn.Module):
         def __init__(self):
             super().__init__()
             self.net = _net()
 
         def forward(self, x):
-            return {"logits": self.net(x)}
+            return {"scores": self.net(x), "aux": x.mean()}
 
-    with pytest.raises(ValueError, match="wrap the model"):
+    with pytest.raises(ValueError, match=r"keys \['scores', 'aux'\].*output="):
         attribute(Dict(), _x(2), methods="gradient")
 
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..guard import SideEffectGuard
 from ..maps import resize
+from ..tasks import check_task, output_adapter, unwrap
 from . import cam as cam_mod
 from .registry import MethodSpec, OwnPass, all_options, get_method, method_names
 from .scoring import Scorer, class_scores
@@ -113,6 +114,8 @@ class AttributionInfo:
         errors: method -> the exception it raised, for methods that failed under ``on_error="collect"`` or
             ``"warn"`` (a combined method whose part failed holds the part's exception).
         finite: ``[N]`` bool, True where every logit of the image is finite (a NaN model: all False).
+        task, task_inferred, output: the task explained, whether ``task=None`` inferred it, and what ``output=``
+            took from the model's output, e.g. ``"key 'logits'"`` (:mod:`lightning_saliency.tasks`).
 
     Example:
         >>> import torch
@@ -132,6 +135,9 @@ class AttributionInfo:
     seconds: dict[str, float] = field(default_factory=dict)
     errors: dict[str, BaseException] = field(default_factory=dict)
     finite: Tensor | None = None
+    task: str = "multiclass"
+    task_inferred: bool = False
+    output: str = "tensor"
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -199,16 +205,6 @@ def _as_classes(value: Any, n: int, name: str, device: torch.device) -> Tensor |
     return t.to(device=device, dtype=torch.long)
 
 
-def _check_range(t: Tensor | None, num_classes: int, name: str) -> None:
-    if t is None:
-        return
-    bad = ((t < 0) | (t >= num_classes)).nonzero()
-    if len(bad):
-        i = int(bad[0, 0])
-        raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range [0, {num_classes}) for a model with "
-                         f"{num_classes} outputs: pass class indices in [0, {num_classes})")
-
-
 # ------------------------------------------------------------------------------------------------ shared pass
 
 
@@ -274,16 +270,18 @@ class _Capture:
             self.linear_calls.append((module, args[0].detach(), output))
 
 
-def _cam_weights(cap: _Capture, logits: Tensor, A: Tensor, t: Tensor, q: Tensor | None) -> Tensor:
+def _cam_weights(cap: _Capture, scorer: Scorer, A: Tensor, t: Tensor, q: Tensor | None) -> Tensor:
     hint = ("CAM needs a global-average-pool + linear head after the target layer (like ResNet's avgpool + fc); "
             "use method 'gradcam' instead")
-    heads = [c for c in cap.linear_calls if c[2] is logits or (c[2].shape == logits.shape and
-                                                                torch.equal(c[2].detach(), logits.detach()))]
+    out = scorer.last_output  # the adapted output: the head's output, maybe reshaped ([N, 1] -> [N] for binary)
+    heads = [c for c in cap.linear_calls if c[2] is out or (c[2].numel() == out.numel() and
+                                                             torch.equal(c[2].detach().reshape(out.shape),
+                                                                         out.detach()))]
     if not heads:
         raise ValueError(f"no nn.Linear layer after {cap.target.name!r} produces the logits. {hint}")
     linear, linear_input, _ = heads[-1]
     cam_mod.check_gap_linear_head(A, linear, linear_input, cap.target.name)
-    weight = linear.weight.detach().float()
+    weight = scorer.task.head_weight(linear.weight.detach().float())
     rows = weight[t]
     if q is not None:
         rows = rows - weight[q]
@@ -329,12 +327,12 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
         if cap is not None:
             cap.reset()
         with torch.set_grad_enabled(need_input_grad):
-            logits = scorer.forward(xc)
+            logits = scorer.forward(xc, torch.arange(s, s + xc.shape[0], device=x.device))
         dtype = str(logits.dtype).replace("torch.", "")
         if s == 0:
-            _check_range(t_all, logits.shape[1], "targets")
-            _check_range(q_all, logits.shape[1], "contrast")
-        pred = logits.detach().argmax(dim=1)
+            scorer.task.check_targets(t_all, scorer.last_output, "targets")
+            scorer.task.check_targets(q_all, scorer.last_output, "contrast")
+        pred = scorer.task.predict(scorer.last_output)
         t = pred if t_all is None else t_all[s : s + batch_size]
         q = None if q_all is None else q_all[s : s + batch_size]
         score = class_scores(logits, t, q)
@@ -386,7 +384,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
                 if spec.rides == "cam":
                     out[spec.name].append(resize(spec.fn(A, G), (H, W)))
                 elif spec.rides == "head":
-                    out[spec.name].append(resize(spec.fn(A, _cam_weights(cap, logits, A, t, q)), (H, W)))
+                    out[spec.name].append(resize(spec.fn(A, _cam_weights(cap, scorer, A, t, q)), (H, W)))
                 else:
                     out[spec.name].append(spec.fn(xc.detach(), g_x))
             except ValueError as err:
@@ -432,12 +430,16 @@ def attribute(
     batch_size: int | None = None,
     contrast: Tensor | Sequence[int] | int | None = None,
     reshape: Callable[[Tensor], Tensor] | None = None,
+    output: Any = None,
+    task: str | None = None,
     **options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], AttributionInfo]:
     """Saliency maps of ``model`` for ``inputs``, one ``[N, H, W]`` float32 map per method.
 
     Args:
-        model: a classifier whose ``forward(inputs)`` returns logits ``[N, num_classes]``. It is run in eval mode
+        model: a model whose ``forward(inputs)`` returns logits ``[N, num_classes]``, or anything ``output=`` and
+            ``task=`` turn into class scores (a dict, a tuple, a ``ModelOutput``; one binary logit, multi-label
+            or segmentation logits: :mod:`lightning_saliency.tasks`). It is run in eval mode
             and left exactly as found (training flags, ``requires_grad``, ``.grad``, hooks, random states). A
             ``torch.compile``d model is explained through its original module, run eagerly.
         inputs: ``[N, C, H, W]`` float tensor; never modified (the engine differentiates a detached copy).
@@ -459,6 +461,10 @@ def attribute(
         contrast: a second class per image (same forms as ``targets``): explain ``y^target - y^contrast``, i.e.
             "why the target and not the contrast class".
         reshape: maps the target layer's output to ``[N, K, h, w]`` (found automatically for ViT/Swin layers).
+        output, task: which tensor of the model's output to explain (``None``: a tensor, a tuple's first element,
+            a dict's ``"logits"`` else ``"out"``, ``.logits``; a key; a callable) and how it gives class scores
+            (``"multiclass"``, ``"binary"``, ``"multilabel"``, ``"segmentation"``; ``None`` infers it):
+            :mod:`lightning_saliency.tasks`.
         **options: (defaults from :func:`default_options`, registered methods' included; anything else is a
             ``ValueError`` naming the closest known option)
 
@@ -507,6 +513,8 @@ def attribute(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, layer = _uncompiled(model, layer)
+    model, output, task = unwrap(model, output, check_task(task))
+    output = output_adapter(output)  # a bad output= fails here
     opts = _check_options(options)
     requested = _check_methods(methods)
     _check_inputs(inputs)
@@ -543,7 +551,8 @@ def attribute(
                 collect.update({s.name: err for s in specs if s.needs_layer})
                 specs = [s for s in specs if not s.needs_layer]
         scorer = Scorer(model, targets=torch.zeros(N, dtype=torch.long, device=device), contrast=q_all,
-                        batch_size=extra_bs, autocast_off=not opts["autocast"])
+                        batch_size=extra_bs, autocast_off=not opts["autocast"], output=output, task=task,
+                        task_targets=t_all)
         shared, t, pred, score, dtype, finite = _shared_pass(model, x, specs, t_all, q_all, target, guard,
                                                              scorer, shared_bs, collect)
         scorer.targets = t
@@ -584,5 +593,6 @@ def attribute(
         return result
     info = AttributionInfo(targets=t.detach(), predictions=pred, scores=score.float(), forward_dtype=dtype,
                            layer=None if target is None else target.name, forwards=scorer.forwards,
-                           backwards=scorer.backwards, seconds=seconds, errors=errors, finite=finite.cpu())
+                           backwards=scorer.backwards, seconds=seconds, errors=errors, finite=finite.cpu(),
+                           task=scorer.task.name, task_inferred=scorer.task_inferred, output=scorer.adapter.picked)
     return result, info

@@ -92,7 +92,7 @@ def shapley(scorer: Scorer, x: Tensor, grid: Any = 8, permutations: int = 16, ba
         >>> class Halves(torch.nn.Module):
         ...     def forward(self, x):
         ...         return torch.stack([x[..., :2].mean((1, 2, 3)) * w[0] + x[..., 2:].mean((1, 2, 3)) * w[1]], 1)
-        >>> scorer = Scorer(Halves(), targets=torch.tensor([0]))
+        >>> scorer = Scorer(Halves(), targets=torch.tensor([1]))  # one logit (binary): target 1 explains it
         >>> shapley(scorer, torch.ones(1, 1, 4, 4), grid=(1, 2), permutations=1)[0, 0].tolist()
         [1.0, 1.0, -2.0, -2.0]
     """

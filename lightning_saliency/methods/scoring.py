@@ -7,7 +7,9 @@ builds the rows a batch at a time (never the whole expansion at once) and return
 gradients when asked, for each batch.
 
 The score of a row derived from image ``i`` is ``y^{t_i}`` (the pre-softmax logit of image ``i``'s target), or
-``y^{t_i} - y^{q_i}`` with a contrast ``q``.
+``y^{t_i} - y^{q_i}`` with a contrast ``q``; for other outputs and tasks (a dict, a single binary logit,
+segmentation) the scorer's :class:`~lightning_saliency.tasks.OutputAdapter` and
+:class:`~lightning_saliency.tasks.Task` say what ``y^c`` is (:mod:`lightning_saliency.tasks`).
 
 Example:
     >>> import torch
@@ -24,9 +26,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..tasks import Task, get_task, output_adapter, resolve
 
 __all__ = ["Scorer", "Part", "check_logits", "class_scores"]
 
@@ -84,11 +89,21 @@ class Scorer:
         contrast: ``[N]`` long or ``None``; when given, the score is ``y^target - y^contrast``.
         batch_size: the most rows per forward pass.
         autocast_off: run the forwards with autocast disabled (float32).
+        output: what :func:`~lightning_saliency.tasks.output_adapter` takes: which tensor of the model's
+            output to explain (``None``: a tensor, a tuple's first element, a dict's ``"logits"`` or ``"out"``).
+        task: a :data:`~lightning_saliency.tasks.TASKS` name or ``None``: inferred at the first forward (from
+            the output's shape and ``task_targets``; ``task_inferred`` says so).
     """
 
     def __init__(self, model: nn.Module, targets: Tensor, contrast: Tensor | None = None,
-                 batch_size: int = 64, autocast_off: bool = False):
+                 batch_size: int = 64, autocast_off: bool = False, output: Any = None,
+                 task: str | Task | None = None, task_targets: Tensor | None = None):
         self.model = model
+        self.adapter = output_adapter(output)
+        self.task: Task | None = None if task is None else get_task(task)
+        self.task_inferred = False
+        self.task_targets = task_targets
+        self.last_output: Tensor | None = None  # the adapted output of the last forward (CAM finds its head)
         self.targets = targets
         self.contrast = contrast
         self.batch_size = int(batch_size)
@@ -101,12 +116,20 @@ class Scorer:
             return contextlib.nullcontext()
         return _no_autocast()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """One forward pass, counted; returns the checked logits."""
+    def forward(self, x: Tensor, images: Tensor | None = None) -> Tensor:
+        """One forward pass, counted; returns the class-score matrix ``[n, K]`` of the task (the logits for a
+        multiclass model), in the output's dtype. ``images``: the explained image of each row (for a task holding
+        per-image data, e.g. segmentation masks)."""
         with self._autocast():
-            out = self.model(x)
+            raw = self.model(x)
         self.forwards += 1
-        return check_logits(out)
+        out = self.adapter(raw)
+        if self.task is None:
+            self.task, self.task_inferred = resolve(out, None, self.task_targets)
+        else:
+            self.task.check(out)
+        self.last_output = out
+        return self.task.class_scores(out, images)
 
     def _rows_scores(self, logits: Tensor, image_idx: Tensor) -> Tensor:
         t = self.targets[image_idx]
@@ -116,13 +139,13 @@ class Scorer:
     def scores(self, rows: Tensor, image_idx: Tensor) -> Tensor:
         """Scores ``[n]`` (float32, no graph) of ``rows`` derived from images ``image_idx``."""
         with torch.no_grad():
-            return self._rows_scores(self.forward(rows), image_idx).detach()
+            return self._rows_scores(self.forward(rows, image_idx), image_idx).detach()
 
     def input_grads(self, rows: Tensor, image_idx: Tensor) -> tuple[Tensor, Tensor]:
         """``(d score / d rows, scores)`` for ``rows`` derived from images ``image_idx``: one forward, one
         ``torch.autograd.grad`` to the rows only (parameters' ``.grad`` is never touched)."""
         x = rows.detach().clone().requires_grad_(True)
-        score = self._rows_scores(self.forward(x), image_idx)
+        score = self._rows_scores(self.forward(x, image_idx), image_idx)
         (grad,) = torch.autograd.grad(score.sum(), [x])
         self.backwards += 1
         return grad.float(), score.detach()

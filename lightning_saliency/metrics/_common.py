@@ -213,6 +213,16 @@ def _forward(model: nn.Module, x: Tensor, batch_size: int | None) -> Tensor:
     return logits.float()
 
 
+def _probabilities(model: nn.Module, x: Tensor) -> Tensor:
+    """``[N, K]`` confidences: a :class:`~lightning_saliency.tasks.TaskModel`'s task probabilities (the sigmoid
+    of a binary or multi-label logit), else the softmax of the logits."""
+    from ..tasks import TaskModel
+
+    if isinstance(model, TaskModel):
+        return model.probabilities(x).float()
+    return _forward(model, x, None).softmax(dim=1)
+
+
 def _targets(model: nn.Module, inputs: Tensor, targets: Tensor | None, batch_size: int | None) -> Tensor:
     if targets is None:
         return _forward(model, inputs, batch_size).argmax(dim=1)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..patches import gaussian_blur
-from ._common import _check_maps, _evaluating, _forward, _generator, _targets, _warn
+from ._common import _check_maps, _evaluating, _forward, _generator, _probabilities, _targets, _warn
 
 __all__ = ["deletion_auc", "insertion_auc", "infidelity", "completeness_gap", "gaussian_blur"]
 
@@ -82,7 +82,7 @@ def _curves(
         moved = (positions[img] < counts[t].unsqueeze(1)).reshape(-1, 1, h, w)
         x, b = inputs[img], base[img]
         mixed = torch.where(moved, x, b) if insertion else torch.where(moved, b, x)
-        p = _forward(model, mixed, None).softmax(dim=1)
+        p = _probabilities(model, mixed)
         probs.append(p.gather(1, targets[img].unsqueeze(1)).squeeze(1))
     return torch.cat(probs).reshape(n, steps + 1)
 
