@@ -437,12 +437,12 @@ def test_guard_restores_on_exception_and_enables_grad():
     assert model.training and len(model.fc._forward_hooks) == 0
 
 
-def test_the_registry_holds_design_s_fourteen_methods_with_their_flags():
+def test_the_registry_holds_design_s_methods_with_their_flags():
     design = ("cam", "gradcam", "gradcam++", "hirescam", "layercam", "gradient", "input_x_gradient", "smoothgrad",
               "integrated_gradients", "guided_backprop", "guided_gradcam", "occlusion",  # DESIGN §3
               "shapley", "lime")  # DESIGN §4's patch-grid methods
-    assert set(builtin_names()) == set(design) and len(builtin_names()) == 14
-    assert set(design) <= set(registry.method_names()) and engine_mod.METHODS[:14] == builtin_names()
+    assert set(design) <= set(builtin_names())  # a new built-in is one more row: no edit here
+    assert engine_mod.METHODS[: len(builtin_names())] == builtin_names() and set(design) <= set(registry.method_names())
     for name in design:
         spec = registry.get_method(name)
         assert spec.builtin and spec.rides in registry.RIDES
@@ -452,7 +452,7 @@ def test_the_registry_holds_design_s_fourteen_methods_with_their_flags():
     # the flags the engine and the metrics rely on
     assert {n for n in design if registry.needs_layer(n)} == {"cam", "gradcam", "gradcam++", "hirescam",
                                                                "layercam", "guided_gradcam"}
-    assert set(registry.SIGNED_METHODS) == {"input_x_gradient", "integrated_gradients", "shapley", "lime"}
+    assert {n for n in design if registry.is_signed(n)} == {"input_x_gradient", "integrated_gradients", "shapley", "lime"}
     assert {n for n in design if registry.get_method(n).rides == "own"} == {
         "smoothgrad", "integrated_gradients", "guided_backprop", "occlusion", "shapley", "lime"}
     # every option has one owner, and the flat names of the engine's options are still accepted
