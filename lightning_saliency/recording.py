@@ -94,6 +94,7 @@ class Recorder:
         self.dirpath, self.save_maps, self.log_images = dirpath, bool(save_maps), int(log_images)
         self.scorecard = bool(scorecard)  # score the methods once at the end of fit (record_scorecard)
         self.on_error, self.warned_health = on_error, False
+        self._last_texts: dict[str, str] = {}  # the dashboard texts last logged, by tag
         self.class_names = list(class_names) if class_names is not None else None
         self.cmap, self.image_colors = cmap, image_colors
         self.log_dir: str | None = None
@@ -116,7 +117,7 @@ class Recorder:
         """
         from .runs import new_run_id
 
-        self.display = None
+        self.display, self._last_texts = None, {}  # new sinks: their first audit gets every text
         self.log_dir = run_dir(trainer)
         self.directory = str(self.dirpath) if self.dirpath else os.path.join(self.log_dir, "saliency")
         run_id = run_id or new_run_id()  # under DDP rank 0's is the one written and checkpointed
@@ -242,6 +243,7 @@ class Recorder:
         logging_errors = len(record["errors"])
         table = self.table(result, probe) if overlays else None
         suspects = self.suspects(discovery, probe) if discovery and self.log_images > 0 and images else []
+        texts = self._changed_texts(health, discovery) if self.sinks else {}
         for sink in self.sinks:
             try:
                 sink.log_metrics(finite, step)
@@ -250,11 +252,8 @@ class Recorder:
                                       picture=picture)  # a validate/test grid is named by step: fit's stay
                 if table is not None:
                     sink.log_table("saliency/probe", *table, step)
-                sink.log_text("saliency/health", f"{stage} epoch {epoch}: {health_line(health)}", step)
-                if discovery is not None:
-                    from .suspects import section_lines
-
-                    sink.log_text("saliency/discovery", "\n".join(section_lines(discovery, self.class_names)), step)
+                for tag, text in texts.items():
+                    sink.log_text(tag, f"{stage} epoch {epoch}: {text}", step)
                 for name, tiles, captions, picture in suspects:
                     sink.log_overlays(name, tiles, captions, step, epoch=epoch if stage == "fit" else None,
                                       picture=picture)
@@ -270,6 +269,18 @@ class Recorder:
         if result.errors and not self.warned:
             self.warned = True
         return dict(record)
+
+    def _changed_texts(self, health: dict[str, str], discovery: dict[str, Any] | None) -> dict[str, str]:
+        """The dashboard texts of this audit that differ from the last ones logged (health, discovery): a
+        dashboard shows each change, not the same line at every audit."""
+        texts = {"saliency/health": health_line(health)}
+        if discovery is not None:
+            from .suspects import section_lines
+
+            texts["saliency/discovery"] = "\n".join(section_lines(discovery, self.class_names))
+        changed = {tag: text for tag, text in texts.items() if self._last_texts.get(tag) != text}
+        self._last_texts.update(changed)
+        return changed
 
     def caption(self, probe: ProbeSet, i: int, prediction: int) -> str:
         """``"<label> / <prediction>[ / <group>]"`` of probe image ``i``, with class names when given.

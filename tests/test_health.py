@@ -306,6 +306,12 @@ def test_recorder_writes_health_and_its_errors_and_logs_the_text_once_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per monitor
         recorder.record(Trainer(), result, {}, _probe(2), 4, 0.0)
+    assert len(recorder.sinks[0].texts) == 1  # the same health again: no new text
+    healthy = ShardResult(torch.arange(2), torch.zeros(2, dtype=torch.long), maps={"gradcam": torch.rand(2, 4, 4)},
+                          finite_logits=torch.tensor([True, True]),
+                          degenerate={"gradcam": torch.tensor([0, 0], dtype=torch.int8)})
+    recorder.record(Trainer(), healthy, {}, _probe(2), 5, 0.0)
+    assert recorder.sinks[0].texts[1][0] == "saliency/health" and "fit epoch 5: ok" in recorder.sinks[0].texts[1][1]
 
 
 # -- through a fit ----------------------------------------------------------------------------------------------
