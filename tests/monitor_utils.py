@@ -6,6 +6,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from examples.shortcut_shapes import ShapesDataModule, ShapesNet, build_probe
 
@@ -41,3 +44,32 @@ def fit(callbacks: list[Any], tmp_path: Any, max_epochs: int = 2, seed: int = 0,
                          **kwargs)
     trainer.fit(net, datamodule=dm, ckpt_path=ckpt_path)
     return trainer, net
+
+
+class TupleData(pl.LightningModule):
+    """``net`` trained on ``n`` random images of ``shape`` with labels 0/1, served as plain ``(image, label)``
+    tuples by its own loaders: a probe drawn from them has no masks and no groups."""
+
+    def __init__(self, net: nn.Module, n: int, shape: tuple[int, ...], batch_size: int) -> None:
+        super().__init__()
+        self.net, self.batch_size = net, batch_size
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.rand(n, *shape, generator=g), torch.randint(0, 2, (n,), generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)

@@ -14,16 +14,14 @@ import os
 import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from examples.shortcut_shapes import ShapesDataModule, ShapesNet
 from lightning_saliency import ProbeSet, SaliencyMonitor, ShortcutAlarm
 from lightning_saliency.checks import check_alarm
+from tests.monitor_utils import TupleData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT = os.path.join(ROOT, "callbacks", "audit.yaml")
@@ -133,33 +131,12 @@ def test_audit_wandb_yaml_fit_offline(distribution, offline_wandb):
         assert b"saliency/gradcam/spurious_mass" in f.read()
 
 
-class TupleNet(pl.LightningModule):
-    """A model whose loaders yield plain ``(image, label)`` tuples: a probe drawn from them has no masks."""
+class TupleNet(TupleData):
+    """A small CNN whose loaders yield plain ``(image, label)`` tuples: a probe drawn from them has no masks."""
 
     def __init__(self, n: int = 64) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, 2))
-        g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 2, (n,), generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=32)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=32)
+        super().__init__(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten(), nn.Linear(4, 2)), n, (3, 16, 16), batch_size=32)
 
 
 @pytest.mark.parametrize("config", [AUDIT, AUDIT_WANDB])

@@ -10,9 +10,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_saliency import ProbeSet, SaliencyMonitor, ShortcutAlarm, attribute
 from lightning_saliency.checks import key_problem
@@ -29,32 +27,12 @@ class _Steps(pl.Callback):
         self.steps += 1
 
 
-class MLP(pl.LightningModule):
+class MLP(U.TupleData):
     """No spatial layer at all: the image is flattened first."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 2))
-        g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.rand(32, 3, 8, 8, generator=g), torch.randint(0, 2, (32,), generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=16)
-
-    def val_dataloader(self) -> DataLoader:  # plain (image, label) tuples: a probe drawn from them has no masks
-        return DataLoader(self.data, batch_size=16)
+        super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 2)), 32,
+                         (3, 8, 8), batch_size=16)
 
 
 def _fit_mlp(callbacks: list, tmp_path, max_epochs: int = 1) -> pl.Trainer:
