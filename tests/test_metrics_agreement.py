@@ -153,9 +153,10 @@ def test_a_model_that_ignores_its_input_gives_null_not_a_score():
         assert torch.isnan(result.per_image[f"gradient/lime_agreement{suffix}"]).all(), suffix
 
 
-def test_monitor_fit_writes_finite_agreement_values_for_every_method(tmp_path):
+def test_monitor_fit_writes_finite_agreement_and_fragility_values_for_every_method(tmp_path):
     methods = ("gradcam", "gradient", "integrated_gradients", "shapley", "lime")
-    monitor = SaliencyMonitor(U.probe(), methods=methods, metrics=("spurious_mass", "shap_agreement", "lime_agreement"),
+    monitor = SaliencyMonitor(U.probe(), methods=methods,
+                              metrics=("spurious_mass", "shap_agreement", "lime_agreement", "fragility"),
                               expensive_every_n_audits=1,
                               method_options={"shapley_permutations": 4, "lime_samples": 100, "ig_steps": 4})
     trainer, _ = U.fit([monitor], tmp_path, max_epochs=2)
@@ -169,6 +170,8 @@ def test_monitor_fit_writes_finite_agreement_values_for_every_method(tmp_path):
                 for suffix in KEYS:
                     value = audit["metrics"][f"{m}/{metric}{suffix}"]
                     assert value is not None and math.isfinite(value), f"{m}/{metric}{suffix}"
+            for key in (f"{m}/fragility", f"{m}/fragility_random"):  # the attack, or the search, and its control
+                assert 0.0 <= audit["metrics"][key] <= 1.0, key
         assert audit["metrics"]["shapley/shap_agreement"] == pytest.approx(1.0)
         assert audit["metrics"]["lime/lime_agreement"] == pytest.approx(1.0)
         # shapley vs lime's reference and lime vs shapley's compare the same two maps (tau is symmetric)
