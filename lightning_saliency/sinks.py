@@ -45,7 +45,7 @@ import numpy as np
 from .render import Picture, grid, save_png
 from .report import split_key as _split_key
 
-__all__ = ["Sink", "TensorBoardSink", "WandbSink", "PngSink", "sinks_for_loggers", "PREFIX"]
+__all__ = ["Sink", "ScalarSink", "TensorBoardSink", "WandbSink", "PngSink", "sinks_for_loggers", "PREFIX"]
 
 PREFIX = "saliency"
 _STEP_KEY = "trainer/global_step"
@@ -103,6 +103,34 @@ class Sink:
 
     def flush(self) -> None:
         """Push buffered output to storage (called after each audit; sinks may also flush on their own)."""
+
+
+# -- any other Lightning logger --------------------------------------------------------------------------------
+class ScalarSink(Sink):
+    """The scalars of every audit, through any Lightning logger's public ``log_metrics`` (CSV gets
+    ``saliency/<key>`` columns in its ``metrics.csv``); for the loggers without a dedicated sink. A null value
+    is left out, as the dashboards do.
+
+    Example:
+        >>> class Logger:
+        ...     def log_metrics(self, metrics, step):
+        ...         print(step, metrics)
+        >>> ScalarSink(Logger()).log_metrics({"gradcam/object_mass": 0.5, "gradient/drift": None}, step=4)
+        4 {'saliency/gradcam/object_mass': 0.5}
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
+        finite = {_tag(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        if finite:
+            self.logger.log_metrics(finite, step=step)
+
+    def flush(self) -> None:
+        save = getattr(self.logger, "save", None)
+        if callable(save):
+            save()
 
 
 # -- TensorBoard ----------------------------------------------------------------------------------------------
@@ -416,18 +444,18 @@ def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | No
     """One sink per supported logger in ``loggers`` (``trainer.loggers``; a single logger or ``None`` work
     too); when none of them is a dashboard, a :class:`PngSink` writing to ``save_dir`` (``<log_dir>/saliency``).
 
-    TensorBoard and W&B loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` are recognised; with any
-    other logger (CSV, MLflow, ...) or none, the overlays go to PNG files beside the report.
-    ``always_png=True`` writes the PNG files even beside a dashboard.
+    TensorBoard and W&B loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` get a dashboard sink; any
+    other logger (CSV, MLflow, ...) gets the scalars through its ``log_metrics`` (:class:`ScalarSink`). Without a
+    dashboard the overlays go to PNG files beside the report; ``always_png=True`` writes them even beside one.
 
     Example:
         >>> import tempfile
         >>> from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
         >>> d = tempfile.mkdtemp()
         >>> [type(s).__name__ for s in sinks_for_loggers([TensorBoardLogger(d), CSVLogger(d)], d)]
-        ['TensorBoardSink']
+        ['TensorBoardSink', 'ScalarSink']
         >>> [type(s).__name__ for s in sinks_for_loggers([CSVLogger(d)], d)]
-        ['PngSink']
+        ['ScalarSink', 'PngSink']
     """
     if loggers is None or loggers is False:
         loggers = []
@@ -445,6 +473,8 @@ def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | No
             sinks.append(TensorBoardSink(logger, ncols=ncols))
         elif wandb_classes and isinstance(logger, wandb_classes):
             sinks.append(WandbSink(logger))
-    if always_png or not sinks:
+        elif callable(getattr(logger, "log_metrics", None)):
+            sinks.append(ScalarSink(logger))
+    if always_png or not any(not isinstance(s, ScalarSink) for s in sinks):
         sinks.append(PngSink(save_dir, ncols=ncols))
     return sinks

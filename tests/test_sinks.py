@@ -9,15 +9,18 @@ import os
 import struct
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+import pytorch_lightning as pl
 from PIL import Image
 
 from lightning_saliency.render import grid
 from lightning_saliency.sinks import (
     PngSink,
+    ScalarSink,
     Sink,
     TensorBoardSink,
     WandbSink,
@@ -120,9 +123,10 @@ def test_tensorboard_pytorch_lightning_logger(tmp_path):
     tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
     csv = CSVLogger(save_dir=str(tmp_path), name="csv")
     save_dir = tmp_path / "tb" / "version_0" / "saliency"
-    assert [type(s) for s in sinks_for_loggers([csv, tb], save_dir)] == [TensorBoardSink]  # PNGs: no dashboard only
+    # CSV gets the scalars; PNG files only without a dashboard (or when asked)
+    assert [type(s) for s in sinks_for_loggers([csv, tb], save_dir)] == [ScalarSink, TensorBoardSink]
     sinks = sinks_for_loggers([csv, tb], save_dir, always_png=True)
-    assert [type(s) for s in sinks] == [TensorBoardSink, PngSink]
+    assert [type(s) for s in sinks] == [ScalarSink, TensorBoardSink, PngSink]
     expected = _log_two_audits(sinks)
     _check_tensorboard(tb.log_dir, expected)
     _check_pngs(save_dir, expected)
@@ -133,7 +137,7 @@ def test_tensorboard_lightning_pytorch_logger(tmp_path):
 
     tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
     sinks = sinks_for_loggers([tb, CSVLogger(save_dir=str(tmp_path))], tmp_path / "saliency", always_png=True)
-    assert [type(s) for s in sinks] == [TensorBoardSink, PngSink]
+    assert [type(s) for s in sinks] == [TensorBoardSink, ScalarSink, PngSink]
     expected = _log_two_audits(sinks)
     _check_tensorboard(tb.log_dir, expected)
     _check_pngs(tmp_path / "saliency", expected)
@@ -147,8 +151,8 @@ def test_dispatch_for_every_kind_of_logger(tmp_path):
     assert [type(s) for s in sinks_for_loggers(None, save)] == [PngSink]
     assert [type(s) for s in sinks_for_loggers([], save)] == [PngSink]
     assert [type(s) for s in sinks_for_loggers(False, save)] == [PngSink]
-    assert [type(s) for s in sinks_for_loggers(PL.CSVLogger(str(tmp_path)), save)] == [PngSink]
-    assert [type(s) for s in sinks_for_loggers([L.CSVLogger(str(tmp_path))], save)] == [PngSink]
+    assert [type(s) for s in sinks_for_loggers(PL.CSVLogger(str(tmp_path)), save)] == [ScalarSink, PngSink]
+    assert [type(s) for s in sinks_for_loggers([L.CSVLogger(str(tmp_path))], save)] == [ScalarSink, PngSink]
     # every logger is served, each once; W&B sinks are lazy: no run starts until something is logged
     tb1, tb2 = PL.TensorBoardLogger(str(tmp_path), name="a"), L.TensorBoardLogger(str(tmp_path), name="b")
     wb1 = PL.WandbLogger(offline=True, save_dir=str(tmp_path))
@@ -382,3 +386,22 @@ def test_writers_other_than_torchs_go_through_their_public_api(tmp_path):
     assert ("scalar", "saliency/gradcam/object_mass", 0.5, 3) in writer.calls
     assert not any(c[0] == "scalar" and c[1] == "saliency/gradient/object_mass" for c in writer.calls)
     assert any(c[0] == "image" and c[1] == "saliency/gradcam/overlays" and c[4] == "HWC" for c in writer.calls)
+
+
+def test_a_csv_logger_gets_the_scalars_in_metrics_csv_and_the_overlays_as_png_files(tmp_path):
+    import csv
+
+    from lightning_saliency import SaliencyMonitor
+    from tests import monitor_utils as mu
+
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer, _ = mu.fit([SaliencyMonitor(mu.probe(), log_images=4)], tmp_path, max_epochs=2, logger=logger)
+    run = Path(logger.log_dir)
+    audits = json.loads((run / "saliency" / "report.json").read_text())["audits"]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("gradcam/spurious_mass", "gradient/spurious_mass", "probe/accuracy"):
+        logged = [(int(r["step"]), float(r[f"saliency/{key}"])) for r in rows if r.get(f"saliency/{key}")]
+        assert logged == [(a["global_step"], pytest.approx(a["metrics"][key], abs=1e-6)) for a in audits], key
+    assert sorted(p.name for p in (run / "saliency" / "images" / "gradcam").iterdir()) == [
+        "epoch_0000.png", "epoch_0001.png"]  # no dashboard among the loggers: the grids as files
