@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..patches import baseline_images, cell_index, check_grid, paint
+from ..patches import baseline_images, cell_index, check_grid
 from .scoring import Scorer
 
 __all__ = ["antithetic_permutations", "lime", "lime_kernel", "lime_masks", "ridge_fit", "shapley"]
@@ -52,6 +52,14 @@ def antithetic_permutations(cells: int, count: int, generator: torch.Generator) 
     """
     drawn = torch.stack([torch.randperm(cells, generator=generator) for _ in range((count + 1) // 2)])
     return torch.stack([drawn, drawn.flip(1)], dim=1).reshape(-1, cells)[:count]
+
+
+def _cells(x: Tensor, grid: Any, baseline: float | str, method: str) -> tuple[int, Tensor, Tensor]:
+    """The patch-grid features of ``x``: the number of cells, each pixel's cell index and the baseline images
+    (options named ``<method>_grid`` and ``<method>_baseline`` in errors)."""
+    _, _, H, W = x.shape
+    gh, gw = check_grid(grid, H, W, f"{method}_grid")
+    return gh * gw, cell_index(H, W, (gh, gw)).to(x.device), baseline_images(x, baseline, f"{method}_baseline")
 
 
 def _coalition_scores(scorer: Scorer, x: Tensor, base: Tensor, on: Tensor, idx: Tensor) -> Tensor:
@@ -96,11 +104,8 @@ def shapley(scorer: Scorer, x: Tensor, grid: Any = 8, permutations: int = 16, ba
         >>> shapley(scorer, torch.ones(1, 1, 4, 4), grid=(1, 2), permutations=1)[0, 0].tolist()
         [1.0, 1.0, -2.0, -2.0]
     """
-    N, _, H, W = x.shape
-    gh, gw = check_grid(grid, H, W, "shapley_grid")
-    cells = gh * gw
-    idx = cell_index(H, W, (gh, gw)).to(x.device)
-    base = baseline_images(x, baseline, "shapley_baseline")
+    N = x.shape[0]
+    cells, idx, base = _cells(x, grid, baseline, "shapley")
     perms = antithetic_permutations(cells, int(permutations), torch.Generator().manual_seed(int(seed)))
     order = torch.argsort(perms, dim=1)  # order[k, c]: the step at which walk k switches cell c on
     steps = torch.arange(cells)
@@ -112,7 +117,7 @@ def shapley(scorer: Scorer, x: Tensor, grid: Any = 8, permutations: int = 16, ba
     before = torch.cat([scores[:, :1, None].expand(N, P, 1), walk[:, :, :-1]], dim=2)
     gains = walk - before  # gains[n, k, j]: the contribution of cell perms[k, j]
     phi = torch.zeros_like(gains).scatter_(2, perms.to(x.device).expand(N, P, cells), gains).mean(dim=1)
-    return paint(phi.float(), H, W, (gh, gw))
+    return phi.float()[:, idx]  # every pixel holds its cell's value (patches.paint, with the index at hand)
 
 
 def lime_masks(cells: int, samples: int, generator: torch.Generator) -> Tensor:
@@ -186,13 +191,9 @@ def lime(scorer: Scorer, x: Tensor, grid: Any = 8, samples: int = 500, baseline:
         >>> lime(scorer, torch.rand(2, 1, 4, 4), grid=2, samples=50).shape
         torch.Size([2, 4, 4])
     """
-    N, _, H, W = x.shape
-    gh, gw = check_grid(grid, H, W, "lime_grid")
-    cells = gh * gw
-    idx = cell_index(H, W, (gh, gw)).to(x.device)
-    base = baseline_images(x, baseline, "lime_baseline")
+    cells, idx, base = _cells(x, grid, baseline, "lime")
     z = lime_masks(cells, int(samples), torch.Generator().manual_seed(int(seed)))
     scores = _coalition_scores(scorer, x, base, z, idx)  # [N, samples]
     z = z.to(x.device)
     coef = ridge_fit(z, scores.T, lime_kernel(z, kernel_width), ridge)  # [N, cells]
-    return paint(coef.float(), H, W, (gh, gw))
+    return coef.float()[:, idx]
