@@ -40,9 +40,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "PERIODIC_METRICS",
     "AuditSpec",
+    "Reference",
     "ShardResult",
     "audit_shard",
     "failed_shard",
@@ -488,3 +490,31 @@ def _summary(row: Any, result: ShardResult, probe: ProbeSet, method: str) -> flo
                       maps={k: v[where] for k, v in result.maps.items()},
                       per_image={k: v[where] for k, v in result.per_image.items()}, dtype=result.dtype)
     return row.summary(sub, probe.subset(where), method)
+
+
+class Reference:
+    """The maps drift compares with: the last fit audit's, and the ones that audit itself compared with (so the
+    last audit can be completed later from the same reference). Validate/test maps never become the reference."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.maps: dict[str, torch.Tensor] | None = None
+        self.ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
+        self.used: tuple[Any, Any] = (None, None)
+
+    def advance(self, result: ShardResult) -> None:
+        self.used = self.maps, self.ranks
+        if result.maps:
+            self.maps, self.ranks = result.maps, result.ranks or None
+
+    @contextlib.contextmanager
+    def rewound(self) -> Iterator[None]:
+        """Within: the reference the last audit used (to complete that audit)."""
+        current = self.maps, self.ranks
+        self.maps, self.ranks = self.used
+        try:
+            yield
+        finally:
+            self.maps, self.ranks = current

@@ -42,6 +42,7 @@ from ._lightning import trained_epoch as _trained_epoch
 from .audit import (
     DEFAULT_METRICS,
     AuditSpec,
+    Reference,
     ShardResult,
     audit_shard,
     failed_shard,
@@ -275,10 +276,7 @@ class SaliencyMonitor(_Base):
         self._prepared_for: tuple[int, int] | None = None
         self._shard: ProbeSet | None = None
         self._moved: tuple[Any, ProbeSet] | None = None  # the shard on the module's device and dtype
-        self._prev_maps: dict[str, torch.Tensor] | None = None
-        self._prev_maps_used: dict[str, torch.Tensor] | None = None  # the ones the last audit compared with
-        self._prev_ranks: dict[str, torch.Tensor] | None = None  # the same maps ranked (drift ranks each map once)
-        self._prev_ranks_used: dict[str, torch.Tensor] | None = None
+        self._reference = Reference()  # the maps drift compares with
         self._last_audit: tuple[int, int] | None = None  # (trainer, epoch) of the last fit audit this process made
         self._run_id, self._weights_epoch = None, -1  # lightning_saliency.runs; the weights' last trained epoch
         # report.json, maps files, dashboards: written by the recorder, on rank 0
@@ -358,7 +356,7 @@ class SaliencyMonitor(_Base):
         self._shard = probe.shard(rank, world)
         self._moved = None
         self._prepared_for = (id(trainer), id(pl_module))
-        self._prev_maps = self._prev_ranks = None
+        self._reference.reset()
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank opens, here
         self._run_id = self._recorder.open(trainer, pl_module, probe, history=self.history, run_id=self._run_id,
             stage=_audit_stage(trainer), config=_config(self))
@@ -387,12 +385,8 @@ class SaliencyMonitor(_Base):
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
         last = self.history[-1]
-        current = self._prev_maps, self._prev_ranks
-        self._prev_maps, self._prev_ranks = self._prev_maps_used, self._prev_ranks_used
-        try:
+        with self._reference.rewound():
             self.audit(trainer, pl_module, epoch=last["epoch"], periodic=True, _completing=last)
-        finally:
-            self._prev_maps, self._prev_ranks = current
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if _stage(trainer) == "validate" and not getattr(trainer, "sanity_checking", False):
@@ -417,10 +411,8 @@ class SaliencyMonitor(_Base):
         stage, started = _audit_stage(trainer), time.perf_counter()
         with _rank0_buffers(trainer, pl_module):
             result = self._audit_shard(pl_module, bool(periodic))
-        if stage == "fit":  # drift compares with the last fit audit: validate/test maps never become the reference
-            self._prev_maps_used, self._prev_ranks_used = self._prev_maps, self._prev_ranks
-            if result.maps:
-                self._prev_maps, self._prev_ranks = result.maps, result.ranks or None
+        if stage == "fit":  # drift compares with the last fit audit
+            self._reference.advance(result)
         gathered = _gather(trainer, result)
         record = None
         if rank == 0:
@@ -449,8 +441,8 @@ class SaliencyMonitor(_Base):
         moved = self._moved[1]
         try:
             with _eager(), SideEffectGuard(pl_module):
-                result = audit_shard(pl_module, moved, self.spec, previous_maps=self._prev_maps,
-                                     previous_ranks=self._prev_ranks, expensive=expensive, on_error=self.on_error,
+                result = audit_shard(pl_module, moved, self.spec, previous_maps=self._reference.maps,
+                                     previous_ranks=self._reference.ranks, expensive=expensive, on_error=self.on_error,
                                      full_probe=self.probe)
         except Exception as e:
             result = failed_shard(e, self.on_error, indices)

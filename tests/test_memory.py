@@ -93,6 +93,6 @@ def test_thirty_audits_do_not_grow_memory_or_leave_hooks(tmp_path):
     assert growth_mb < LIMIT_MB
     assert tensors_after <= tensors_before, "tensors survive from one audit to the next"
     assert len(monitor.history) == 1 + 3 + AUDITS
-    for maps in (monitor._prev_maps or {}).values():  # what is kept between audits: detached, CPU
+    for maps in (monitor._reference.maps or {}).values():  # what is kept between audits: detached, CPU
         assert maps.device.type == "cpu" and not maps.requires_grad and maps.grad_fn is None
     assert all(p.grad is None or not p.grad.requires_grad for p in net.parameters())

@@ -446,12 +446,12 @@ def test_drift_from_kept_ranks_equals_drift_of_kept_maps(tmp_path):
 
     monitor = _cheap(metrics=("drift",))
     trainer, net = U.fit([monitor], tmp_path, max_epochs=2)
-    maps_before = {k: v.clone() for k, v in monitor._prev_maps.items()}
+    maps_before = {k: v.clone() for k, v in monitor._reference.maps.items()}
     for p in net.parameters():  # move the weights, so that the maps move
         p.data.add_(0.05 * torch.randn_like(p))
     record = monitor.audit(trainer, net, epoch=9, periodic=False)
     for method in ("gradcam", "gradient"):
-        m = monitor._prev_maps[method]
+        m = monitor._reference.maps[method]
         expected = float(drift(maps_before[method].abs(), m.abs()).mean())
         assert record["metrics"][f"{method}/drift"] == pytest.approx(expected, abs=1e-6)
         assert expected < 0.999  # the maps did change
