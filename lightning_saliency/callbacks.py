@@ -125,7 +125,7 @@ def _target_layer(pl_module: Any, probe: ProbeSet, layer: str | nn.Module, spec:
     from .layers import resolve_layer
 
     try:
-        return resolve_layer(pl_module, layer, example_input=example)
+        return resolve_layer(pl_module, layer, example_input=example, output=spec.output)
     except ValueError as e:
         raise ValueError(f"SaliencyMonitor(layer={layer!r}): {e}") from e
 

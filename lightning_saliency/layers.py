@@ -5,12 +5,17 @@
 ``reshape`` that maps the module's raw output to ``[N, K, h, w]`` (``None`` when it already is).
 
 ``layer="auto"`` runs one forward pass on ``example_input`` (or on a dummy image when the input channels and
-size can be read off the model) with a forward hook on every module, under ``torch.no_grad`` in eval mode,
-and restores the training flags, the hooks and the RNG states afterwards. It then picks:
+size can be read off the model) with a forward hook on every module, in eval mode, recording autograd (to tell
+which layers the explained output depends on; no backward runs, no ``.grad`` is touched), and restores the
+training flags, the hooks and the RNG states afterwards. It then picks:
 
 * CNNs: the last block whose output still has spatial extent (``h, w > 1``), preferring whole blocks over
   single layers, e.g. ``layer4`` of a ResNet, ``features`` of DenseNet, MobileNet, EfficientNet and ConvNeXt.
   Trailing element-wise layers (BatchNorm, activations, dropout) after a bare convolution are included.
+  Only layers that the explained output depends on count (an auxiliary head of a torchvision segmentation model
+  does not), and a map of class scores with no parametrised layer after it (the last convolution of a
+  segmentation head, SqueezeNet's convolutional classifier) is the output itself, not evidence for it: the
+  layer that feeds it is taken instead (``classifier.3`` of torchvision's FCN and DeepLabV3 heads).
 * Channels-last stages (Swin: ``[N, h, w, D]``): the stage container, with a reshape that permutes to
   ``[N, D, h, w]``.
 * ViTs whose patch tokens ``[N, P + h*w, D]`` come after the last spatial map: the *first norm of the last
@@ -36,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .guard import SideEffectGuard
+from .tasks import output_adapter
 from .tokens import _MAX_PREFIX_TOKENS, TokenReshape, _split_tokens, vit_reshape
 
 __all__ = ["TargetLayer", "TokenReshape", "resolve_layer", "vit_reshape"]
@@ -173,6 +179,8 @@ class _Rec:
     shape: tuple[int, ...]
     order: int  # completion order of the last call
     calls: int
+    grad_fn: Any = None  # the autograd node of the last call's output, while the reachability check needs it
+    on_path: bool = True  # the explained output depends on it (True when unknown)
 
 
 def _dummy_input(model: nn.Module) -> Tensor:
@@ -197,10 +205,17 @@ def _dummy_input(model: nn.Module) -> Tensor:
     return torch.zeros(1, conv.in_channels, *hw, device=device, dtype=dtype)
 
 
-def _run_hooked(model: nn.Module, x: Any, only: nn.Module | None = None) -> list[_Rec]:
-    """One forward pass with output-recording hooks; training flags, hooks and RNG states restored."""
+def _run_hooked(
+    model: nn.Module, x: Any, only: nn.Module | None = None, output: Any = None
+) -> tuple[list[_Rec], tuple[int, ...] | None]:
+    """One forward pass with output-recording hooks; training flags, hooks and RNG states restored.
+
+    With ``output`` (an :class:`~lightning_saliency.tasks.OutputAdapter`) the pass records autograd (for one
+    small batch; no backward runs) and marks which records the explained tensor depends on; the second element
+    is then that tensor's shape (``None`` when it cannot be told)."""
     records: dict[str, _Rec] = {}
     counter = [0]
+    trace = output is not None
 
     def make_hook(name: str, module: nn.Module) -> Callable:
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
@@ -208,27 +223,52 @@ def _run_hooked(model: nn.Module, x: Any, only: nn.Module | None = None) -> list
             rec = records.get(name)
             shape = tuple(out.shape) if isinstance(out, Tensor) else ()
             if rec is None:
-                records[name] = _Rec(name, module, shape, counter[0], 1)
+                rec = records[name] = _Rec(name, module, shape, counter[0], 1)
             else:
                 rec.shape, rec.order, rec.calls = shape, counter[0], rec.calls + 1
+            rec.grad_fn = out.grad_fn if trace and isinstance(out, Tensor) else None
 
         return hook
 
     # the guard restores training flags and RNG states and removes the hooks, also when the forward raises
-    with SideEffectGuard(model, enable_grad=False) as guard, torch.no_grad():
+    with SideEffectGuard(model, enable_grad=trace) as guard, torch.set_grad_enabled(trace):
         for name, m in model.named_modules():
             if name and (only is None or m is only):
                 guard.add_forward_hook(m, make_hook(name, m))
+        if trace and isinstance(x, Tensor) and x.is_floating_point():
+            x = x.detach().clone().requires_grad_(True)  # so that every layer after the input has a grad_fn
         try:
             if isinstance(x, (tuple, list)):
-                model(*x)
+                raw = model(*x)
             elif isinstance(x, dict):
-                model(**x)
+                raw = model(**x)
             else:
-                model(x)
+                raw = model(x)
         except Exception as err:
             raise _ForwardFailed(err) from err
-    return sorted(records.values(), key=lambda r: r.order)
+        shape = _mark_path(records.values(), raw, output) if trace else None
+    return sorted(records.values(), key=lambda r: r.order), shape
+
+
+def _mark_path(records: Any, raw: Any, output: Any) -> tuple[int, ...] | None:
+    """Set ``on_path`` False on the records whose output the explained tensor does not depend on (walking its
+    autograd graph back from its ``grad_fn``); return that tensor's shape."""
+    try:
+        out = output(raw)
+    except Exception:  # noqa: BLE001 - a bad output= gets its own error from the engine, with the fix
+        out = None
+    seen: set[Any] = set()
+    stack = [getattr(out, "grad_fn", None)]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(nxt for nxt, _ in fn.next_functions)
+    for rec in records:
+        if seen and rec.grad_fn is not None:
+            rec.on_path = rec.grad_fn in seen
+        rec.grad_fn = None  # release the graph
+    return tuple(out.shape) if isinstance(out, Tensor) else None
 
 
 def _input_hw(x: Any) -> tuple[int, int] | None:
@@ -306,10 +346,29 @@ def _no_layer_error(model: nn.Module, detail: str) -> ValueError:
     )
 
 
-def _auto(model: nn.Module, x: Any) -> TargetLayer:
-    recs = _run_hooked(model, x)
+def _class_map(rec: _Rec, layout: str, out_shape: tuple[int, ...] | None, recs: list[_Rec]) -> bool:
+    """A spatial map of the explained output's class scores: as many channels as the output has classes and no
+    layer with parameters of its own running after it (other than the blocks holding it)."""
+    if out_shape is None or len(out_shape) < 2:
+        return False
+    if rec.shape[1 if layout == "nchw" else 3] != out_shape[1]:
+        return False
+    return not any(
+        r.order > rec.order
+        and next(r.module.parameters(recurse=False), None) is not None
+        and not rec.name.startswith(r.name + ".")
+        for r in recs
+    )
+
+
+def _auto(model: nn.Module, x: Any, output: Any) -> TargetLayer:
+    recs, out_shape = _run_hooked(model, x, output=output)
     batch, hw = _batch(x), _input_hw(x)
+    on_path = [r for r in recs if r.on_path]
+    if any(_spatial_layout(r, batch, hw) is not None for r in on_path):
+        recs = on_path  # else (a detached backbone, say) keep them all: the maps' health will tell
     spatial = [(r, lay) for r in recs if (lay := _spatial_layout(r, batch, hw)) is not None]
+    spatial = [(r, lay) for r, lay in spatial if not _class_map(r, lay, out_shape, recs)] or spatial
     once = [(r, lay) for r, lay in spatial if r.calls == 1] or spatial
     if not once:
         if any(len(r.shape) == 3 and r.shape[0] == batch for r in recs):
@@ -391,7 +450,7 @@ def _vit_choice(
 
 
 def _reshape_for(model: nn.Module, module: nn.Module, name: str, x: Any) -> Callable[[Tensor], Tensor] | None:
-    recs = _run_hooked(model, x, only=module)
+    recs, _ = _run_hooked(model, x, only=module)
     if not recs:
         raise ValueError(
             f"layer {name!r} did not run during the forward pass of {type(model).__name__}; pick a module that "
@@ -425,6 +484,7 @@ def resolve_layer(
     layer: str | nn.Module = "auto",
     reshape: Callable[[Tensor], Tensor] | None = None,
     example_input: Tensor | None = None,
+    output: Any = None,
 ) -> TargetLayer:
     """Resolve ``layer`` (``"auto"``, a dotted name or a module of ``model``) to a :class:`TargetLayer`.
 
@@ -435,6 +495,9 @@ def resolve_layer(
         example_input: a small batch (1-2 probe images) used for one hooked forward pass that shows each
             module's output shape. Without it, a dummy zero image is built from the first ``Conv2d``'s input
             channels and the model's ``image_size`` (default 224).
+        output: which tensor of the model's output the maps explain, as ``output=`` of
+            :func:`~lightning_saliency.attribute` (``None``: a tensor, a tuple's first element, a dict's
+            ``"logits"`` else ``"out"``, ``.logits``); ``"auto"`` only considers layers that tensor depends on.
 
     Raises:
         ValueError: unknown name (with the closest names), a module not in ``model``, or nothing suitable
@@ -453,7 +516,7 @@ def resolve_layer(
     if isinstance(layer, str) and layer == "auto":
         x = example_input if example_input is not None else _dummy_input(model)
         try:
-            target = _auto(model, x)
+            target = _auto(model, x, output_adapter(output))
         except _ForwardFailed as failed:
             raise _forward_error(model, x, failed, "auto") from failed.__cause__
         if reshape is not None:
@@ -476,7 +539,7 @@ def resolve_layer(
     if reshape is not None:
         if example_input is not None:
             try:
-                recs = _run_hooked(model, example_input, only=module)
+                recs, _ = _run_hooked(model, example_input, only=module)
             except _ForwardFailed as failed:
                 raise _forward_error(model, example_input, failed, name) from failed.__cause__
             if recs and len(recs[0].shape) > 0:

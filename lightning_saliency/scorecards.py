@@ -283,7 +283,8 @@ def score(model: Any, probe: Any, spec: Any, on_error: str = "warn", notes: Sequ
     values: dict[str, dict[str, Any]] = {m: {"method": m} for m in spec.methods}
     with SideEffectGuard(model):
         if any(needs_layer(m) for m in spec.methods) and not isinstance(spec.layer, TargetLayer):
-            layer = resolve_layer(model, spec.layer, reshape=spec.reshape, example_input=probe_here.inputs[:2])
+            layer = resolve_layer(model, spec.layer, reshape=spec.reshape, example_input=probe_here.inputs[:2],
+                                  output=spec.output)
             spec = dataclasses.replace(spec, layer=layer)
         maps_only = audit_shard(model, probe_here, dataclasses.replace(spec, metrics=()), on_error=on_error)
         ok = tuple(m for m in spec.methods if m in maps_only.maps)

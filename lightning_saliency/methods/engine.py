@@ -219,12 +219,12 @@ def _uncompiled(model: nn.Module, layer: Any) -> tuple[nn.Module, Any]:
     return model, layer
 
 
-def _resolve(model: nn.Module, layer: Any, reshape: Any, example: Tensor) -> Any:
+def _resolve(model: nn.Module, layer: Any, reshape: Any, example: Tensor, output: Any) -> Any:
     from ..layers import TargetLayer, resolve_layer
 
     if isinstance(layer, TargetLayer):
         return layer if reshape is None else TargetLayer(layer.name, layer.module, reshape)
-    return resolve_layer(model, layer, reshape=reshape, example_input=example)
+    return resolve_layer(model, layer, reshape=reshape, example_input=example, output=output)
 
 
 def _as_grid(tensor: Tensor, target: Any) -> Tensor:
@@ -544,7 +544,7 @@ def attribute(
         target = None
         if any(s.needs_layer for s in specs):
             try:
-                target = _resolve(model, layer, reshape, x[:1])
+                target = _resolve(model, layer, reshape, x[:1], output)
             except ValueError as err:
                 if collect is None:
                     raise
