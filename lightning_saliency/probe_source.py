@@ -95,17 +95,17 @@ def data_settings(probe: ProbeSet | None, denormalize: Any, **keys: Any) -> tupl
 
 
 def display(denormalize: Any, probe: ProbeSet) -> dict[str, Any] | None:
-    """The report's ``config["denormalize"]``: ``{"mean", "std", "source"}`` with ``source`` ``"argument"`` (the
-    monitor's ``denormalize=``, which wins), else the probe's (``"dataset transform"`` when found in its dataset's
-    ``Normalize``); ``None``: pictures are min-max scaled per image. A mean or std that does not fit the probe's
-    channels is a ``ValueError``.
+    """The report's ``config["denormalize"]``: ``{"mean", "std", "source"}``. ``source`` is ``"argument"`` for
+    the monitor's ``denormalize=`` (which wins) or one given to the probe, ``"dataset transform"`` for the
+    ``Normalize`` found in the probe's dataset. ``None``: pictures are min-max scaled per image. A mean or std
+    that does not fit the probe's channels is a ``ValueError``.
 
     Example:
         >>> import torch
         >>> display(((0.5,), (0.25,)), ProbeSet(torch.rand(2, 3, 4, 4), [0, 1]))
         {'mean': [0.5], 'std': [0.25], 'source': 'argument'}
     """
-    source = "argument" if denormalize is not None else getattr(probe, "denormalize_source", None) or "probe"
+    source = "argument" if denormalize is not None else getattr(probe, "denormalize_source", None) or "argument"
     pair = denormalize if denormalize is not None else getattr(probe, "denormalize", None)
     if pair is None:
         return None
