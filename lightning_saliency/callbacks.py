@@ -61,6 +61,7 @@ from .methods.engine import check_on_error
 from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
 from .probe import ProbeSet
+from .probe_source import data_settings, display, probe_from_data
 from .recording import Recorder
 from .report import place_record, stage_of
 from .tasks import probe_task
@@ -134,23 +135,8 @@ def _config(monitor: SaliencyMonitor) -> dict[str, Any]:
     """The report's ``config`` header: what the monitor audits, and the task (``task_inferred``: by the setup)."""
     spec = monitor.spec
     return {"methods": list(spec.methods), "layer": monitor.layer_name, "metrics": list(spec.metrics),
-            "every_n_epochs": monitor.every_n_epochs, "task": spec.task, "task_inferred": spec.task_inferred}
-
-
-def _probe_from_data(trainer: Any, pl_module: Any, size: int, seed: int) -> ProbeSet:
-    """A probe drawn from the running stage's evaluation data (else the datamodule's or model's validation)."""
-    source = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else pl_module
-    try:
-        evaluation = _eval_source(trainer)
-        loader = evaluation.dataloader() if evaluation is not None else source.val_dataloader()
-        if isinstance(loader, dict):  # several evaluation loaders: the first one
-            loader = next(iter(loader.values()))
-        elif isinstance(loader, (list, tuple)):
-            loader = loader[0]
-    except Exception as e:
-        raise ValueError("SaliencyMonitor could not draw a probe from val_dataloader() "
-                         f"({type(e).__name__}: {e}); pass probe=ProbeSet.from_dataset(...)") from e
-    return ProbeSet.from_dataloader(loader, size=size, seed=seed)
+            "every_n_epochs": monitor.every_n_epochs, "task": spec.task, "task_inferred": spec.task_inferred,
+            "denormalize": display(monitor.denormalize, monitor.probe)}  # how the pictures show the probe
 
 
 def _on_device(shard: ProbeSet, pl_module: Any, moved: tuple[Any, ProbeSet] | None) -> tuple[Any, ProbeSet]:
@@ -213,6 +199,8 @@ class SaliencyMonitor(_Base):
             by pasting (the record's ``discovery``, keys ``discovery/suspects``): :mod:`~lightning_saliency.discovery_audit`.
         output, task: which tensor of the model's output to explain and the task giving its class scores, as in
             :func:`~lightning_saliency.attribute` (``task=None``: inferred at setup, recorded in the report).
+        denormalize: ``(mean, std)`` of the inputs' ``Normalize``: pictures in true colours (default: the probe's, found in its dataset's transform).
+        group_key, object_mask_key, spurious_mask_key: with ``probe=None``, the batch keys of groups and masks (:mod:`~lightning_saliency.probe_source`).
 
     Example:
         >>> import torch
@@ -249,8 +237,11 @@ class SaliencyMonitor(_Base):
         scorecard: bool = False,
         discover: bool = True, discover_method: str | None = None, discover_options: dict[str, Any] | None = None,
         output: Any = None, task: Literal["multiclass", "binary", "multilabel", "segmentation"] | None = None,
+        denormalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        group_key: str | int | None = None, object_mask_key: str | int | None = None, spurious_mask_key: str | int | None = None,
     ) -> None:
         _check_arguments(probe, every_n_epochs, on_error, expensive_every_n_audits, probe_size, image_colors)
+        self.denormalize, self.data_keys = data_settings(probe, denormalize, group_key=group_key, object_mask_key=object_mask_key, spurious_mask_key=spurious_mask_key)
         self.probe = probe
         self.layer = layer
         self.every_n_epochs = int(every_n_epochs)
@@ -340,7 +331,7 @@ class SaliencyMonitor(_Base):
             return
         if self.probe is None:
             with torch.inference_mode(False):  # validate/test get here under inference mode: no inference tensors
-                self.probe = _probe_from_data(trainer, pl_module, self.probe_size, self.probe_seed)
+                self.probe = probe_from_data(trainer, pl_module, self.probe_size, self.probe_seed, **self.data_keys)
         probe = self.probe
         if self._loaded_fingerprint is not None and self._loaded_fingerprint != probe.fingerprint:
             if not self.allow_probe_change:

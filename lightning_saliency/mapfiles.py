@@ -94,12 +94,12 @@ def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def save_probe_thumbnails(dir: str | os.PathLike, probe: Any, max_images: int = MAX_IMAGES,
-                          max_side: int = MAX_SIDE) -> str:
+                          max_side: int = MAX_SIDE, denormalize: Any = None) -> str:
     """Write ``<dir>/maps/probe.npz``: thumbnails of the first ``max_images`` probe images and their labels.
 
     ``dir`` is the report's folder (``<log_dir>/saliency``); ``probe`` a ProbeSet (``inputs [N, C, H, W]``,
     ``targets [N]``, optional ``groups``, ``object_masks``, ``spurious_masks``). Images are min-max scaled per
-    image to uint8 and downsampled so the longer side is at most ``max_side``. Returns the path relative to
+    image to uint8 (in true colours with ``denormalize``: :func:`~lightning_saliency.render.to_image`) and downsampled so the longer side is at most ``max_side``. Returns the path relative to
     ``dir`` (``"maps/probe.npz"``).
 
     Example:
@@ -121,7 +121,7 @@ def save_probe_thumbnails(dir: str | os.PathLike, probe: Any, max_images: int = 
         raise ValueError(f"probe inputs must be [N, C, H, W], got {tuple(inputs.shape)}")
     n, _, h, w = inputs.shape
     size = _thumb_size(h, w, max_side)
-    images = np.stack([to_image(_as_float_cpu(x)) for x in inputs]) if n else np.zeros((0, h, w, 3), np.uint8)
+    images = np.stack([to_image(_as_float_cpu(x), denormalize) for x in inputs]) if n else np.zeros((0, h, w, 3), np.uint8)
     if size != (h, w) and n:
         t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
         images = _downsample(t, size).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -14,6 +14,11 @@ Building one:
 * :meth:`ProbeSet.from_dataloader` from a DataLoader: batches are read until a pool of ``pool_size`` samples
   is filled (or the loader ends), and the same seeded selection is made within that pool.
 
+Display: :attr:`ProbeSet.denormalize` is the ``(mean, std)`` that undoes the inputs' normalisation for pictures
+(:func:`lightning_saliency.render.to_image`), found in the dataset's transform by the builders
+(:func:`~lightning_saliency.sampling.find_normalize`) or given; it is not part of the fingerprint (the same
+images are the same probe, however they are shown).
+
 Selection rules: a ``size`` larger than what is available takes everything, with a warning; ``size < 1`` and
 an empty dataset are errors. The selected items keep the dataset's order (sorted indices). Stratification
 gives every class ``size // K`` items and hands the remainder to classes in a seed-drawn order; a class with
@@ -38,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, RandomSampler
 
 from .labels import label_rows
+from .render import check_denormalize
 from .sampling import (
     Sample,
     _binary,
@@ -50,6 +56,7 @@ from .sampling import (
     _stratified,
     _take_stream,
     _to_name,
+    with_normalize,
 )
 
 __all__ = ["ProbeSet"]
@@ -158,6 +165,9 @@ class ProbeSet:
         object_masks: optional ``[N, H, W]`` (or ``[N, 1, H, W]``) bool or 0/1: where the object is.
         spurious_masks: optional, same form: where a known shortcut lives (a watermark, a border).
         indices: positions in the full probe (set by :meth:`subset` / :meth:`shard`; default ``0..N-1``).
+        denormalize: optional ``(mean, std)`` of the ``Normalize`` the inputs went through, to show them in true
+            colours (:attr:`denormalize`; :func:`~lightning_saliency.render.check_denormalize`). The builders
+            find it in the dataset's transform (:attr:`denormalize_source` ``"dataset transform"``).
 
     Example:
         >>> import torch
@@ -178,6 +188,7 @@ class ProbeSet:
         *,
         indices: Tensor | Sequence[int] | None = None,
         labels: Tensor | None = None,
+        denormalize: Any = None,
         _allow_empty: bool = False,
     ) -> None:
         inputs = _check_inputs(inputs)
@@ -213,6 +224,9 @@ class ProbeSet:
             if idx.shape != (n,):
                 raise ValueError(f"indices must have shape [{n}], got {_shape(idx)}")
             self.indices = idx
+        # for pictures only: not in the fingerprint
+        self.denormalize = check_denormalize(denormalize, channels=int(inputs.shape[1]))
+        self.denormalize_source: str | None = "argument" if self.denormalize is not None else None
         self._fp_key: tuple | None = None
         self._fp: str = ""
 
@@ -316,7 +330,7 @@ class ProbeSet:
         groups = (
             None if self.groups is None else [self.groups[i] for i in sel] if sel is not None else self.groups
         )
-        return ProbeSet(
+        out = ProbeSet(
             inputs,  # type: ignore[arg-type]
             take(self.targets),  # type: ignore[arg-type]
             groups=groups,
@@ -326,6 +340,8 @@ class ProbeSet:
             labels=take(self.labels),
             _allow_empty=True,
         )
+        out.denormalize, out.denormalize_source = self.denormalize, self.denormalize_source
+        return out
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ProbeSet:
         """A copy on ``device`` (inputs optionally cast to ``dtype``); the fingerprint is unchanged by moves.
@@ -405,6 +421,8 @@ class ProbeSet:
             "spurious_masks": cpu(self.spurious_masks),
             "indices": cpu(self.indices),
             "labels": cpu(self.labels),
+            "denormalize": None if self.denormalize is None else [list(v) for v in self.denormalize],
+            "denormalize_source": self.denormalize_source,
             "fingerprint": self.fingerprint,
         }
 
@@ -450,6 +468,9 @@ class ProbeSet:
             labels=copy(state.get("labels")),
             _allow_empty=True,
         )
+        if state.get("denormalize") is not None:
+            probe.denormalize = check_denormalize(state["denormalize"], channels=int(probe.inputs.shape[1]))
+            probe.denormalize_source = state.get("denormalize_source")
         stored = state.get("fingerprint")
         if stored is not None and stored != probe.fingerprint:
             raise ValueError(
@@ -481,7 +502,8 @@ class ProbeSet:
         from the item's ``"object_mask"`` / ``"spurious_mask"`` keys. With ``stratify=True`` the targets of
         all items are read first (from ``dataset.targets`` / ``dataset.labels`` when present, else by loading
         every item), then each class gets an equal share. An ``IterableDataset`` is read as a stream (a pool
-        of ``2 * size`` items), like :meth:`from_dataloader`.
+        of ``2 * size`` items), like :meth:`from_dataloader`. A torchvision ``Normalize`` in the dataset's
+        transform (also in a ``Compose``) becomes the probe's :attr:`denormalize`, for true-colour pictures.
 
         Example:
             >>> import torch
@@ -496,18 +518,8 @@ class ProbeSet:
         ):
             if isinstance(dataset, Iterable):
                 samples = _take_stream(((s,) for s in dataset), 2 * size, batched=False)
-                return _from_pool(
-                    cls,
-                    samples,
-                    size,
-                    seed,
-                    stratify,
-                    group_fn,
-                    object_mask_fn,
-                    spurious_mask_fn,
-                    input_key,
-                    target_key,
-                )
+                return with_normalize(dataset, _from_pool(cls, samples, size, seed, stratify, group_fn,
+                                                          object_mask_fn, spurious_mask_fn, input_key, target_key))
             raise ValueError(
                 f"dataset must be a map-style dataset (with __len__ and __getitem__) or an iterable, got "
                 f"{type(dataset).__name__}"
@@ -523,7 +535,8 @@ class ProbeSet:
         else:
             chosen = torch.randperm(total, generator=gen)[:size].sort().values.tolist()
         samples = [(i, dataset[i]) for i in chosen]
-        return _build(cls, samples, group_fn, object_mask_fn, spurious_mask_fn, input_key, target_key)
+        return with_normalize(dataset, _build(cls, samples, group_fn, object_mask_fn, spurious_mask_fn, input_key,
+                                              target_key))
 
     @classmethod
     def from_dataloader(
@@ -545,7 +558,8 @@ class ProbeSet:
         Batches may be dicts of batched values, tuples/lists ``(inputs, targets, ...)``; each is split into
         per-sample dicts/tuples before ``group_fn`` and the mask functions see it. A shuffling DataLoader
         without a seeded ``generator`` gives a different probe each run: a warning says so (use the
-        validation loader, or :meth:`from_dataset`).
+        validation loader, or :meth:`from_dataset`). A torchvision ``Normalize`` in the transform of the
+        loader's dataset becomes the probe's :attr:`denormalize`, as in :meth:`from_dataset`.
 
         Example:
             >>> import torch
@@ -569,15 +583,5 @@ class ProbeSet:
                 stacklevel=2,
             )
         samples = _take_stream(iter(dataloader), pool_size, batched=True)
-        return _from_pool(
-            cls,
-            samples,
-            size,
-            seed,
-            stratify,
-            group_fn,
-            object_mask_fn,
-            spurious_mask_fn,
-            input_key,
-            target_key,
-        )
+        return with_normalize(dataloader, _from_pool(cls, samples, size, seed, stratify, group_fn, object_mask_fn,
+                                                     spurious_mask_fn, input_key, target_key))

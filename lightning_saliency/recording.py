@@ -102,6 +102,7 @@ class Recorder:
         self.report: AuditReport | None = None
         self.sinks: list[Any] = []
         self.display: Any = None  # the probe images shown under the overlays, uint8 [n, H, W, 3]
+        self.denormalize: Any = None  # {"mean", "std", ...}: the probe's pictures in true colours (config's)
         self.warned = False  # one warning per monitor for a failing sink or audit
 
     # -- one run ------------------------------------------------------------------------------------------------
@@ -118,6 +119,7 @@ class Recorder:
         from .runs import new_run_id
 
         self.display, self._last_texts = None, {}  # new sinks: their first audit gets every text
+        self.denormalize = config.get("denormalize")
         self.log_dir = run_dir(trainer)
         self.directory = str(self.dirpath) if self.dirpath else os.path.join(self.log_dir, "saliency")
         run_id = run_id or new_run_id()  # under DDP rank 0's is the one written and checkpointed
@@ -170,7 +172,7 @@ class Recorder:
         self.report = report
         if self.save_maps:
             try:
-                save_probe_thumbnails(directory, probe)
+                save_probe_thumbnails(directory, probe, denormalize=self.denormalize)
             except Exception as e:  # disk trouble must not kill training
                 self._failed(e)
         self._write()
@@ -309,7 +311,7 @@ class Recorder:
         # overlays and captions stay legible; blocks of equal pixels also keep the PNG small (3x smaller here)
         scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
         if self.display is None or len(self.display) != n:  # the probe is fixed: converted once
-            self.display = np.stack([to_image(probe.inputs[i].float()) for i in range(n)])
+            self.display = np.stack([to_image(probe.inputs[i].float(), self.denormalize) for i in range(n)])
         captions = [self.caption(probe, i, int(result.predictions[i])) for i in range(n)]
         for method, maps in result.maps.items():
             shown = normalize(maps[:n].abs() if method in SIGNED_METHODS else maps[:n])
@@ -330,8 +332,8 @@ class Recorder:
         for i, c in enumerate(c for c in discovery.get("candidates") or [] if c.get("confirmed")):
             members = list(c["members"])[: self.log_images]
             box = [int(v) * scale for v in c["region"]]
-            tiles = [outline(to_image(probe.inputs[j].float()).repeat(scale, 0).repeat(scale, 1), box, width=scale)
-                     for j in members]
+            tiles = [outline(to_image(probe.inputs[j].float(), self.denormalize).repeat(scale, 0).repeat(scale, 1),
+                             box, width=scale) for j in members]
             captions = [f"#{j}: {class_name(int(probe.targets[j]), self.class_names)}" for j in members]
             captions[0] += f" | flip {c['flip_rate']:.2f} vs null {c['null_flip_rate']:.2f}"  # the text has the rest
             out.append((f"discovery/suspect_{i}", tiles, captions,

@@ -4,7 +4,9 @@ This is the only module that turns maps into pictures. Everything it returns is 
 ``[H, W, 3]`` (RGB, "HWC"), which every logger accepts as is (TensorBoard with ``dataformats="HWC"``,
 ``wandb.Image``, Pillow).
 
-- :func:`to_image` turns an input image (a ``[C, H, W]`` tensor, 1 or 3 channels) into displayable pixels.
+- :func:`to_image` turns an input image (a ``[C, H, W]`` tensor, 1 or 3 channels) into displayable pixels:
+  min-max scaled, or in its true colours with ``denormalize=(mean, std)`` (the ``Normalize`` the model's inputs
+  went through, undone: ``x * std + mean`` per channel, clipped to ``[0, 1]``; :func:`check_denormalize`).
 - :func:`colorize` maps a saliency map in ``[0, 1]`` through a matplotlib colormap (``"jet"``, ``"viridis"``,
   or any other name ``matplotlib.colormaps`` knows).
 - :func:`overlay` alpha-blends a colorized map over an image; :func:`overlays` does a batch at once.
@@ -34,9 +36,11 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["to_image", "colorize", "overlay", "overlays", "outline", "grid", "save_png", "get_cmap", "Picture"]
+__all__ = ["to_image", "colorize", "overlay", "overlays", "outline", "grid", "save_png", "get_cmap", "Picture",
+           "check_denormalize"]
 
 ArrayLike = Any  # np.ndarray | Tensor
+Denormalize = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one value per channel or one for all
 
 
 def _is_tensor(x: Any) -> bool:
@@ -71,18 +75,75 @@ def get_cmap(name: str = "jet") -> Any:
                          f"colormap name (e.g. {known}, ...)") from None
 
 
-def to_image(x: ArrayLike) -> np.ndarray:
+def _values(value: Any, what: str) -> tuple[float, ...]:
+    if _is_tensor(value) or isinstance(value, np.ndarray):
+        value = _to_numpy(value).reshape(-1).tolist()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"denormalize: the {what} must be a number or a sequence of numbers (one per channel), "
+                         f"got {value!r}") from None
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"denormalize: the {what} must be finite numbers, one per channel (or one for all), "
+                         f"got {list(out)}")
+    return out
+
+
+def check_denormalize(value: Any, channels: int | None = None) -> Denormalize | None:
+    """Check a ``denormalize`` setting and return it as ``(mean, std)`` tuples of floats, or ``None``.
+
+    ``value`` is ``None``, a pair ``(mean, std)`` (the arguments of the ``torchvision.transforms.Normalize`` the
+    inputs went through: numbers, sequences, arrays or tensors) or a dict with ``"mean"`` and ``"std"`` keys (as
+    a report's ``config["denormalize"]`` holds it). Each must have one value per channel or one for all
+    (``channels``, when given, is checked) and every std must be > 0; anything else is a ``ValueError`` that
+    says what to pass.
+
+    Example:
+        >>> check_denormalize(([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), channels=3)[1]
+        (0.229, 0.224, 0.225)
+        >>> check_denormalize({"mean": 0.5, "std": 0.5})
+        ((0.5,), (0.5,))
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if "mean" not in value or "std" not in value:
+            raise ValueError(f"denormalize as a dict needs the keys 'mean' and 'std', got {sorted(value)}")
+        value = (value["mean"], value["std"])
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"denormalize must be a pair (mean, std), the arguments of the Normalize the inputs went "
+                         f"through, e.g. ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)); got {value!r}")
+    mean, std = _values(value[0], "mean"), _values(value[1], "std")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 1 and channels is not None and len(values) != channels:
+            raise ValueError(f"denormalize: the {name} has {len(values)} values but the images have {channels} "
+                             f"channel(s): give one value per channel, or one for all")
+    if len(mean) != 1 and len(std) != 1 and len(mean) != len(std):
+        raise ValueError(f"denormalize: the mean has {len(mean)} values and the std {len(std)}: give one per "
+                         "channel for both (or one for all)")
+    if min(std) <= 0:
+        raise ValueError(f"denormalize: every std must be > 0, got {list(std)}")
+    return mean, std
+
+
+def to_image(x: ArrayLike, denormalize: Any = None) -> np.ndarray:
     """Make an input image displayable: ``uint8 [H, W, 3]``.
 
     Accepts a tensor ``[C, H, W]`` (C = 1 or 3), a NumPy array ``[C, H, W]``, ``[H, W, C]`` or ``[H, W]``.
     Float inputs (any range, e.g. normalised with ImageNet statistics) are min-max scaled per image to
-    ``0..255`` (a constant image becomes black); ``uint8`` inputs are taken as pixels already.
-    One channel is repeated to three.
+    ``0..255`` (a constant image becomes black), which shifts the colours of a normalised image; with
+    ``denormalize=(mean, std)`` (:func:`check_denormalize`) they are shown in their true colours instead:
+    ``x * std + mean`` per channel, clipped to ``[0, 1]``, times 255. ``uint8`` inputs are taken as pixels
+    already. One channel is repeated to three.
 
     Example:
         >>> import torch
         >>> to_image(torch.zeros(1, 4, 5)).shape
         (4, 5, 3)
+        >>> to_image(torch.zeros(3, 1, 1), denormalize=([0.5, 0.2, 1.0], 0.25))[0, 0].tolist()
+        [128, 51, 255]
     """
     is_tensor = _is_tensor(x)
     a = _to_numpy(x)
@@ -97,8 +158,13 @@ def to_image(x: ArrayLike) -> np.ndarray:
     if a.shape[-1] not in (1, 3):
         raise ValueError(f"to_image supports 1 or 3 channels, got {a.shape[-1]} (shape {tuple(a.shape)}); "
                          f"select the channels to show first, e.g. x[:3]")
+    pair = check_denormalize(denormalize, channels=a.shape[-1]) if denormalize is not None else None
     if a.dtype == np.uint8:
         out = a
+    elif pair is not None:  # undo the Normalize: true colours
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        a = a * np.asarray(pair[1]) + np.asarray(pair[0])
+        out = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     else:
         a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(a.min()), float(a.max())
@@ -130,10 +196,12 @@ def colorize(m: ArrayLike, cmap: str = "jet") -> np.ndarray:
     return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
 
 
-def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet",
+            denormalize: Any = None) -> np.ndarray:
     """Alpha-blend a colorized map over an image: ``(1 - alpha) * image + alpha * colorize(m)``.
 
-    ``image`` is ``uint8 [H, W, 3]`` (anything :func:`to_image` accepts is converted first); ``m`` is a map
+    ``image`` is ``uint8 [H, W, 3]`` (anything :func:`to_image` accepts is converted first, with
+    ``denormalize``: true colours for a normalised tensor); ``m`` is a map
     ``[h, w]`` in ``[0, 1]``, resized bilinearly to the image's size when it differs. ``alpha=0`` returns the
     image, ``alpha=1`` the colormap.
 
@@ -145,7 +213,7 @@ def overlay(image: ArrayLike, m: ArrayLike, alpha: float = 0.5, cmap: str = "jet
     """
     img = _to_numpy(image)
     if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3):
-        img = to_image(image)
+        img = to_image(image, denormalize)
     a = _to_numpy(m)
     if a.ndim != 2:
         raise ValueError(f"overlay expects one map [H, W], got shape {tuple(a.shape)}")
@@ -279,8 +347,10 @@ def outline(image: ArrayLike, box: Sequence[int], color: tuple[int, int, int] = 
 
 def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, ncols: int | None = None,
          pad: int = 2, max_caption_lines: int = 3, background: tuple[int, int, int] = (0, 0, 0),
-         text_color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+         text_color: tuple[int, int, int] = (255, 255, 255), denormalize: Any = None) -> np.ndarray:
     """Lay images out in a grid, with a caption under each tile: ``uint8 [H, W, 3]``.
+
+    Tiles that are not ``uint8 [H, W, 3]`` already go through :func:`to_image` (with ``denormalize``).
 
     Shape arithmetic: with ``n`` tiles, ``ncols`` (default ``ceil(sqrt(n))``, at most ``n``) and
     ``nrows = ceil(n / ncols)``; a cell is the largest tile's ``h x w`` plus, when captions are given, a band of
@@ -300,7 +370,7 @@ def grid(images: Sequence[ArrayLike], captions: Sequence[str] | None = None, nco
         a = _to_numpy(im)
         if not (a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3):
             try:
-                a = to_image(im)
+                a = to_image(im, denormalize)
             except ValueError as e:
                 raise ValueError(f"grid: tile {i}: {e}") from None
         tiles.append(a)

@@ -4,7 +4,8 @@ reading dict or tuple items and batches, and finding the input, target and mask 
 :meth:`ProbeSet.from_dataset <lightning_saliency.probe.ProbeSet.from_dataset>` and
 :meth:`~lightning_saliency.probe.ProbeSet.from_dataloader` are the public entry points; this module holds the
 item-level rules they share (which keys are looked for, how a batch is split into items, how masks are made
-binary), so that the probe module keeps the probe itself: its checks, fingerprint, sharding and state.
+binary, which ``Normalize`` a dataset's transform applies: :func:`find_normalize`), so that the probe module keeps
+the probe itself: its checks, fingerprint, sharding and state.
 
 Example:
     >>> import torch
@@ -14,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -59,7 +61,65 @@ def _binary(mask: Tensor, what: str) -> Tensor:
     return mask.detach() != 0
 
 
-# --------------------------------------------------------------------------------------------- ProbeSet
+# --------------------------------------------------------------------------------------------- Normalize
+
+_FOLLOW = ("transform", "transforms")  # a dataset's or a Compose's transforms (never target_transform)
+
+
+def _normalizes(obj: Any, seen: set[int], depth: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``(mean, std)`` of every torchvision ``Normalize`` reachable from ``obj``, in the order applied."""
+    if obj is None or depth > 8 or id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    kind = type(obj)
+    if kind.__name__ == "Normalize" and kind.__module__.startswith("torchvision.transforms"):
+        mean, std = (np.asarray(v.tolist() if hasattr(v, "tolist") else v, dtype=np.float64).reshape(-1)
+                     for v in (obj.mean, obj.std))
+        return [(mean, std)]
+    if isinstance(obj, (list, tuple)) or kind.__name__ == "Sequential":
+        return [n for item in obj for n in _normalizes(item, seen, depth + 1)]
+    found = []
+    inner = getattr(obj, "dataset", None)  # a DataLoader's, a Subset's or a wrapper's dataset: applied first
+    if inner is None and isinstance(getattr(obj, "datasets", None), (list, tuple)) and obj.datasets:
+        inner = obj.datasets[0]  # a ConcatDataset: its first dataset's
+    if inner is not None and not isinstance(inner, (str, bytes)) and not inspect.ismethod(inner):
+        found += _normalizes(inner, seen, depth + 1)
+    for name in _FOLLOW:  # torchvision datasets hold both: transform, and transforms wrapping it (one is enough)
+        own = getattr(obj, name, None)
+        if own is not None and not isinstance(own, (str, bytes)) and not inspect.ismethod(own):  # v2: a method
+            return found + _normalizes(own, seen, depth + 1)
+    return found
+
+
+def find_normalize(data: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` that a dataset's (or a DataLoader's dataset's) transform normalises its images with:
+    a torchvision ``transforms.Normalize`` (or ``transforms.v2.Normalize``), also inside a ``Compose``, a
+    ``Subset`` or a ``ConcatDataset`` (its first dataset); several in a row are composed into one. ``None``
+    when there is none.
+
+    Example:
+        >>> from torchvision import transforms
+        >>> class Data:
+        ...     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5, 0.4, 0.3], [0.2] * 3)])
+        >>> find_normalize(Data())
+        ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    """
+    found = _normalizes(data, set())
+    if not found:
+        return None
+    mean, std = found[0]
+    for m, s in found[1:]:  # ((x - mean) / std - m) / s = (x - (mean + m * std)) / (std * s)
+        mean, std = mean + m * std, std * s
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def with_normalize(data: Any, probe: ProbeSet) -> ProbeSet:
+    """``probe`` with the ``(mean, std)`` of the ``Normalize`` in ``data``'s transform (:func:`find_normalize`)
+    as its ``denormalize`` (``denormalize_source``: ``"dataset transform"``), when one fits its channels."""
+    found = find_normalize(data)
+    if found is not None and all(len(v) in (1, probe.inputs.shape[1]) for v in found) and min(found[1]) > 0:
+        probe.denormalize, probe.denormalize_source = found, "dataset transform"
+    return probe
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -165,3 +165,34 @@ def test_audit_yaml_fit_on_tuple_data(tmp_path, monkeypatch):
     (audit,) = report["audits"]
     assert not audit["errors"] and "gradcam/spurious_mass" not in audit["metrics"]
     assert isinstance(audit["metrics"]["gradcam/stability"], float)  # the key the alarm watches
+
+
+def test_batch_keys_and_denormalize_from_yaml_reach_the_report(tmp_path, monkeypatch):
+    """``group_key`` (and the mask keys, and ``denormalize``) set in the YAML: the probe drawn from the dict
+    batches has the groups, and the report has per-group metrics."""
+    from pytorch_lightning.cli import LightningCLI
+
+    from tests.test_batch_keys import Renamed
+
+    monkeypatch.chdir(tmp_path)
+    with open(AUDIT) as f:
+        config = yaml.safe_load(f)
+    monitor = config["trainer"]["callbacks"][0]["init_args"]
+    monitor.update(probe_size=8, group_key="site", object_mask_key="fg", spurious_mask_key="border",
+                   denormalize=[[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]])
+    path = tmp_path / "audit-keys.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", str(path), *SMALL, f"--trainer.default_root_dir={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ShortcutAlarm")
+        cli = LightningCLI(Renamed, args=args, save_config_callback=None)
+    report = _report(cli.trainer.log_dir)
+    assert report["probe"]["groups"] == {"site_0": 3, "site_1": 3, "site_2": 2}
+    assert report["probe"]["object_masks"] and report["probe"]["spurious_masks"]
+    assert report["config"]["denormalize"] == {"mean": [0.5] * 3, "std": [0.25] * 3, "source": "argument"}
+    (audit,) = report["audits"]
+    assert not audit["errors"], audit["errors"]
+    per_group = {k: v for k, v in audit["metrics"].items() if k.startswith("gradcam/spurious_mass/site_")}
+    assert sorted(per_group) == [f"gradcam/spurious_mass/site_{k}" for k in range(3)]
+    assert all(isinstance(v, float) for v in per_group.values())
+    assert isinstance(audit["metrics"]["gradcam/attention_disparity"], float)
