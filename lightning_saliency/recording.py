@@ -48,7 +48,8 @@ _MIN_TILE = 96  # smallest side, in pixels, of an overlay on the dashboard
 
 def run_dir(trainer: Any) -> str:
     """The run's own folder: the first logger's ``log_dir`` (TensorBoard, CSV); for loggers without one
-    (W&B) ``<save_dir>/<name>/<version>`` as checkpoints use, so that runs never share a report.
+    (W&B, MLflow) ``<save_dir>/<name>/<version>`` as checkpoints use, so that runs never share a report, with the
+    trainer's ``default_root_dir`` for a logger without a ``save_dir`` (MLflow on a database or a server).
 
     ``trainer.log_dir`` is a collective under DDP (it broadcasts rank 0's path): every rank must call this.
 
@@ -60,12 +61,12 @@ def run_dir(trainer: Any) -> str:
     """
     root = trainer.log_dir or trainer.default_root_dir
     loggers = list(getattr(trainer, "loggers", []) or [])
-    if loggers and getattr(loggers[0], "log_dir", None) is None and loggers[0].save_dir:
+    if loggers and getattr(loggers[0], "log_dir", None) is None:
         path = None
         if world(trainer)[0] == 0:
             logger = loggers[0]
             version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            path = os.path.join(str(logger.save_dir), str(logger.name), version)
+            path = os.path.join(str(logger.save_dir or trainer.default_root_dir), str(logger.name), version)
         root = broadcast(trainer, path)
     return str(root)
 

@@ -1,4 +1,4 @@
-"""Where the audit's output goes: TensorBoard, Weights & Biases and PNG files, behind one small interface.
+"""Where the audit's output goes: TensorBoard, Weights & Biases, MLflow and PNG files, behind one small interface.
 
 A :class:`Sink` receives an audit's scalars, overlay images, per-image tables, text, alerts and final summary,
 and puts them where the user looks. :func:`sinks_for_loggers` builds one sink per logger of a ``Trainer``
@@ -14,7 +14,11 @@ overlay grids to disk:
   ``trainer/global_step`` and ``saliency/*`` is defined with that step metric, as Lightning does for its own
   metrics, so nothing conflicts with W&B's internal step. Final metrics go to ``run.summary``; alerts to
   ``run.alert`` (ignored where unavailable, e.g. offline).
-- Any other logger (CSV, none): nothing beyond the :class:`PngSink` (and the report the callback writes).
+- ``MLFlowLogger`` (either distribution) -> :class:`~lightning_saliency.sink_mlflow.MlflowSink`: scalars through
+  its ``log_metrics``, the overlay grids as PNG artifacts under ``saliency/images/``, texts and tables as text
+  artifacts, ``report.json`` as ``saliency/report.json`` (its own module, which never imports ``mlflow``).
+- Any other logger (CSV, ...): the scalars through its ``log_metrics`` (:class:`ScalarSink`). Without any logger
+  that takes images, a :class:`PngSink` writes the grids to disk.
 
 Sinks are called on rank 0 only (the callback gathers results first). Errors raised by a logger propagate, except
 from :meth:`Sink.alert`, which never fails.
@@ -45,7 +49,7 @@ import numpy as np
 from .render import Picture, grid, save_png
 from .report import split_key as _split_key
 
-__all__ = ["Sink", "ScalarSink", "TensorBoardSink", "WandbSink", "PngSink", "sinks_for_loggers", "PREFIX"]
+__all__ = ["Sink", "ScalarSink", "TensorBoardSink", "WandbSink", "PngSink", "grid_path", "sinks_for_loggers", "PREFIX"]
 
 PREFIX = "saliency"
 _STEP_KEY = "trainer/global_step"
@@ -380,6 +384,18 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+\-]", "_", str(name)) or "_"
 
 
+def grid_path(method: str, step: int, epoch: int | None = None) -> str:
+    """The grid of ``method`` for one audit, relative to the ``saliency`` folder: ``images/<method>/epoch_XXXX.png``,
+    or ``step_XXXXXXXX.png`` (global step) without an epoch.
+
+    Example:
+        >>> grid_path("gradcam++", step=40, epoch=3), grid_path("discovery/suspect_0", step=40)
+        ('images/gradcam++/epoch_0003.png', 'images/discovery_suspect_0/step_00000040.png')
+    """
+    name = f"epoch_{int(epoch):04d}.png" if epoch is not None else f"step_{int(step):08d}.png"
+    return f"images/{_safe_name(method)}/{name}"
+
+
 class PngSink(Sink):
     """Writes each method's overlay grid to ``<save_dir>/images/<method>/epoch_XXXX.png``.
 
@@ -401,8 +417,7 @@ class PngSink(Sink):
 
     def path_for(self, method: str, step: int, epoch: int | None = None) -> Path:
         """Where the grid of ``method`` for this audit goes."""
-        name = f"epoch_{int(epoch):04d}.png" if epoch is not None else f"step_{int(step):08d}.png"
-        return self.save_dir / "images" / _safe_name(method) / name
+        return self.save_dir / grid_path(method, step, epoch)
 
     def log_overlays(self, method: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int,
                      epoch: int | None = None, picture: np.ndarray | Picture | None = None) -> Path | None:
@@ -444,9 +459,10 @@ def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | No
     """One sink per supported logger in ``loggers`` (``trainer.loggers``; a single logger or ``None`` work
     too); when none of them is a dashboard, a :class:`PngSink` writing to ``save_dir`` (``<log_dir>/saliency``).
 
-    TensorBoard and W&B loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` get a dashboard sink; any
-    other logger (CSV, MLflow, ...) gets the scalars through its ``log_metrics`` (:class:`ScalarSink`). Without a
-    dashboard the overlays go to PNG files beside the report; ``always_png=True`` writes them even beside one.
+    TensorBoard, W&B and MLflow loggers of ``pytorch_lightning`` and of ``lightning.pytorch`` get a sink that
+    takes images; any other logger (CSV, ...) gets the scalars through its ``log_metrics`` (:class:`ScalarSink`).
+    Without a logger that takes images the overlays go to PNG files beside the report; ``always_png=True``
+    writes them even beside one.
 
     Example:
         >>> import tempfile
@@ -463,6 +479,7 @@ def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | No
         loggers = [loggers]
     tb_classes = _logger_classes("TensorBoardLogger")
     wandb_classes = _logger_classes("WandbLogger")
+    mlflow_classes = _logger_classes("MLFlowLogger")
     sinks: list[Sink] = []
     seen: set[int] = set()
     for logger in loggers:
@@ -473,6 +490,10 @@ def sinks_for_loggers(loggers: Any, save_dir: str | os.PathLike, ncols: int | No
             sinks.append(TensorBoardSink(logger, ncols=ncols))
         elif wandb_classes and isinstance(logger, wandb_classes):
             sinks.append(WandbSink(logger))
+        elif mlflow_classes and isinstance(logger, mlflow_classes):
+            from .sink_mlflow import MlflowSink  # its own module; it never imports mlflow
+
+            sinks.append(MlflowSink(logger, save_dir, ncols=ncols))
         elif callable(getattr(logger, "log_metrics", None)):
             sinks.append(ScalarSink(logger))
     if always_png or not any(not isinstance(s, ScalarSink) for s in sinks):
