@@ -25,7 +25,7 @@ Example:
     >>> key_problem("gradcam/stability", ("gradcam",), ("stability",), probe) is None
     True
     >>> print(key_problem("gradcam/spurious_mass", ("gradcam",), ("spurious_mass",), probe))
-    spurious_mass needs spurious masks on the probe (ProbeSet(spurious_masks=...) or from_dataset(spurious_mask_fn=...)), and the probe has none
+    spurious_mass needs spurious masks on the probe (ProbeSet(spurious_masks=...), from_dataset(spurious_mask_fn=...) or, with probe=None, SaliencyMonitor(spurious_mask_key=...)), and the probe has none
 """
 
 from __future__ import annotations

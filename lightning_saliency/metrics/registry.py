@@ -296,11 +296,13 @@ def alarm_mode(key: str) -> str:
 
 
 _NEED_TEXT = {
-    "object_masks": "object masks on the probe (ProbeSet(object_masks=...) or from_dataset(object_mask_fn=...))",
-    "spurious_masks": "spurious masks on the probe (ProbeSet(spurious_masks=...) or "
-                      "from_dataset(spurious_mask_fn=...))",
+    "object_masks": "object masks on the probe (ProbeSet(object_masks=...), from_dataset(object_mask_fn=...) or, "
+                    "with probe=None, SaliencyMonitor(object_mask_key=...))",
+    "spurious_masks": "spurious masks on the probe (ProbeSet(spurious_masks=...), from_dataset(spurious_mask_fn=...) "
+                      "or, with probe=None, SaliencyMonitor(spurious_mask_key=...))",
     "masks": "object or spurious masks on the probe",
-    "groups": "groups on the probe (ProbeSet(groups=...) or from_dataset(group_fn=...))",
+    "groups": "groups on the probe (ProbeSet(groups=...), from_dataset(group_fn=...) or, with probe=None, "
+              "SaliencyMonitor(group_key=...))",
     "previous": "a previous audit to compare with (it is missing from the first audit)",
     "signed": "a signed method (integrated_gradients, input_x_gradient)",
 }
@@ -314,7 +316,7 @@ def need_text(need: str) -> str:
 
     Example:
         >>> need_text("groups")
-        'groups on the probe (ProbeSet(groups=...) or from_dataset(group_fn=...))'
+        'groups on the probe (ProbeSet(groups=...), from_dataset(group_fn=...) or, with probe=None, SaliencyMonitor(group_key=...))'
     """
     return _NEED_TEXT.get(need, need)
 
@@ -350,7 +352,7 @@ def missing_key_hint(key: str, present: Iterable[str] = ()) -> str:
 
     Example:
         >>> missing_key_hint("gradcam/spurious_mass")
-        'spurious_mass needs spurious masks on the probe (ProbeSet(spurious_masks=...) or from_dataset(spurious_mask_fn=...))'
+        'spurious_mass needs spurious masks on the probe (ProbeSet(spurious_masks=...), from_dataset(spurious_mask_fn=...) or, with probe=None, SaliencyMonitor(spurious_mask_key=...))'
         >>> missing_key_hint("gradcam/spurius_mass")
         "no metric is named 'spurius_mass' (did you mean 'spurious_mass'?)"
     """
