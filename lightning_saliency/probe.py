@@ -46,12 +46,13 @@ from .labels import label_rows
 from .render import check_denormalize
 from .sampling import (
     Sample,
-    _binary,
     _build,
+    _check_masks,
     _check_size,
     _clip_size,
     _dataset_targets,
     _from_pool,
+    _row_masks,
     _shape,
     _stratified,
     _take_stream,
@@ -134,22 +135,6 @@ def _check_groups(groups: Any, n: int) -> list[str] | None:
     return groups
 
 
-def _check_masks(masks: Any, n: int, hw: tuple[int, int], what: str, device: torch.device) -> Tensor | None:
-    if masks is None:
-        return None
-    if not isinstance(masks, Tensor):
-        masks = torch.as_tensor(np.asarray(masks))
-    if masks.ndim == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]
-    if masks.ndim != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != hw:
-        raise ValueError(
-            f"{what} must be [N, H, W] = [{n}, {hw[0]}, {hw[1]}] to match the inputs, got {_shape(masks)}; "
-            "resize the masks with the same transform as the images (nearest interpolation) and give one per input"
-        )
-    return _binary(masks, what).to(device)
-
-
-
 class ProbeSet:
     """A fixed set of probe images with targets and optional groups and masks, checked and fingerprinted.
 
@@ -162,8 +147,9 @@ class ProbeSet:
             multi-hot labels ``[rows, C]`` or label map ``[rows, H, W]`` (:mod:`lightning_saliency.labels`: for
             per-label accuracy and F1, or mean IoU). One-hot labels are refused: pass their ``argmax(dim=1)``.
         groups: optional names ``[N]`` (anything ``str()`` turns into a name), e.g. the acquisition site.
-        object_masks: optional ``[N, H, W]`` (or ``[N, 1, H, W]``) bool or 0/1: where the object is.
-        spurious_masks: optional, same form: where a known shortcut lives (a watermark, a border).
+        object_masks: optional ``[N, H, W]`` (or ``[N, 1, H, W]``) bool or 0/1: where the object is; with
+            multi-hot targets or label maps also one mask per label ``[N, C, H, W]`` (each row gets its label's).
+        spurious_masks: optional, same forms: where a known shortcut lives (a watermark, a border).
         indices: positions in the full probe (set by :meth:`subset` / :meth:`shard`; default ``0..N-1``).
         denormalize: optional ``(mean, std)`` of the ``Normalize`` the inputs went through, to show them in true
             colours (:attr:`denormalize`; :func:`~lightning_saliency.render.check_denormalize`). The builders
@@ -197,10 +183,8 @@ class ProbeSet:
         if expanded is not None:  # multi-hot labels or label maps: one row per (image, label or class present)
             image, targets, labels = expanded
             hw0, rows = (int(inputs.shape[2]), int(inputs.shape[3])), image.to(inputs.device)
-            if object_masks is not None:
-                object_masks = _check_masks(object_masks, n, hw0, "object_masks", inputs.device)[rows]
-            if spurious_masks is not None:
-                spurious_masks = _check_masks(spurious_masks, n, hw0, "spurious_masks", inputs.device)[rows]
+            object_masks = _row_masks(object_masks, image, targets, n, hw0, "object_masks", inputs.device)
+            spurious_masks = _row_masks(spurious_masks, image, targets, n, hw0, "spurious_masks", inputs.device)
             groups = None if groups is None else [_check_groups(groups, n)[i] for i in image.tolist()]
             inputs, n = inputs[rows], int(image.numel())
         if n == 0 and not _allow_empty:

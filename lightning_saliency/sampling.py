@@ -433,3 +433,33 @@ def _from_pool(
     return _build(
         cls, [pool[i] for i in chosen], group_fn, object_mask_fn, spurious_mask_fn, input_key, target_key
     )
+
+
+def _check_masks(masks: Any, n: int, hw: tuple[int, int], what: str, device: torch.device) -> Tensor | None:
+    if masks is None:
+        return None
+    if not isinstance(masks, Tensor):
+        masks = torch.as_tensor(np.asarray(masks))
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != hw:
+        raise ValueError(
+            f"{what} must be [N, H, W] = [{n}, {hw[0]}, {hw[1]}] to match the inputs, got {_shape(masks)}; "
+            "resize the masks with the same transform as the images (nearest interpolation) and give one per input"
+        )
+    return _binary(masks, what).to(device)
+
+
+def _row_masks(masks: Any, image: Tensor, label: Tensor, n: int, hw: tuple[int, int], what: str,
+               device: torch.device) -> Tensor | None:
+    """The masks of the rows (image, label) that multi-hot targets or label maps expand to: one mask per image
+    ``[N, H, W]`` repeated on its rows, or one per label ``[N, C, H, W]`` (each row gets its own label's)."""
+    if masks is None:
+        return None
+    m = masks if isinstance(masks, Tensor) else torch.as_tensor(np.asarray(masks))
+    if m.ndim == 4 and m.shape[1] > 1:
+        if m.shape[0] != n or tuple(m.shape[2:]) != hw or (label.numel() and int(label.max()) >= m.shape[1]):
+            raise ValueError(f"{what} per label must be [N, C, H, W] = [{n}, C, {hw[0]}, {hw[1]}] with a mask for "
+                             f"every label of the targets, got {_shape(m)}; or give one mask per image [N, H, W]")
+        return _binary(m[image.to(m.device), label.to(m.device)], what).to(device)
+    return _check_masks(m, n, hw, what, device)[image.to(device)]

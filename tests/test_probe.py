@@ -392,3 +392,18 @@ def test_shard_argument_errors() -> None:
         p.shard(2, 2)
     with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         p.shard(0, 0)
+
+
+def test_multi_hot_targets_take_one_mask_per_label():
+    """Masks [N, C, H, W] beside multi-hot targets: each (image, label) row gets its own label's mask; masks
+    [N, H, W] are repeated on the image's rows; a per-label stack missing a label is an error naming both forms."""
+    x = torch.rand(2, 1, 4, 4)
+    y = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    m = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    m[0, 0, 0, 0] = m[0, 1, 1, 1] = m[1, 1, 2, 2] = m[1, 2, 3, 3] = True
+    p = ProbeSet(x, y, object_masks=m, spurious_masks=m[:, 0])
+    assert p.targets.tolist() == [0, 1, 1, 2]
+    assert [tuple(o.nonzero()[0].tolist()) for o in p.object_masks] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert p.spurious_masks.flatten(1).sum(1).tolist() == [1, 1, 0, 0]  # image 0's mask on both of its rows
+    with pytest.raises(ValueError, match=r"per label must be \[N, C, H, W\].*one mask per image"):
+        ProbeSet(x, y, object_masks=m[:, :2])
