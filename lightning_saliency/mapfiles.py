@@ -19,8 +19,9 @@ theirs, and each new audit past ``N`` takes the file of the audit between two ot
 closest (the earliest on ties), so the audits with maps stay nearly evenly spaced over the run (gaps within a
 factor of two). A thinned audit's record has ``"maps": null`` and ``"maps_thinned"``, the path its file had; the
 report is written before the file is deleted (:func:`remove_maps_file`), so a crash in between leaves an extra
-file, never a report pointing at a missing one (the next thinning deletes it). With 3 methods the maps folder
-then stays under 31 MiB, however long the run (``keep_maps=None`` keeps every file: 90 MiB after 60 audits).
+file, never a report pointing at a missing one (the next thinning deletes it). With 3 methods and a probe of 64
+or more images the maps folder then holds at most 20 files of 1.5 MiB and the thumbnails, about 31 MiB, however
+long the run (``keep_maps=None`` keeps every file: 91 MiB after 60 audits; ``benchmarks/bench_memory.py``).
 
 Every name here is also importable from :mod:`lightning_saliency.report`.
 
