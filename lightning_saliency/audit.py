@@ -62,6 +62,7 @@ from .tasks import TaskModel, check_task, output_adapter
 
 __all__ = [
     "ALL_METRICS",
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_METRICS",
     "PERIODIC_METRICS",
     "AuditSpec",
@@ -74,6 +75,11 @@ __all__ = [
     "summarize",
     "validate_metrics",
 ]
+
+#: images per pass through the model in an audit (:attr:`AuditSpec.batch_size`): the shared attribution pass, the
+#: methods' own passes, and every metric that runs the model again (on the probe or on perturbed copies of it),
+#: so that the audit's working memory is that of a chunk of this many images, whatever the size of the probe
+DEFAULT_BATCH_SIZE = 64
 
 # derived from the metric registry (the built-in rows; metric_names() also lists registered metrics)
 ALL_METRICS = metric_names(builtin=True)
@@ -114,7 +120,9 @@ class AuditSpec:
         layer: the target layer for CAM-family methods: ``"auto"``, a dotted name, a module or a resolved
             :class:`~lightning_saliency.layers.TargetLayer` (fastest when auditing repeatedly).
         reshape: token-to-grid reshape for the layer, when it is not found automatically.
-        batch_size: chunk size for the attribution passes.
+        batch_size: the most images per pass through the model, in every pass of the audit: the attribution
+            passes and the metrics that run the model again (:data:`DEFAULT_BATCH_SIZE`; ``None``: the whole
+            probe, or shard, at once). The results do not depend on it, only the memory and the time do.
         target: explain the model's ``"prediction"`` (default) or the probe's ``"label"``.
         method_options: extra keyword options for :func:`~lightning_saliency.attribute`.
         stability_k, stability_sigma, stability_images: stability's draws, noise scale (relative to each
@@ -131,7 +139,7 @@ class AuditSpec:
     metrics: tuple[str, ...] = DEFAULT_METRICS
     layer: Any = "auto"
     reshape: Callable[[Tensor], Tensor] | None = None
-    batch_size: int | None = None
+    batch_size: int | None = DEFAULT_BATCH_SIZE
     target: str = "prediction"
     method_options: dict[str, Any] = field(default_factory=dict)
     stability_k: int = 4
@@ -154,6 +162,10 @@ class AuditSpec:
         from .checks import check_method_options  # an unknown key: the closest option and its method
 
         self.method_options = check_method_options(self.method_options, self.methods)
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int (images per pass through the model) or None (the "
+                             f"whole probe at once), got {self.batch_size!r}")
         if self.target not in ("prediction", "label"):
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
         if getattr(check_task(self.task), "masks", None) is not None:
@@ -275,8 +287,8 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
             from .guard import SideEffectGuard
 
             with SideEffectGuard(model), torch.no_grad():
-                wrapped = TaskModel(model, spec.output, spec.task)
-                out = wrapped.tensor(inputs)
+                wrapped, step = TaskModel(model, spec.output, spec.task), spec.batch_size or max(n, 1)
+                out = torch.cat([wrapped.tensor(inputs[i : i + step]) for i in range(0, n, step)])
                 logits = wrapped.task.class_scores(out)
             predictions, finite = wrapped.task.predict(out), torch.isfinite(logits).all(1)
             dtype = str(logits.dtype).replace("torch.", "")
@@ -494,7 +506,10 @@ def _summary(row: Any, result: ShardResult, probe: ProbeSet, method: str) -> flo
 
 class Reference:
     """The maps drift compares with: the last fit audit's, and the ones that audit itself compared with (so the
-    last audit can be completed later from the same reference). Validate/test maps never become the reference."""
+    last audit can be completed later from the same reference). Validate/test maps never become the reference.
+
+    A method whose maps drift has ranked is kept as its ranks only (``ranks``; ``maps`` holds the others): drift
+    reads nothing else, and the monitor holds one ``[N, H*W]`` tensor per method and kept audit, not two."""
 
     def __init__(self) -> None:
         self.reset()
@@ -507,7 +522,8 @@ class Reference:
     def advance(self, result: ShardResult) -> None:
         self.used = self.maps, self.ranks
         if result.maps:
-            self.maps, self.ranks = result.maps, result.ranks or None
+            ranks = result.ranks or {}
+            self.maps, self.ranks = {k: v for k, v in result.maps.items() if k not in ranks}, ranks or None
 
     @contextlib.contextmanager
     def rewound(self) -> Iterator[None]:

@@ -40,6 +40,7 @@ from ._lightning import overrides as _overrides
 from ._lightning import stage as _stage
 from ._lightning import trained_epoch as _trained_epoch
 from .audit import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_METRICS,
     AuditSpec,
     Reference,
@@ -57,6 +58,7 @@ from .distributed import gather as _gather
 from .distributed import rank0_buffers as _rank0_buffers
 from .distributed import world as _world
 from .guard import SideEffectGuard
+from .mapfiles import KEEP_MAPS
 from .methods.engine import check_on_error
 from .methods.registry import all_options, get_method, needs_layer
 from .metrics import registry as metric_registry
@@ -175,7 +177,7 @@ class SaliencyMonitor(_Base):
             :func:`~lightning_saliency.register_metric`); default: the rows marked default (the cheap ones). The
             expensive ones (faithfulness, sanity) are opt-in.
         log_images: overlays logged per method and audit (0 disables images).
-        batch_size: chunk size of the attribution passes (default: the whole probe shard at once).
+        batch_size: images per pass through the model, in every pass of the audit (default 64; ``None``: all at once).
         on_error: ``"warn"`` (default: a failing audit warns once, is recorded in the report, training goes on),
             ``"collect"`` (recorded, no warning) or ``"raise"``: :data:`lightning_saliency.methods.engine.ON_ERROR`.
         expensive_every_n_audits: how often the metrics that run the model again run (stability, and the
@@ -185,7 +187,8 @@ class SaliencyMonitor(_Base):
         probe_size, probe_seed: used when ``probe`` is None.
         allow_probe_change: accept resuming from a checkpoint whose probe fingerprint differs.
         dirpath: where ``report.json``, maps and PNG grids go (default ``<trainer.log_dir>/saliency``).
-        save_maps: keep downsampled float16 maps of every audit under ``<dirpath>/maps`` (for reports).
+        save_maps: keep downsampled float16 maps of the audits under ``<dirpath>/maps`` (for reports).
+        keep_maps: at most this many audits keep their maps files (20; then thinned evenly, first and last kept; ``None``: all).
         class_names: names for captions (default: class indices).
         cmap: colormap of the overlays (``"jet"`` or ``"viridis"``, any matplotlib name).
         image_colors: colours of the overlay grids' PNG palette (256: the eye sees no difference and the
@@ -218,7 +221,7 @@ class SaliencyMonitor(_Base):
         every_n_epochs: int = 1,
         metrics: Sequence[str] | None = None,
         log_images: int = 16,
-        batch_size: int | None = None,
+        batch_size: int | None = DEFAULT_BATCH_SIZE,
         on_error: Literal["warn", "collect", "raise"] = "warn",
         expensive_every_n_audits: int = 5,
         target: Literal["prediction", "label"] = "prediction",
@@ -227,6 +230,7 @@ class SaliencyMonitor(_Base):
         allow_probe_change: bool = False,
         dirpath: str | None = None,
         save_maps: bool = True,
+        keep_maps: int | None = KEEP_MAPS,
         class_names: Sequence[str] | None = None,
         cmap: str = "jet",
         image_colors: int | None = 256,
@@ -273,7 +277,7 @@ class SaliencyMonitor(_Base):
         # report.json, maps files, dashboards: written by the recorder, on rank 0
         self._recorder = Recorder(dirpath=dirpath, save_maps=save_maps, log_images=log_images, on_error=on_error,
                                   class_names=self.class_names, cmap=cmap, image_colors=self.image_colors,
-                                  scorecard=scorecard)
+                                  scorecard=scorecard, keep_maps=keep_maps)
 
     # -- identity and state ------------------------------------------------------------------------------------
     @property

@@ -13,6 +13,16 @@ that its longer side is at most ``MAX_SIDE`` = 64 pixels: at most 512 KiB per me
 ``numpy.savez``), 768 KiB of thumbnails once. Files are written with :func:`lightning_saliency.files.atomic_write`.
 torch is imported only by the writers, so reading maps (the HTML page) does not need it.
 
+Bound on the number of files: ``SaliencyMonitor(keep_maps=N)`` (default :data:`KEEP_MAPS` = 20) keeps every
+audit's maps up to ``N`` files, then thins them (:func:`thin_maps`): the first and the last audit always keep
+theirs, and each new audit past ``N`` takes the file of the audit between two others whose neighbours are
+closest (the earliest on ties), so the audits with maps stay nearly evenly spaced over the run (gaps within a
+factor of two). A thinned audit's record has ``"maps": null`` and ``"maps_thinned"``, the path its file had; the
+report is written before the file is deleted (:func:`remove_maps_file`), so a crash in between leaves an extra
+file, never a report pointing at a missing one (the next thinning deletes it). With 3 methods and a probe of 64
+or more images the maps folder then holds at most 20 files of 1.5 MiB and the thumbnails, about 31 MiB, however
+long the run (``keep_maps=None`` keeps every file: 91 MiB after 60 audits; ``benchmarks/bench_memory.py``).
+
 Every name here is also importable from :mod:`lightning_saliency.report`.
 
 Example:
@@ -27,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +48,14 @@ from .files import atomic_write
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "maps_filename", "save_probe_thumbnails", "save_maps",
-           "load_maps", "load_probe_thumbnails"]
+__all__ = ["KEEP_MAPS", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "check_keep_maps", "maps_filename",
+           "remove_maps_file", "save_probe_thumbnails", "save_maps", "load_maps", "load_probe_thumbnails",
+           "thin_maps"]
 
 MAPS_DIR = "maps"
 MAX_IMAGES = 64
 MAX_SIDE = 64
+KEEP_MAPS = 20  # audits whose maps files are kept (SaliencyMonitor(keep_maps=...)); None: every audit's
 
 
 def maps_filename(epoch: int, stage: str = "fit", index: int = 1) -> str:
@@ -192,6 +204,68 @@ def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predi
         arrays["predictions"] = pred[:max_images]
     _savez(Path(dir) / rel, arrays)
     return rel
+
+
+def check_keep_maps(keep_maps: Any) -> int | None:
+    """``keep_maps`` if it is an int >= 2 or ``None``, else a ``ValueError`` saying what to pass.
+
+    Example:
+        >>> check_keep_maps(20), check_keep_maps(None)
+        (20, None)
+    """
+    if keep_maps is None:
+        return None
+    if isinstance(keep_maps, bool) or not isinstance(keep_maps, int) or keep_maps < 2:
+        raise ValueError(f"keep_maps must be an int >= 2 (the first and the last audit always keep their maps) or "
+                         f"None (every audit's maps are kept), got {keep_maps!r}; save_maps=False keeps none")
+    return keep_maps
+
+
+def thin_maps(audits: Sequence[Mapping[str, Any]], keep: int | None) -> list[int]:
+    """Positions in ``audits`` of the audits whose maps file goes, so that at most ``keep`` keep theirs.
+
+    One at a time, the audit with maps whose two neighbours with maps are closest (positions in ``audits``;
+    the earliest on ties) goes; the first and the last are never chosen. Called after every audit, this keeps the
+    audits with maps nearly evenly spaced over the run (module docstring). ``keep=None``: none goes.
+
+    Example:
+        >>> audits = [{"maps": f"maps/epoch_{e:04d}.npz"} for e in range(6)]
+        >>> thin_maps(audits, 3)
+        [1, 3, 4]
+        >>> kept = [{"maps": a["maps"] if i in (0, 2, 3, 4) else None} for i, a in enumerate(audits[:5])]
+        >>> thin_maps(kept, 3)  # what the audit of epoch 4 left: 0, 2, 3, 4 -> 3 goes (gap 2 vs 3 for 2)
+        [3]
+    """
+    have = [i for i, a in enumerate(audits) if isinstance(a.get("maps"), str) and a.get("maps")]
+    gone = []
+    while keep is not None and len(have) > max(int(keep), 2):
+        j = min(range(1, len(have) - 1), key=lambda j: (have[j + 1] - have[j - 1], j))
+        gone.append(have.pop(j))
+    return sorted(gone)
+
+
+def remove_maps_file(dir: str | os.PathLike, rel: Any) -> bool:
+    """Delete the maps file ``rel`` (an audit's ``maps`` entry, relative to ``dir``) when it is a ``.npz`` inside
+    ``<dir>/maps/``; ``True`` when a file was deleted (a missing one is no error: deleting is idempotent).
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> rel = save_maps(d, 0, {"gradient": np.ones((1, 4, 4))})
+        >>> remove_maps_file(d, rel), remove_maps_file(d, rel), remove_maps_file(d, "../report.json")
+        (True, False, False)
+    """
+    if not isinstance(rel, str) or not rel.endswith(".npz") or "\x00" in rel:
+        return False
+    root = (Path(dir) / MAPS_DIR).resolve()
+    path = (Path(dir) / rel).resolve()
+    if path.parent != root:
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _report_error(message: str) -> Exception:

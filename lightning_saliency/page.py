@@ -18,7 +18,8 @@
 
 Bounds, so that a long run stays a reasonable page: at most ``max_images`` images per method per epoch
 (default 16) and ``MAX_METHODS`` methods; at most ``max_epochs`` audited epochs with maps (default 50, evenly
-subsampled, first and last always kept); each curve reduced to at most ``2 * MAX_POINTS`` points (per bucket
+subsampled, first and last always kept; the audits whose maps file the monitor thinned, ``SaliencyMonitor(keep_maps=)``,
+are not on the slider and the note counts them); each curve reduced to at most ``2 * MAX_POINTS`` points (per bucket
 of audits the minimum and maximum are kept, so spikes survive); at most ``MAX_SERIES`` curves; the most
 recent ``MAX_ROWS`` errors and alarm firings (the count of the others is shown).
 
@@ -204,6 +205,7 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
         note = "No maps were saved for this run." if not with_maps else "Overlays disabled (--max-images 0)."
         return f'<section id="overlays"><h2>Overlays</h2><p class="note">{note}</p></section>', ""
     chosen = [with_maps[i] for i in _subsample(len(with_maps), max_epochs)]
+    thinned = sum(1 for a in audits if a.get("maps_thinned") and not a.get("maps"))  # SaliencyMonitor(keep_maps=)
     probe = _load_probe(saliency_dir, max_images)
     images = probe.get("images")
     targets = probe.get("targets") or []
@@ -254,6 +256,7 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
         f'<output id="epoch-label" for="epoch-slider">epoch {_e(labels[last])}</output></div>',
         f'<p class="note">{len(per_epoch)} of {len(with_maps)} audited epochs with maps'
         + (" (evenly subsampled)" if len(per_epoch) < len(with_maps) else "")
+        + (f"; {thinned} audits' maps files were thinned by keep_maps" if thinned else "")
         + f"; the first {max_images if images is None else len(images)} probe images; "
         "caption: target → prediction (red when wrong). Map colors: "
         f'<img class="cbar" alt="colormap from 0 (low) to 1 (high)" src="{_png(np.tile(np.arange(256, dtype=np.uint8), (8, 1)), palette)}"> '

@@ -298,12 +298,15 @@ class ProbeSet:
     # ----------------------------------------------------------------------------------------- views
 
     def _new(
-        self, idx: Tensor | None = None, device: Any = None, dtype: torch.dtype | None = None
+        self, idx: Tensor | None = None, device: Any = None, dtype: torch.dtype | None = None,
+        rows: slice | None = None,
     ) -> ProbeSet:
         def take(t: Tensor | None) -> Tensor | None:
             if t is None:
                 return None
-            if idx is not None:
+            if rows is not None:  # a contiguous range (a shard): a view, no copy of the probe
+                t = t[rows]
+            elif idx is not None:
                 t = t[idx.to(t.device)]
             return t.to(device) if device is not None else t
 
@@ -363,7 +366,8 @@ class ProbeSet:
     def shard(self, rank: int, world_size: int) -> ProbeSet:
         """Rank ``rank``'s contiguous slice out of ``world_size``: sizes differ by at most one (the first
         ``N % world_size`` ranks get one more), a shard is empty when ``world_size > N``. The slice's
-        :attr:`indices` are its positions in this probe, for gathering results back in order.
+        :attr:`indices` are its positions in this probe, for gathering results back in order. Its tensors are
+        views of this probe's (no copy: an audit does not hold the probe twice).
 
         Example:
             >>> import torch
@@ -379,7 +383,7 @@ class ProbeSet:
         base, extra = divmod(n, world_size)
         start = rank * base + min(rank, extra)
         stop = start + base + (1 if rank < extra else 0)
-        return self._new(idx=torch.arange(start, stop, dtype=torch.long))
+        return self._new(idx=torch.arange(start, stop, dtype=torch.long), rows=slice(start, stop))
 
     # ----------------------------------------------------------------------------------------- state
 

@@ -39,7 +39,18 @@ from .distributed import broadcast, world
 from .health import describe, health_errors, health_line, problems
 from .maps import normalize
 from .probe import ProbeSet
-from .report import AuditReport, error_record, probe_info, save_maps, save_probe_thumbnails, stage_of
+from .report import (
+    KEEP_MAPS,
+    AuditReport,
+    check_keep_maps,
+    error_record,
+    probe_info,
+    remove_maps_file,
+    save_maps,
+    save_probe_thumbnails,
+    stage_of,
+    thin_maps,
+)
 
 __all__ = ["Recorder", "run_dir"]
 
@@ -77,6 +88,8 @@ class Recorder:
     Args:
         dirpath: where ``report.json``, maps and PNG grids go (default ``<run dir>/saliency``).
         save_maps: keep downsampled float16 maps of every audit under ``<dirpath>/maps``, and probe thumbnails.
+        keep_maps: keep the maps files of at most this many audits, thinned evenly over the run past it (the first
+            and the last always kept: :func:`lightning_saliency.mapfiles.thin_maps`); ``None``: every audit's.
         log_images: overlays logged per method and audit (0 disables images).
         class_names: names for captions (default: class indices).
         cmap: colormap of the overlays.
@@ -91,8 +104,9 @@ class Recorder:
 
     def __init__(self, dirpath: str | None = None, save_maps: bool = True, log_images: int = 16,
                  class_names: Sequence[str] | None = None, cmap: str = "jet", image_colors: int | None = 256,
-                 on_error: str = "warn", scorecard: bool = False) -> None:
+                 on_error: str = "warn", scorecard: bool = False, keep_maps: int | None = KEEP_MAPS) -> None:
         self.dirpath, self.save_maps, self.log_images = dirpath, bool(save_maps), int(log_images)
+        self.keep_maps = check_keep_maps(keep_maps)  # a bad value fails when the monitor is built
         self.scorecard = bool(scorecard)  # score the methods once at the end of fit (record_scorecard)
         self.on_error, self.warned_health = on_error, False
         self._last_texts: dict[str, str] = {}  # the dashboard texts last logged, by tag
@@ -105,6 +119,7 @@ class Recorder:
         self.display: Any = None  # the probe images shown under the overlays, uint8 [n, H, W, 3]
         self.denormalize: Any = None  # {"mean", "std", ...}: the probe's pictures in true colours (config's)
         self.warned = False  # one warning per monitor for a failing sink or audit
+        self.report_on_disk = False  # the last write of the report succeeded (thinned maps files may go)
 
     # -- one run ------------------------------------------------------------------------------------------------
     def open(self, trainer: Any, pl_module: Any, probe: ProbeSet, config: dict[str, Any],
@@ -169,6 +184,8 @@ class Recorder:
             report.truncate_after(fit[-1]["epoch"])
         for record in history:  # already there: replaced by the same record; missing (a new folder): added
             if fresh or stage_of(record) == "fit" and stage == "fit":
+                if isinstance(record.get("maps"), str) and not os.path.isfile(os.path.join(directory, record["maps"])):
+                    record = {**record, "maps": None}  # thinned (keep_maps) or in another folder: not here
                 report.append_audit(record)
         self.report = report
         if self.save_maps:
@@ -192,7 +209,9 @@ class Recorder:
             return record
         try:
             self.report.write()
+            self.report_on_disk = True  # what the report holds is on disk
         except Exception as e:
+            self.report_on_disk = False
             self._failed(e, f"writing {self.report.path}")
             if record is not None:
                 record = self.report.append_audit(
@@ -233,7 +252,10 @@ class Recorder:
                 record["errors"].append(error_record(e, method=None))
                 self._failed(e)
         if report is not None:
-            record = self._write(report.append_audit(record))
+            stored = report.append_audit(record)
+            doomed = self._thin(report)  # the report says so first; the files go once it is on disk
+            record = self._write(stored)
+            self._remove(doomed)
         step = int(trainer.global_step)
         finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
         overlays = []
@@ -272,6 +294,25 @@ class Recorder:
         if result.errors and not self.warned:
             self.warned = True
         return dict(record)
+
+    def _thin(self, report: AuditReport) -> list[str]:
+        """Mark the audits whose maps file goes (``keep_maps``: :func:`~lightning_saliency.mapfiles.thin_maps`) in
+        ``report``: ``maps`` null, ``maps_thinned`` the file's path. Returns every file to delete once the report is
+        written: those, and any that an earlier thinning marked but did not delete (a crash in between)."""
+        audits = report.audits
+        for i in thin_maps(audits, self.keep_maps):
+            audits[i]["maps_thinned"], audits[i]["maps"] = audits[i]["maps"], None
+        return [a["maps_thinned"] for a in audits if isinstance(a.get("maps_thinned"), str) and not a.get("maps")]
+
+    def _remove(self, files: Sequence[str]) -> None:
+        """Delete thinned maps files, once the report that no longer points at them is on disk."""
+        if not files or self.directory is None or not self.report_on_disk:
+            return
+        for rel in files:
+            try:
+                remove_maps_file(self.directory, rel)
+            except OSError as e:  # a file that cannot go stays; the report is right either way
+                self._failed(e, f"deleting {rel}", "it stays on disk")
 
     def _changed_texts(self, health: dict[str, str], discovery: dict[str, Any] | None) -> dict[str, str]:
         """The dashboard texts of this audit that differ from the last ones logged (health, discovery): a

@@ -26,7 +26,8 @@ pass), raising :class:`ReportError`; none of it imports torch. :func:`split_key`
      "audits": [{"stage", "epoch", "global_step", "time", "duration_s", "precision",
                  "metrics": {"<method>/<metric>[/<group>]": float | null},
                  "health": {"logits": "ok" | "<problem>: k of n", "<method>": "ok" | "<problem>: k of n[; ...]"},
-                 "errors": [{"method", "type", "message"}], "maps": "maps/epoch_0003.npz" | null}],
+                 "errors": [{"method", "type", "message"}], "maps": "maps/epoch_0003.npz" | null,
+                 "maps_thinned": "maps/epoch_0002.npz" (only where keep_maps removed the audit's maps file)}],
      "alarms": [{"name", "metric", "threshold", "mode", "stage", "epoch", "global_step", "value", "action"}],
      "scorecard": {"epoch", "global_step", "columns": [{"name", "higher_is_better", "kind", "of", "doc"}],
                    "rows": [{"method", "<column>": float | null}], "best": {"<column>": [method]},
@@ -75,14 +76,18 @@ import numpy as np
 
 from .files import atomic_write
 from .mapfiles import (  # the saved maps' home; re-exported here, where readers have always found them
+    KEEP_MAPS,
     MAPS_DIR,
     MAX_IMAGES,
     MAX_SIDE,
+    check_keep_maps,
     load_maps,
     load_probe_thumbnails,
     maps_filename,
+    remove_maps_file,
     save_maps,
     save_probe_thumbnails,
+    thin_maps,
 )
 from .render import _is_tensor
 
@@ -90,7 +95,7 @@ __all__ = [
     "SCHEMA", "REPORT_NAME", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "ReportError", "AuditReport",
     "error_record", "probe_info", "save_probe_thumbnails", "save_maps", "load_maps", "load_probe_thumbnails",
     "maps_filename", "split_key", "find_report", "validate_report", "load_report", "STAGES", "stage_of",
-    "place_record",
+    "place_record", "KEEP_MAPS", "check_keep_maps", "thin_maps", "remove_maps_file",
 ]
 
 SCHEMA = "lightning-saliency/report/v1"

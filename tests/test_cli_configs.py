@@ -62,7 +62,8 @@ def test_configs_are_valid_yaml_with_the_documented_defaults():
         monitor = next(c for c in callbacks if c["class_path"] == "lightning_saliency.SaliencyMonitor")["init_args"]
         assert monitor["probe"] is None and monitor["probe_size"] == 64
         assert monitor["methods"] == ["gradcam", "gradient"] and monitor["every_n_epochs"] == 1
-        SaliencyMonitor(**monitor)  # every key is a real argument
+        built = SaliencyMonitor(**monitor)  # every key is a real argument
+        assert (built.spec.batch_size, built._recorder.keep_maps) == (64, 20)  # the defaults, as documented
     with open(AUDIT) as f:
         alarm = yaml.safe_load(f)["trainer"]["callbacks"][1]
     assert alarm["class_path"] == "lightning_saliency.ShortcutAlarm" and alarm["init_args"]["action"] == "warn"

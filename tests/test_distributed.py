@@ -8,7 +8,9 @@ How the reports are compared like with like: the alarm stops training right afte
 the weights rank 0 saves at the end of fit are exactly the weights that audit explained (no training step
 happens after it). The single-process reference loads those weights into a fresh model and audits them with
 ``trainer.validate`` and a SaliencyMonitor of the same configuration (same probe, methods, every metric; first
-audit of each, so both run the expensive metrics and neither has drift).
+audit of each, so both run the expensive metrics and neither has drift). Both go through the model in chunks of
+10 images (``batch_size=10``), whose boundaries differ between a shard and the whole probe: sharding and chunking
+together must still give the same numbers.
 
 BatchNorm: the fit has no validation loop, so at the audit each rank's running statistics are the ones it
 updated in its own last training step (a validation forward through DDP would have broadcast rank 0's). The

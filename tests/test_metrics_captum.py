@@ -107,9 +107,18 @@ def test_infidelity_matches_captum_for_hw_maps(setup):
         n_perturb_samples=6,
     )
     assert _rel(ours, ref) <= RTOL, (ours, ref)
-    # and the default draw (seeded, per pixel) is the same as this one
-    default = infidelity(model, x, t, maps, n_perturb=6, sigma=0.1, seed=5)
-    assert _rel(default, ref) <= RTOL
+    # and the default draw (per pixel; draw j of image i from a generator seeded by (seed, i, j)) is Captum's with
+    # those draws, whatever batch_size chunks them into
+    from lightning_saliency.metrics._common import _row_noise
+
+    def rows(z):  # Captum's one chunk: the 6 draws of each image contiguous
+        return 0.1 * _row_noise("normal", (1, *z.shape[2:]), 5, torch.arange(5).repeat_interleave(6),
+                                torch.arange(6).repeat(5)).expand_as(z)
+
+    ref = captum_infidelity(model, _captum_perturb(rows), x, placed, target=t, n_perturb_samples=6)
+    for batch_size in (None, 2, 7):
+        default = infidelity(model, x, t, maps, n_perturb=6, sigma=0.1, seed=5, batch_size=batch_size)
+        assert _rel(default, ref) <= RTOL, batch_size
 
 
 @pytest.mark.parametrize("method", ["gradient", "gradcam"])

@@ -205,8 +205,8 @@ class _Tiny(nn.Module):
 
 def test_gradient_explain_stability_equals_scipy_on_the_same_draws():
     """A real gradient map: the value is the mean over draws of scipy's Spearman between the clean map and the
-    map of x + sigma * std(x) * z, z the draws of a generator seeded with ``seed`` (one chunk, repeat_interleave
-    layout)."""
+    map of x + sigma * std(x) * z, z of draw j of image i from a generator of its own seeded by (seed, i, j); the
+    same value whatever batch_size chunks the draws into."""
     model = _Tiny().eval()
 
     def explain(x, t):
@@ -220,12 +220,17 @@ def test_gradient_explain_stability_equals_scipy_on_the_same_draws():
     k, sigma = 3, 0.05
     s = stability(explain, x, t, k=k, sigma=sigma, seed=7)
     expanded = x.repeat_interleave(k, 0)
-    z = torch.randn(expanded.shape, generator=torch.Generator().manual_seed(7))
+    images, draws = torch.arange(4).repeat_interleave(k), torch.arange(k).repeat(4)
+    z = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
+        (7 * 1_000_003 + int(i) * 7_919 + int(j) * 104_729 + 54_321) % (2**63 - 1))) for i, j in zip(images, draws)])
     std = expanded.reshape(len(expanded), -1).std(dim=1, unbiased=False).reshape(-1, 1, 1, 1)
     noisy = explain(expanded + z * sigma * std, t.repeat_interleave(k)).reshape(4, k, -1).numpy()
     clean = explain(x, t).reshape(4, -1).numpy()
     expected = [np.mean([stats.spearmanr(clean[i], noisy[i, j]).statistic for j in range(k)]) for i in range(4)]
     assert s.tolist() == pytest.approx(expected, abs=1e-5)
+    for batch_size in (1, 4, 5):  # one draw of one image, one of each image, one and a bit: the same draws
+        chunked = stability(explain, x, t, k=k, sigma=sigma, seed=7, batch_size=batch_size)
+        assert chunked.tolist() == pytest.approx(s.tolist(), abs=1e-6)
     assert 0.5 < min(expected) < max(expected) < 1.0  # noise this small moves the ranking a little, not all of it
 
 

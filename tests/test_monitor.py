@@ -440,18 +440,29 @@ def test_validate_and_test_audits_are_complete(tmp_path):
     assert all("stability" in _metric_names(r) for r in monitor.history)
 
 
-def test_drift_from_kept_ranks_equals_drift_of_kept_maps(tmp_path):
-    """The monitor keeps each audit's ranks for the next drift; the value is drift() of the two audits' maps."""
+def test_drift_from_kept_ranks_equals_drift_of_kept_maps(tmp_path, monkeypatch):
+    """The monitor keeps each audit's ranks for the next drift (the ranks only: not the maps too); the value is
+    drift() of the two audits' maps."""
+    import lightning_saliency.callbacks as callbacks
     from lightning_saliency.metrics import drift
 
+    made = []
+
+    def audit_shard(*args, **kwargs):
+        made.append(callbacks_audit_shard(*args, **kwargs))
+        return made[-1]
+
+    callbacks_audit_shard = callbacks.audit_shard
+    monkeypatch.setattr(callbacks, "audit_shard", audit_shard)
     monitor = _cheap(metrics=("drift",))
     trainer, net = U.fit([monitor], tmp_path, max_epochs=2)
-    maps_before = {k: v.clone() for k, v in monitor._reference.maps.items()}
+    assert monitor._reference.maps == {} and set(monitor._reference.ranks) == {"gradcam", "gradient"}
+    maps_before = {k: v.clone() for k, v in made[-1].maps.items()}
     for p in net.parameters():  # move the weights, so that the maps move
         p.data.add_(0.05 * torch.randn_like(p))
     record = monitor.audit(trainer, net, epoch=9, periodic=False)
     for method in ("gradcam", "gradient"):
-        m = monitor._reference.maps[method]
+        m = made[-1].maps[method]
         expected = float(drift(maps_before[method].abs(), m.abs()).mean())
         assert record["metrics"][f"{method}/drift"] == pytest.approx(expected, abs=1e-6)
         assert expected < 0.999  # the maps did change

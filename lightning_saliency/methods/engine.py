@@ -291,7 +291,7 @@ def _cam_weights(cap: _Capture, scorer: Scorer, A: Tensor, t: Tensor, q: Tensor 
 def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Tensor | None, q_all: Tensor | None,
                  target: Any, guard: SideEffectGuard, scorer: Scorer, batch_size: int,
                  collect: dict[str, BaseException] | None
-                 ) -> tuple[dict[str, list[Tensor]], Tensor, Tensor, Tensor, str, Tensor]:
+                 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, str, Tensor]:
     """One forward and (at most) one ``autograd.grad`` per batch, computing what the union of ``specs`` needs:
     the input gradient for ``"shared"`` rows, the layer's activations and their gradient for ``"cam"`` rows, the
     activations and the linear head for ``"head"`` rows (no backward). Also whether each image's logits are finite."""
@@ -311,7 +311,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
                 if isinstance(m, nn.Linear):
                     guard.add_forward_hook(m, cap.linear_hook)
 
-    out: dict[str, list[Tensor]] = {s.name: [] for s in rows}
+    out: dict[str, Tensor] = {}  # each method's maps [N, H, W], allocated once, filled a batch at a time
     failed: set[str] = set()
     targets, preds, scores, finite = [], [], [], []
     dtype = "float32"
@@ -381,12 +381,12 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
             if spec.name in failed:
                 continue
             try:
-                if spec.rides == "cam":
-                    out[spec.name].append(resize(spec.fn(A, G), (H, W)))
-                elif spec.rides == "head":
-                    out[spec.name].append(resize(spec.fn(A, _cam_weights(cap, scorer, A, t, q)), (H, W)))
-                else:
-                    out[spec.name].append(spec.fn(xc.detach(), g_x))
+                part = (resize(spec.fn(A, G), (H, W)) if spec.rides == "cam"
+                        else resize(spec.fn(A, _cam_weights(cap, scorer, A, t, q)), (H, W)) if spec.rides == "head"
+                        else spec.fn(xc.detach(), g_x))
+                if spec.name not in out:
+                    out[spec.name] = part.new_empty((N, *part.shape[1:]))
+                out[spec.name][s : s + part.shape[0]] = part
             except ValueError as err:
                 fail(spec.name, err)
         del logits, score, A_raw, grads, g_act, g_x, xc
@@ -537,8 +537,8 @@ def attribute(
     collect: dict[str, BaseException] | None = None if opts["on_error"] == "raise" else {}
 
     with SideEffectGuard(model) as guard:
-        # inside inference_mode(False): a clone of an inference tensor is an ordinary tensor autograd can use
-        x = inputs.detach().clone()
+        # a clone of an inference tensor is one autograd can use; others are read as they are (passes copy their rows)
+        x = inputs.detach().clone() if inputs.is_inference() else inputs.detach()
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         target = None
@@ -557,7 +557,7 @@ def attribute(
                                                              scorer, shared_bs, collect)
         scorer.targets = t
         seconds["shared"] = time.perf_counter() - start
-        maps: dict[str, Tensor] = {m: torch.cat(v) for m, v in shared.items()}
+        maps: dict[str, Tensor] = dict(shared)
         own = OwnPass(model, x, t, scorer, score, guard.add_forward_hook, target)
 
         def run(method: str, fn: Callable[[], Tensor], timed: bool = True) -> None:

@@ -122,7 +122,8 @@ class OwnPass:
 
     Attributes:
         model: the model (eval mode, hooks of the shared pass removed).
-        inputs: a detached copy of the inputs ``[N, C, H, W]``.
+        inputs: the inputs ``[N, C, H, W]``, detached (a copy when they are inference tensors): read them, never
+            write to them.
         targets: ``[N]`` the classes explained.
         scorer: :class:`~lightning_saliency.methods.scoring.Scorer` (contrast, autocast, batching, counts).
         scores: ``[N]`` the shared pass's class scores.

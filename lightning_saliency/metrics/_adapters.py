@@ -58,9 +58,12 @@ def _noisy(formula: str, images: str) -> Callable[[AuditContext, tuple[str, ...]
     def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
         rows, s = ctx.rows(images), ctx.spec
         kw = dict(k=s.stability_k, sigma=s.stability_sigma) if formula == "stability" else {}
+        # one explain call over every noisy copy of the (few) images, which explain runs `batch_size` at a time:
+        # the calls are the same whatever batch_size is, so a method with draws of its own (smoothgrad, whose
+        # noise follows each row's place in the call) gives the same maps too
         return getattr(_f(), formula)(  # one pass serves every method's noisy maps
             lambda x, t: ctx.explain(x, t, methods), ctx.probe.inputs[rows], ctx.targets[rows], seed=s.seed,
-            maps={m: ctx.maps[m][rows] for m in methods}, batch_size=s.batch_size, **kw)
+            maps={m: ctx.maps[m][rows] for m in methods}, batch_size=None, **kw)
 
     return compute
 

@@ -41,7 +41,9 @@ def _warn(message: str) -> None:
     warnings.warn(message, UndefinedMetricWarning, stacklevel=3)
 
 
-def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
+def _check_maps(maps: Tensor, name: str = "maps", copy: bool = True) -> Tensor:
+    """``maps`` checked to be ``[N, H, W]``, as float32 with NaN and infinities read as 0 (``copy=False``: only
+    checked, returned as given, for a caller that converts a block of rows at a time)."""
     if not isinstance(maps, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [N, H, W], got {type(maps).__name__}")
     if maps.ndim != 3:
@@ -49,7 +51,16 @@ def _check_maps(maps: Tensor, name: str = "maps") -> Tensor:
             f"{name} must have shape [N, H, W] (one map per image), got {tuple(maps.shape)}; "
             "squeeze a channel dimension or stack single maps with torch.stack"
         )
+    if not copy:
+        return maps.detach()
     return torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _row_blocks(n: int, length: int) -> list[slice]:
+    """Slices of ``range(n)`` rows of ``length`` values each, :data:`BLOCK_ELEMENTS` values a block (one empty
+    slice when ``n == 0``): the per-image formulas run a block at a time, so their temporaries stay small."""
+    step = _block_rows(length)
+    return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
 
 
 def rank(x: Tensor) -> Tensor:
@@ -66,11 +77,31 @@ def rank(x: Tensor) -> Tensor:
     shape = x.shape
     length = shape[-1] if x.ndim else 1
     flat = x.reshape(-1, length)
+    step = _block_rows(length)
+    if flat.shape[0] <= step:
+        return _rank_rows(flat).reshape(shape)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    for i in range(0, flat.shape[0], step):  # a block of rows at a time: the sort's temporaries stay a few MiB
+        out[i : i + step] = _rank_rows(flat[i : i + step])
+    return out.reshape(shape)
+
+
+#: elements per block of rows that :func:`rank` and :func:`pearson` process at a time (their temporaries are a
+#: few int64/float64 copies of one block: about 2 MiB each, whatever the number of maps)
+BLOCK_ELEMENTS = 2**18
+
+
+def _block_rows(length: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(int(length), 1))
+
+
+def _rank_rows(flat: Tensor) -> Tensor:
+    length = flat.shape[-1]
     if flat.device.type == "cpu" and flat.dtype == torch.float32 and length < 2**31 and flat.numel():
         values, order = _sort_keys(flat)
     else:
         values, order = flat.sort(dim=1, stable=True)
-    pos = torch.arange(length, device=x.device).expand_as(order)
+    pos = torch.arange(length, device=flat.device).expand_as(order)
     first = torch.ones_like(values, dtype=torch.bool)
     first[:, 1:] = values[:, 1:] != values[:, :-1]
     last = torch.ones_like(first)
@@ -78,7 +109,7 @@ def rank(x: Tensor) -> Tensor:
     start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
     end = torch.where(last, pos, torch.full_like(pos, length)).flip(1).cummin(dim=1).values.flip(1)
     avg = (start + end).float() / 2.0 + 1.0
-    return torch.empty_like(avg).scatter_(1, order, avg).reshape(shape)
+    return torch.empty_like(avg).scatter_(1, order, avg)
 
 
 def _sort_keys(flat: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,14 +150,11 @@ def pearson(a: Tensor, b: Tensor, *, _name: str = "pearson") -> Tensor:
     """
     if a.shape != b.shape:
         raise ValueError(f"{_name}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
-    fa = torch.nan_to_num(a.reshape(a.shape[0], -1).double())
-    fb = torch.nan_to_num(b.reshape(b.shape[0], -1).double())
-    ca = fa - fa.mean(dim=1, keepdim=True)
-    cb = fb - fb.mean(dim=1, keepdim=True)
-    const_a, const_b = _is_constant(fa), _is_constant(fb)
-    denom = ca.norm(dim=1) * cb.norm(dim=1)
-    r = (ca * cb).sum(dim=1) / denom.clamp_min(1e-30)
-    r = r.clamp(-1.0, 1.0).float()
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    step = _block_rows(a.shape[1])  # a block of rows at a time: the float64 copies stay a few MiB
+    parts = [_pearson_rows(a[i : i + step], b[i : i + step]) for i in range(0, a.shape[0], step)] or \
+        [_pearson_rows(a, b)]
+    r, const_a, const_b = (torch.cat(p) for p in zip(*parts))
     both, one = const_a & const_b, const_a ^ const_b
     if bool((both | one).any()):
         _warn(
@@ -135,6 +163,17 @@ def pearson(a: Tensor, b: Tensor, *, _name: str = "pearson") -> Tensor:
         )
     r = torch.where(both, torch.ones_like(r), r)
     return torch.where(one, torch.zeros_like(r), r)
+
+
+def _pearson_rows(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``[n, L]`` ``a`` and ``b``: the correlation (constant rows not yet replaced) and which rows are
+    constant in each."""
+    fa, fb = torch.nan_to_num(a.double()), torch.nan_to_num(b.double())
+    ca = fa - fa.mean(dim=1, keepdim=True)
+    cb = fb - fb.mean(dim=1, keepdim=True)
+    denom = ca.norm(dim=1) * cb.norm(dim=1)
+    r = (ca * cb).sum(dim=1) / denom.clamp_min(1e-30)
+    return r.clamp(-1.0, 1.0).float(), _is_constant(fa), _is_constant(fb)
 
 
 def spearman(a: Tensor, b: Tensor, *, absolute: bool = True, _name: str = "spearman") -> Tensor:
@@ -156,9 +195,17 @@ def spearman(a: Tensor, b: Tensor, *, absolute: bool = True, _name: str = "spear
     return pearson(_ranks(a, absolute), _ranks(b, absolute), _name=_name)
 
 
-def _ranks(maps: Tensor, absolute: bool = True) -> Tensor:
-    flat = torch.nan_to_num(maps.detach().reshape(maps.shape[0], -1).float())
-    return rank(flat.abs() if absolute else flat)
+def _ranks(maps: Tensor, absolute: bool = True, infinite_as_zero: bool = False) -> Tensor:
+    """``[N, L]`` ranks of each map (``|M|`` when ``absolute``; NaN read as 0, infinities as the largest floats, or
+    as 0 with ``infinite_as_zero`` as :func:`_check_maps` reads them), a block of maps at a time: no full-size
+    copy of the maps is made."""
+    flat = maps.detach().reshape(maps.shape[0], -1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    step, inf = _block_rows(flat.shape[1]), (0.0 if infinite_as_zero else None)
+    for i in range(0, flat.shape[0], step):
+        block = torch.nan_to_num(flat[i : i + step].float(), nan=0.0, posinf=inf, neginf=inf)
+        out[i : i + step] = rank(block.abs() if absolute else block)
+    return out
 
 
 def _check_targets(targets: Tensor | None, n: int, name: str) -> Tensor:
@@ -191,6 +238,23 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def _row_noise(kind: str, shape: tuple[int, ...], seed: int, images: Tensor, draws: Tensor) -> Tensor:
+    """``[R, *shape]`` float32 CPU noise, row ``r`` drawn for draw ``draws[r]`` of image ``images[r]`` from a
+    generator of its own, seeded by ``(seed, image, draw)``: ``kind`` ``"normal"`` (standard) or ``"uniform"``
+    ([0, 1)). Each image's draws are then the same however the rows are chunked (``batch_size``).
+
+    Example:
+        >>> a = _row_noise("normal", (2,), 0, torch.tensor([0, 1]), torch.tensor([0, 0]))
+        >>> torch.equal(a[1:], _row_noise("normal", (2,), 0, torch.tensor([1]), torch.tensor([0])))
+        True
+    """
+    draw = torch.randn if kind == "normal" else torch.rand
+    rows = [draw(shape, generator=torch.Generator().manual_seed(
+        (int(seed) * 1_000_003 + i * 7_919 + d * 104_729 + 54_321) % (2**63 - 1)))
+        for i, d in zip(images.tolist(), draws.tolist())]
+    return torch.stack(rows) if rows else torch.zeros(0, *shape)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -105,6 +106,14 @@ def _predict(model: nn.Module, x: Tensor, batch_size: int | None) -> Tensor:
     return _forward(model, x, batch_size)
 
 
+def _predict_rows(model: nn.Module, n: int, rows: Callable[[slice], Tensor], batch_size: int | None) -> Tensor:
+    """Logits ``[n, K]`` of the ``n`` images that ``rows(chunk)`` builds ``batch_size`` at a time: an edited copy
+    of the probe (pasted, swapped, erased) is never held whole."""
+    step = batch_size or max(n, 1)
+    return torch.cat([_forward(model, rows(slice(i, i + step)), None) for i in range(0, n, step)]) if n \
+        else _forward(model, rows(slice(0, 0)), None)
+
+
 def _donors(labels: Tensor, gen: torch.Generator) -> Tensor:
     donors = torch.full_like(labels, -1)
     for i in range(len(labels)):
@@ -150,14 +159,17 @@ def spurious_flip_rate(model: nn.Module, inputs: Tensor, labels: Tensor, masks: 
         _warn("spurious_flip_rate: every probe image has the same label; there is no donor of another class")
         return {"flip": flip, "logit_gain": gain, "donor": donors}
     r, d = has.nonzero()[:, 0], donors[has]
-    dx = pool_x[d.to(pool_x.device)].to(inputs.device)
-    dm = pool_m[d.to(pool_m.device)].to(inputs.device)
-    if dm.ndim == 4:
-        dm = dm[:, 0]
-    swapped = torch.where(dm.unsqueeze(1), dx, blurred_fill(inputs[r], m[r], blur_sigma))
+
+    def swapped(part: slice) -> Tensor:
+        rows, src = r[part], d[part]
+        dx = pool_x[src.to(pool_x.device)].to(inputs.device)
+        dm = pool_m[src.to(pool_m.device)].to(inputs.device)
+        dm = dm[:, 0] if dm.ndim == 4 else dm
+        return torch.where(dm.unsqueeze(1), dx, blurred_fill(inputs[rows], m[rows], blur_sigma))
+
     with _evaluating(model):
-        before = _predict(model, inputs[r], batch_size)
-        after = _predict(model, swapped, batch_size)
+        before = _predict_rows(model, len(r), lambda part: inputs[r[part]], batch_size)
+        after = _predict_rows(model, len(r), swapped, batch_size)
     yd, yr = pool_y.to(inputs.device)[d], y[r]
 
     def margin(z: Tensor) -> Tensor:
@@ -184,7 +196,8 @@ def spurious_erase_drop(model: nn.Module, inputs: Tensor, labels: Tensor, masks:
     m, y = _masks(masks, inputs, "spurious_erase_drop"), _labels(labels, inputs, "spurious_erase_drop")
     with _evaluating(model):
         before = _predict(model, inputs, batch_size).argmax(1) == y
-        after = _predict(model, blurred_fill(inputs, m, blur_sigma), batch_size).argmax(1) == y
+        after = _predict_rows(model, len(inputs), lambda part: blurred_fill(inputs[part], m[part], blur_sigma),
+                              batch_size).argmax(1) == y
     return before.float() - after.float()
 
 
@@ -254,7 +267,8 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
         donors = members[torch.arange(len(recipients), device=dev) % len(members)]
 
         def paste(region: Tensor, rows: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
-            zz = _predict(model, torch.where(region[:, None], inputs[src], inputs[rows]), batch_size)
+            zz = _predict_rows(model, len(rows), lambda part: torch.where(region[part, None], inputs[src[part]],
+                                                                           inputs[rows[part]]), batch_size)
             gain = (zz[:, c] - zz.gather(1, y[rows][:, None])[:, 0]) - (z[rows, c] - z[rows].gather(
                 1, y[rows][:, None])[:, 0])
             return (zz.argmax(1) == c).float(), gain
@@ -278,7 +292,8 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
             out.update(flip_rate=math.nan, logit_gain=math.nan, null_flip_rate=math.nan, null_logit_gain=math.nan,
                        rest_flip_rate=math.nan, rest_logit_gain=math.nan,
                        reason=f"no image of another class is predicted other than class {c}: nothing can flip")
-        erased = _predict(model, blurred_fill(inputs[members], mask, blur_sigma), batch_size).argmax(1)
+        erased = _predict_rows(model, len(members), lambda part: blurred_fill(inputs[members[part]], mask, blur_sigma),
+                               batch_size).argmax(1)
         ym = y[members]
         out["erase_accuracy_drop"] = float((pred[members] == ym).float().mean() - (erased == ym).float().mean())
     out["recipients"] = int(len(recipients))

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _check_maps, _generator
+from ._common import _check_maps, _generator, _row_blocks
 
 __all__ = ["discover", "spectral_clusters"]
 
@@ -217,7 +217,7 @@ def discover(
         >>> found["too_small"], found["candidates"]
         ([0], [])
     """
-    maps = _check_maps(maps)
+    maps = _check_maps(maps, copy=False)
     classes = torch.as_tensor(classes).reshape(-1).cpu().long()
     n, h, w = maps.shape
     if classes.shape[0] != n:
@@ -227,7 +227,7 @@ def discover(
         raise ValueError(f"discover: {n} maps but {indices.shape[0]} indices")
     if size < 1 or not 0 < max_share <= 1 or min_members < 1:
         raise ValueError("discover: size >= 1, 0 < max_share <= 1 and min_members >= 1 are required")
-    feats = _features(maps.cpu(), size)
+    feats = torch.cat([_features(_check_maps(maps[rows]).cpu(), size) for rows in _row_blocks(n, h * w)])
     out: dict[str, Any] = {"candidates": [], "too_small": [], "clusters": {}, "n_clusters": {}}
     for c in sorted(set(classes.tolist())):
         sel = (classes == c).nonzero()[:, 0]

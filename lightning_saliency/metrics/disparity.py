@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..maps import normalize as _normalize
-from ._common import _check_maps, _warn, pearson
+from ._common import _check_maps, _row_blocks, _warn, pearson
 
 __all__ = ["attention_disparity", "group_divergence"]
 
@@ -117,9 +117,7 @@ def group_divergence(
         >>> round(group_divergence(m, ["a", "a", "b", "b"])["divergence"], 6)
         0.0
     """
-    maps = _check_maps(maps).abs()
-    if normalize:
-        maps = _normalize(maps)
+    maps = _check_maps(maps, copy=False)
     names, members = _group_index(groups, maps.shape[0], "group_divergence")
     counts = {g: len(idx) for g, idx in zip(names, members)}
     small = _small(names, counts, min_group_size, "group_divergence")
@@ -128,9 +126,16 @@ def group_divergence(
             f"group_divergence: {len(names)} group(s) ({names}); divergence needs two groups, reported as 0.0"
         )
         return {"divergence": 0.0, "per_pair": {}, "counts": counts, "small_groups": small}
-    means = torch.stack(
-        [maps[torch.tensor(idx, device=maps.device)].double().mean(dim=0) for idx in members]
-    ).reshape(len(names), -1)
+    of = torch.empty(maps.shape[0], dtype=torch.long, device=maps.device)  # each image's group
+    for k, idx in enumerate(members):
+        of[torch.tensor(idx, dtype=torch.long, device=maps.device)] = k
+    sums = torch.zeros(len(names), maps.shape[1] * maps.shape[2], dtype=torch.float64, device=maps.device)
+    for rows in _row_blocks(maps.shape[0], sums.shape[1]):  # a block of maps at a time: no full-size copies
+        block = _check_maps(maps[rows]).abs()
+        block = _normalize(block) if normalize else block
+        sums.index_add_(0, of[rows], block.reshape(block.shape[0], -1).double())
+    counts_t = torch.tensor([len(idx) for idx in members], dtype=torch.float64, device=maps.device)
+    means = sums / counts_t[:, None]
     pairs = list(itertools.combinations(range(len(names)), 2))
     left = means[[i for i, _ in pairs]]
     right = means[[j for _, j in pairs]]

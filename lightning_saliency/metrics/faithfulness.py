@@ -30,7 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from ..patches import gaussian_blur
-from ._common import _check_maps, _evaluating, _forward, _generator, _probabilities, _targets, _warn
+from ._common import (
+    _check_maps,
+    _evaluating,
+    _forward,
+    _generator,
+    _probabilities,
+    _row_noise,
+    _targets,
+    _warn,
+)
 
 __all__ = ["deletion_auc", "insertion_auc", "infidelity", "completeness_gap", "gaussian_blur"]
 
@@ -244,14 +253,15 @@ def infidelity(
         maps: ``[N, H, W]`` (then ``I`` is ``[N, 1, H, W]``, shared by the channels) or attributions shaped
             like the inputs (then ``I`` is input-shaped). Used as given (signed, unnormalised): the metric
             is in squared logit units, so compare methods with ``normalize=True``.
-        sigma: std of the default draw ``I ~ N(0, σ²)`` (absolute, in input units), from a generator seeded
-            by ``seed``.
+        sigma: std of the default draw ``I ~ N(0, σ²)`` (absolute, in input units), from a generator per image
+            and draw seeded by ``seed`` (so the draws do not depend on ``batch_size``).
         perturb: replaces the default draw: ``perturb(x_expanded) -> I`` (broadcastable to ``x_expanded``),
             called once per chunk on the inputs expanded with ``repeat_interleave`` (Captum's layout: pass
             Captum ``lambda x: (I := perturb(x), x - I)`` to get the same draws).
         normalize: Captum's ``normalize``: scale ``Iᵀ M`` by the least-squares ``β`` first, which makes the
             value invariant to the scale of the map.
-        batch_size: Captum's ``max_examples_per_batch`` (most perturbed images per forward).
+        batch_size: Captum's ``max_examples_per_batch`` (most perturbed images per forward; also when one draw of
+            every image is more, the forward runs in chunks of ``batch_size``).
 
     An all-zero map is well defined (the mean of ``Δy²``); no undefined case.
 
@@ -267,24 +277,24 @@ def infidelity(
         raise ValueError(f"infidelity needs n_perturb >= 1, got {n_perturb}")
     attr = _attributions(maps, inputs, "infidelity")
     n = inputs.shape[0]
-    if perturb is None:
-        gen = _generator(inputs.device, seed)
-
-        def perturb(x: Tensor) -> Tensor:
-            shape = (x.shape[0], attr.shape[1], *x.shape[2:])
-            return sigma * torch.randn(shape, generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
+    def draw(x: Tensor, done: int, m: int) -> Tensor:
+        if perturb is not None:
+            return perturb(x)
+        rows = _row_noise("normal", (attr.shape[1], *x.shape[2:]), seed, torch.arange(n).repeat_interleave(m),
+                          torch.arange(done, done + m).repeat(n))
+        return sigma * rows.to(device=x.device, dtype=x.dtype)
 
     per_chunk = n_perturb if batch_size is None else min(max(batch_size // n, 1), n_perturb)
     sums = torch.zeros(3, n, dtype=torch.float64, device=inputs.device)
     with _evaluating(model):
-        targets = _targets(model, inputs, targets, None)
-        y = _pick(_forward(model, inputs, None), targets)
+        targets = _targets(model, inputs, targets, batch_size)
+        y = _pick(_forward(model, inputs, batch_size), targets)
         done = 0
         while done < n_perturb:
             m = min(per_chunk, n_perturb - done)
             expanded = inputs.repeat_interleave(m, dim=0)
-            noise = perturb(expanded)
-            y_pert = _pick(_forward(model, expanded - noise, None), targets.repeat_interleave(m))
+            noise = draw(expanded, done, m)
+            y_pert = _pick(_forward(model, expanded - noise, batch_size), targets.repeat_interleave(m))
             delta = (y.repeat_interleave(m) - y_pert).reshape(n, m)
             dot = (attr.repeat_interleave(m, dim=0) * noise).reshape(n * m, -1).sum(dim=1).reshape(n, m)
             dot, delta = dot.double(), delta.double()

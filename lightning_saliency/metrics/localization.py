@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..maps import normalize as _normalize
-from ._common import _check_maps, _warn
+from ._common import _check_maps, _row_blocks, _warn
 
 __all__ = ["region_mass", "pointing_game"]
 
 
-def _prepare(maps: Tensor, masks: Tensor, normalize: bool, name: str) -> tuple[Tensor, Tensor]:
-    maps = _check_maps(maps)
+def _check(maps: Tensor, masks: Tensor, name: str) -> list[slice]:
+    """Check maps and masks; the blocks of rows the formula runs on (its temporaries stay a few MiB)."""
+    _check_maps(maps, copy=False)
     if not isinstance(masks, Tensor):
         raise TypeError(f"{name}: masks must be a bool tensor [N, H, W], got {type(masks).__name__}")
     if masks.shape != maps.shape:
@@ -35,7 +36,11 @@ def _prepare(maps: Tensor, masks: Tensor, normalize: bool, name: str) -> tuple[T
             f"{name}: masks {tuple(masks.shape)} and maps {tuple(maps.shape)} differ in shape; masks are "
             "[N, H, W] at the maps' (input) resolution; resize maps with lightning_saliency.maps.resize"
         )
-    maps = maps.abs()
+    return _row_blocks(maps.shape[0], maps.shape[1] * maps.shape[2])
+
+
+def _prepare(maps: Tensor, masks: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    maps = _check_maps(maps).abs()
     if normalize:
         maps = _normalize(maps)
     return maps.reshape(maps.shape[0], -1), masks.to(device=maps.device, dtype=torch.bool).reshape(
@@ -58,10 +63,11 @@ def region_mass(maps: Tensor, masks: Tensor, normalize: bool = True) -> Tensor:
         >>> region_mass(masks.float(), masks).tolist()
         [1.0]
     """
-    flat, region = _prepare(maps, masks, normalize, "region_mass")
-    total = flat.sum(dim=1)
-    inside = (flat * region).sum(dim=1)
-    area = region.float().mean(dim=1)
+    parts = []
+    for rows in _check(maps, masks, "region_mass"):
+        flat, region = _prepare(maps[rows], masks[rows], normalize)
+        parts.append(torch.stack([flat.sum(dim=1), (flat * region).sum(dim=1), region.float().mean(dim=1)]))
+    total, inside, area = torch.cat(parts, dim=1)
     empty = total <= 0
     if bool(empty.any()):
         _warn(
@@ -85,18 +91,22 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, normalize: bo
     """
     if tolerance < 0:
         raise ValueError(f"pointing_game: tolerance must be >= 0 pixels, got {tolerance}")
-    flat, region = _prepare(maps, masks, normalize, "pointing_game")
-    area = region.float().mean(dim=1)
-    if tolerance > 0:
-        grown = F.max_pool2d(
-            masks.to(device=flat.device, dtype=torch.float32).unsqueeze(1),
-            kernel_size=2 * tolerance + 1,
-            stride=1,
-            padding=tolerance,
-        )
-        region = grown.reshape(region.shape) > 0
-    hit = region.gather(1, flat.argmax(dim=1, keepdim=True)).squeeze(1).float()
-    constant = (flat.max(dim=1).values - flat.min(dim=1).values) <= 0
+    parts = []
+    for rows in _check(maps, masks, "pointing_game"):
+        flat, region = _prepare(maps[rows], masks[rows], normalize)
+        area = region.float().mean(dim=1)
+        if tolerance > 0:
+            grown = F.max_pool2d(
+                masks[rows].to(device=flat.device, dtype=torch.float32).unsqueeze(1),
+                kernel_size=2 * tolerance + 1,
+                stride=1,
+                padding=tolerance,
+            )
+            region = grown.reshape(region.shape) > 0
+        hit = region.gather(1, flat.argmax(dim=1, keepdim=True)).squeeze(1).float()
+        parts.append(torch.stack([hit, area, ((flat.max(dim=1).values - flat.min(dim=1).values) <= 0).float()]))
+    hit, area, constant = torch.cat(parts, dim=1)
+    constant = constant.bool()
     if bool(constant.any()):
         _warn(
             f"pointing_game: {int(constant.sum())} constant or all-zero map(s) have no maximum; "

@@ -28,8 +28,8 @@ from ._common import (
     UndefinedMetricWarning,
     _check_maps,
     _check_targets,
-    _generator,
     _ranks,
+    _row_noise,
     _seeded_global_rng,
     _warn,
     pearson,
@@ -58,15 +58,16 @@ def _perturbed_maps(
     inputs: Tensor,
     targets: Tensor,
     n_draws: int,
-    perturb: Perturb,
+    perturb: Perturb | _RowPerturb,
     batch_size: int | None,
 ) -> Iterator[dict[str, Tensor]]:
     """Yield ``{key: maps [N, m, H, W]}`` of perturbed inputs per chunk of ``m`` draws (key ``""`` when
     ``explain`` returns a single tensor).
 
     Layout as in Captum: each chunk expands the inputs with ``repeat_interleave(m)`` (the ``m`` copies of
-    image ``i`` are contiguous) and calls ``perturb`` once on the whole expanded batch. ``batch_size`` caps
-    the number of images per ``explain`` call (at least one draw of every image).
+    image ``i`` are contiguous) and calls ``perturb`` once on the whole expanded batch (a :class:`_RowPerturb`
+    also gets each row's image and draw). ``batch_size`` caps the number of images per ``explain`` call (at
+    least one draw of every image).
     """
     n = inputs.shape[0]
     per_chunk = n_draws if batch_size is None else min(max(batch_size // n, 1), n_draws)
@@ -74,7 +75,10 @@ def _perturbed_maps(
     while done < n_draws:
         m = min(per_chunk, n_draws - done)
         expanded = inputs.repeat_interleave(m, dim=0)
-        perturbed = perturb(expanded)
+        if isinstance(perturb, _RowPerturb):
+            perturbed = perturb(expanded, torch.arange(n).repeat_interleave(m), torch.arange(done, done + m).repeat(n))
+        else:
+            perturbed = perturb(expanded)
         if perturbed.shape != expanded.shape:
             raise ValueError(
                 f"perturbation function returned shape {tuple(perturbed.shape)} for inputs of shape "
@@ -101,24 +105,20 @@ def _unwrap(result: dict[str, Tensor], multi: bool) -> Tensor | dict[str, Tensor
     return result if multi else result[""]
 
 
-def _gaussian_perturb(sigma: float, generator: torch.Generator) -> Perturb:
-    def perturb(x: Tensor) -> Tensor:
+class _RowPerturb:
+    """The default draws: ``x + δ`` with ``δ`` scaled by each image's own std, ``N(0, scale²)`` (``"normal"``) or
+    uniform in ``[-scale, scale]`` (``"uniform"``), each (image, draw) row from its own seeded generator
+    (:func:`~lightning_saliency.metrics._common._row_noise`): the draws do not depend on ``batch_size``."""
+
+    def __init__(self, kind: str, scale: float, seed: int) -> None:
+        self.kind, self.scale, self.seed = kind, float(scale), int(seed)
+
+    def __call__(self, x: Tensor, images: Tensor, draws: Tensor) -> Tensor:
         std = x.detach().float().reshape(x.shape[0], -1).std(dim=1, unbiased=False)
         std = std.reshape(-1, *([1] * (x.ndim - 1)))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        return x + (noise * sigma * std).to(x.dtype)
-
-    return perturb
-
-
-def _uniform_perturb(radius: float, generator: torch.Generator) -> Perturb:
-    def perturb(x: Tensor) -> Tensor:
-        std = x.detach().float().reshape(x.shape[0], -1).std(dim=1, unbiased=False)
-        std = std.reshape(-1, *([1] * (x.ndim - 1)))
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        return x + ((2.0 * u - 1.0) * radius * std).to(x.dtype)
-
-    return perturb
+        u = _row_noise(self.kind, tuple(x.shape[1:]), self.seed, images, draws).to(x.device)
+        noise = u if self.kind == "normal" else 2.0 * u - 1.0
+        return x + (noise * self.scale * std).to(x.dtype)
 
 
 def _augment_perturb(augment: Callable[[Tensor], Tensor], seed: int) -> Perturb:
@@ -154,7 +154,8 @@ def stability(
             ``{method: [N]}`` (``maps``, if given, is a dict with the same keys).
         inputs: ``[N, C, H, W]``; targets: ``[N]`` long, held fixed for every noisy copy.
         k: number of noisy copies per image. sigma: noise std relative to each image's own std.
-        seed: seeds a private generator (the global RNG is untouched).
+        seed: seeds the draws' private generators, one per image and draw, so the draws do not depend on
+            ``batch_size`` (the global RNG is untouched).
         augment: optional ``augment(x) -> x'`` used instead of the noise (it must keep pixel positions,
             e.g. colour jitter; it runs under a forked, seeded global RNG).
         maps: the already computed maps of ``inputs`` (saves one ``explain`` call).
@@ -177,7 +178,7 @@ def stability(
     if augment is not None:
         perturb = _augment_perturb(augment, seed)
     else:
-        perturb = _gaussian_perturb(sigma, _generator(inputs.device, seed))
+        perturb = _RowPerturb("normal", sigma, seed)
     total = {key: torch.zeros(inputs.shape[0], device=v.device) for key, v in base.items()}
     base_ranks = {key: _ranks(v) for key, v in base.items()}  # ranked once, compared with every draw
     for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size):
@@ -219,7 +220,7 @@ def max_sensitivity(
         explain: ``explain(inputs, targets) -> maps [N, H, W]``, or ``-> {method: maps}`` (then the result
             is ``{method: [N]}`` from the same draws, as in :func:`stability`).
         n_perturb: number of draws. radius: the default draw is uniform in the L-inf ball of radius
-            ``radius · std(x)`` (each image's own std).
+            ``radius · std(x)`` (each image's own std), from a generator per image and draw seeded by ``seed``.
         perturb: replaces the default draw: ``perturb(x_expanded) -> perturbed inputs``, called once per
             chunk on the inputs expanded with ``repeat_interleave`` (Captum's layout, so the same function
             gives the same draws to both).
@@ -241,7 +242,7 @@ def max_sensitivity(
     raw = explain(inputs, targets) if maps is None else maps
     multi, base = isinstance(raw, dict), _as_dict(raw, device=inputs.device)
     if perturb is None:
-        perturb = _uniform_perturb(radius, _generator(inputs.device, seed))
+        perturb = _RowPerturb("uniform", radius, seed)
     flats, norms, best = {}, {}, {}
     for key, b in base.items():
         flats[key] = b.reshape(b.shape[0], -1)
@@ -268,7 +269,7 @@ def map_ranks(maps: Tensor) -> Tensor:
         >>> map_ranks(torch.tensor([[[0.5, -2.0], [1.0, 0.0]]])).tolist()
         [[2.0, 4.0, 3.0, 1.0]]
     """
-    return _ranks(_check_maps(maps))
+    return _ranks(_check_maps(maps, copy=False), infinite_as_zero=True)  # as _check_maps reads them, by blocks
 
 
 def drift_from_ranks(prev_ranks: Tensor, ranks: Tensor) -> Tensor:
