@@ -131,9 +131,11 @@ def gaussian_blur(inputs: Tensor, sigma: float) -> Tensor:
     t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = (k / k.sum()).to(inputs.dtype)
-    x = inputs.reshape(n * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.reshape(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.reshape(1, 1, -1, 1))
+    x = inputs.reshape(1, n * c, h, w)  # every channel of every image a group of its own (depthwise: faster)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.reshape(1, 1, 1, -1).expand(n * c, 1, 1, -1),
+                 groups=n * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.reshape(1, 1, -1, 1).expand(n * c, 1, -1, 1),
+                 groups=n * c)
     return x.reshape(n, c, h, w)
 
 
