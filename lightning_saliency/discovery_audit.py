@@ -12,7 +12,7 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
 3. :func:`lightning_saliency.metrics.confirm` of each candidate on the whole probe (its inputs moved to the
    model's device and floating dtype once, and reused while the model stays there), with the probe's labels,
    at every audit. It reuses the audit's own logits (``ShardResult.logits``, merged from the shards), so its
-   only forward is one batch holding the pastes onto at most 32 other-class images, both nulls and the erased
+   only forward is one batch holding the pastes onto at most 24 other-class images, both nulls and the erased
    members: on the find_shortcut example discovery and confirmation together cost about 0.4x the maps
    (``benchmarks/bench_metrics.py``, the monitor's own code path).
 

@@ -18,7 +18,7 @@ region the map plays down, so a region is tested by intervention:
   accuracy lost when every image's region is filled.
 * :func:`confirm`: the same tests for a discovery candidate
   (:func:`~lightning_saliency.metrics.discovery.discover`) of class ``c`` with region ``m``: every image of
-  another class not already predicted ``c`` (a recipient; at most ``max_recipients``, default 32, drawn with a
+  another class not already predicted ``c`` (a recipient; at most ``max_recipients``, default 24, drawn with a
   private generator when there are more) gets ``m`` pasted from one member (members taken in turn);
   ``flip_rate`` is the share predicted ``c`` afterwards, ``logit_gain`` the mean ``Δ(z_c − z_{y_r})``;
   ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled. The null pastes a random region of
@@ -79,9 +79,8 @@ def _labels(labels: Tensor, inputs: Tensor, name: str) -> Tensor:
 def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> Tensor:
     """``inputs`` with the masked pixels replaced by a blur of the unmasked ones (module docstring).
 
-    Only the window around the masks (their bounding box widened by the kernel's radius) is blurred, which
-    gives the masked pixels exactly the values a blur of the whole image would; a mask shared by every image
-    has its normaliser blurred once.
+    Only the window around the pixels still to fill (their bounding box widened by the kernel's radius) is
+    blurred, which gives them exactly the values a blur of the whole image would.
 
     Example:
         >>> x = torch.rand(2, 3, 16, 16); m = torch.zeros(2, 16, 16, dtype=torch.bool)
@@ -95,7 +94,7 @@ def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> T
         return inputs.clone()
     s = float(sigma) if sigma is not None else max(1.5, max(h, w) / 32)
     keep = (~m).unsqueeze(1).to(inputs.dtype)
-    shared = keep[:1] if bool((m == m[:1]).all()) else keep  # one normaliser for a mask every image shares
+    c = inputs.shape[1]
     out, todo = inputs.clone(), m.clone()
     while bool(todo.any()) and s <= 2 * max(h, w):
         # the window this blur reads for the pixels still to fill: their bounding box, widened by the radius
@@ -104,9 +103,11 @@ def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> T
         r = max(1, min(math.ceil(3 * s), max(h, w)))  # gaussian_blur's radius
         rows = slice(max(0, int(ys.min()) - r), min(h, int(ys.max()) + 1 + r))
         cols = slice(max(0, int(xs.min()) - r), min(w, int(xs.max()) + 1 + r))
-        den = gaussian_blur(shared[:, :, rows, cols], s)
+        kept = keep[:, :, rows, cols]
+        both = gaussian_blur(torch.cat([inputs[:, :, rows, cols] * kept, kept], dim=1), s)  # one call: x·keep, keep
+        den = both[:, c:]
         ok = (den[:, 0] > 1e-3) & todo[:, rows, cols]
-        blurred = gaussian_blur(inputs[:, :, rows, cols] * keep[:, :, rows, cols], s) / den.clamp_min(1e-3)
+        blurred = both[:, :c] / den.clamp_min(1e-3)
         out[:, :, rows, cols] = torch.where(ok.unsqueeze(1), blurred, out[:, :, rows, cols])
         todo[:, rows, cols] &= ~ok
         s *= 2
@@ -226,7 +227,7 @@ def _shifted(mask: Tensor, gen: torch.Generator, k: int) -> Tensor:
 
 def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[str, Any], *,
             indices: Tensor | None = None, min_flip: float = 0.1, null_ratio: float = 3.0, null_draws: int = 1,
-            max_recipients: int | None = 32, seed: int = 0, logits: Tensor | None = None,
+            max_recipients: int | None = 24, seed: int = 0, logits: Tensor | None = None,
             blur_sigma: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Paste a candidate's region onto other classes' images, and erase it from its members (module docstring).
 
