@@ -81,8 +81,12 @@ _DISCOVER_OPTIONS, _CONFIRM_OPTIONS = _keywords(discover), _keywords(confirm)
 def default_method(methods: Sequence[str]) -> str:
     """The method discovery clusters by default: the first CAM-family method of ``methods``, else the first.
 
-    CAM-family maps are coarse and spatially coherent: on the discovery example the planted watermark holds 0.20
-    of the mean Grad-CAM mass of its images against 0.03 elsewhere, where gradient maps hold 0.07 against 0.06.
+    CAM-family maps are coarse and spatially coherent, which is what clustering per region needs. Measured on the
+    find_shortcut example (the watermark on half of the squares, the model after one epoch, seeds 0-2): clustering
+    the Grad-CAM maps gives a candidate of exactly the 16 watermarked probe squares in every seed, clustering the
+    gradient maps of the same model gives no candidate in any (the 4x4 watermark holds 0.06-0.10 of a
+    watermarked square's Grad-CAM mass against 0.00 on the other squares; of its gradient mass 0.03-0.06
+    against 0.01-0.02).
 
     Example:
         >>> default_method(("gradient", "gradcam++")), default_method(("gradient",))

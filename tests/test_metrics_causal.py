@@ -242,6 +242,9 @@ def test_at_most_max_recipients_are_pasted_onto_drawn_by_the_seed():
     capped = confirm(counted, x, y, cand, max_recipients=8, seed=2)
     assert capped["recipients"] == 8 and counted.images == 40 + 8 * 3 + 5  # the probe, 3 pastes of 8, 5 erased
     assert capped["flip_rate"] == 1.0 and capped == confirm(ReadsRegion(), x, y, cand, max_recipients=8, seed=2)
+    counted = Counting()  # the members erased are capped alike: 3 of the 5
+    few = confirm(counted, x, y, cand, max_recipients=3, seed=2)
+    assert few["recipients"] == 3 and counted.images == 40 + 3 * 3 + 3 and few["erase_accuracy_drop"] == 1.0
     with pytest.raises(ValueError, match="max_recipients"):
         confirm(ReadsRegion(), x, y, cand, max_recipients=0)
 

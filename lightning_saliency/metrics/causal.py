@@ -18,10 +18,11 @@ region the map plays down, so a region is tested by intervention:
   accuracy lost when every image's region is filled.
 * :func:`confirm`: the same tests for a discovery candidate
   (:func:`~lightning_saliency.metrics.discovery.discover`) of class ``c`` with region ``m``: every image of
-  another class not already predicted ``c`` (a recipient; at most ``max_recipients``, default 24, drawn with a
+  another class not already predicted ``c`` (a recipient; at most ``max_recipients``, default 16, drawn with a
   private generator when there are more) gets ``m`` pasted from one member (members taken in turn);
   ``flip_rate`` is the share predicted ``c`` afterwards, ``logit_gain`` the mean ``Δ(z_c − z_{y_r})``;
-  ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled. The null pastes a random region of
+  ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled (at most ``max_recipients`` members,
+  drawn likewise). The null pastes a random region of
   the same shape (``m`` shifted by a random offset that keeps it inside the image, ``null_draws`` per
   recipient (default 1), a private generator) from the same member at the same place: ``null_flip_rate`` and
   ``null_logit_gain``. A second null pastes the same region ``m`` from the class's other images (labels
@@ -79,8 +80,8 @@ def _labels(labels: Tensor, inputs: Tensor, name: str) -> Tensor:
 def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> Tensor:
     """``inputs`` with the masked pixels replaced by a blur of the unmasked ones (module docstring).
 
-    Only the window around the pixels still to fill (their bounding box widened by the kernel's radius) is
-    blurred, which gives them exactly the values a blur of the whole image would.
+    The blur is computed only at the pixels still to fill (their bounding box: ``gaussian_blur``'s
+    ``window``), with exactly the values a blur of the whole image has there.
 
     Example:
         >>> x = torch.rand(2, 3, 16, 16); m = torch.zeros(2, 16, 16, dtype=torch.bool)
@@ -95,20 +96,17 @@ def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> T
     s = float(sigma) if sigma is not None else max(1.5, max(h, w) / 32)
     keep = (~m).unsqueeze(1).to(inputs.dtype)
     c = inputs.shape[1]
+    both = torch.cat([inputs * keep, keep], dim=1)  # blurred together: G*(x·keep) and G*keep
     out, todo = inputs.clone(), m.clone()
     while bool(todo.any()) and s <= 2 * max(h, w):
-        # the window this blur reads for the pixels still to fill: their bounding box, widened by the radius
-        left_over = todo.any(dim=0)
+        left_over = todo.any(dim=0)  # the blur is computed at the pixels still to fill only (their box)
         ys, xs = left_over.any(dim=1).nonzero()[:, 0], left_over.any(dim=0).nonzero()[:, 0]
-        r = max(1, min(math.ceil(3 * s), max(h, w)))  # gaussian_blur's radius
-        rows = slice(max(0, int(ys.min()) - r), min(h, int(ys.max()) + 1 + r))
-        cols = slice(max(0, int(xs.min()) - r), min(w, int(xs.max()) + 1 + r))
-        kept = keep[:, :, rows, cols]
-        both = gaussian_blur(torch.cat([inputs[:, :, rows, cols] * kept, kept], dim=1), s)  # one call: x·keep, keep
-        den = both[:, c:]
+        rows, cols = slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
+        blurred = gaussian_blur(both, s, (rows, cols))
+        den = blurred[:, c:]
         ok = (den[:, 0] > 1e-3) & todo[:, rows, cols]
-        blurred = both[:, :c] / den.clamp_min(1e-3)
-        out[:, :, rows, cols] = torch.where(ok.unsqueeze(1), blurred, out[:, :, rows, cols])
+        out[:, :, rows, cols] = torch.where(ok.unsqueeze(1), blurred[:, :c] / den.clamp_min(1e-3),
+                                            out[:, :, rows, cols])
         todo[:, rows, cols] &= ~ok
         s *= 2
     if bool(todo.any()):  # a mask that covers the whole image: nothing outside to fill from
@@ -225,9 +223,16 @@ def _shifted(mask: Tensor, gen: torch.Generator, k: int) -> Tensor:
     return mask[rows[:, :, None], cols[:, None, :]]
 
 
+def _at_most(rows: Tensor, k: int | None, gen: torch.Generator) -> Tensor:
+    """``rows``, or ``k`` of them drawn without replacement (in their order) when there are more."""
+    if k is None or len(rows) <= int(k):
+        return rows
+    return rows[torch.randperm(len(rows), generator=gen)[: int(k)].sort().values.to(rows.device)]
+
+
 def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[str, Any], *,
             indices: Tensor | None = None, min_flip: float = 0.1, null_ratio: float = 3.0, null_draws: int = 1,
-            max_recipients: int | None = 24, seed: int = 0, logits: Tensor | None = None,
+            max_recipients: int | None = 16, seed: int = 0, logits: Tensor | None = None,
             blur_sigma: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Paste a candidate's region onto other classes' images, and erase it from its members (module docstring).
 
@@ -242,7 +247,8 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
         min_flip, null_ratio: confirmed when ``flip_rate ≥ min_flip`` and ``flip_rate ≥ null_ratio · null``
             (``null``: the larger of the random-region and the rest-of-class null).
         null_draws: random regions per recipient; seed: their generator (and the recipients' draw).
-        max_recipients: at most this many recipients, drawn without replacement (``None``: every one).
+        max_recipients: at most this many recipients, and members erased, drawn without replacement
+            (``None``: every one).
         logits: the model's logits ``[N, K]`` on ``inputs`` when the caller has them (saves one forward).
 
     Returns:
@@ -284,9 +290,7 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
         z = _predict(model, inputs, batch_size) if logits is None else logits.detach().float().to(dev)
         pred = z.argmax(1)
         recipients = ((y != c) & (pred != c)).nonzero()[:, 0]
-        if max_recipients is not None and len(recipients) > int(max_recipients):
-            pick = torch.randperm(len(recipients), generator=gen)[: int(max_recipients)].sort().values
-            recipients = recipients[pick.to(dev)]
+        recipients, erased = (_at_most(rows, max_recipients, gen) for rows in (recipients, members))
         r = len(recipients)
         member = torch.zeros(n, dtype=torch.bool, device=dev)
         member[members] = True
@@ -301,9 +305,12 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
                            donors.repeat(null_draws)))  # draw-major: draw j of recipient i at j * r + i
             if len(rest):  # the same region from the class's other images: is it these images' content?
                 pastes.append((mask.expand(r, *mask.shape), recipients, rest[torch.arange(r, device=dev) % len(rest)]))
-        batch = [torch.where(region[:, None], inputs[src], inputs[rows]) for region, rows, src in pastes]
-        batch.append(blurred_fill(inputs[members], mask, blur_sigma))
-        zz = _predict(model, torch.cat(batch), batch_size).split([len(b) for b in batch])
+        sizes = [len(rows) for _, rows, _ in pastes] + [len(erased)]
+        batch = [blurred_fill(inputs[erased], mask, blur_sigma)]
+        if pastes:  # every paste in one gather: region, recipient and source rows concatenated
+            region, rows, src = (torch.cat(part) for part in zip(*pastes))
+            batch.insert(0, torch.where(region[:, None], inputs[src], inputs[rows]))
+        zz = _predict(model, torch.cat(batch), batch_size).split(sizes)
     for (_, rows, _), zp, name in zip(pastes, zz, ("", "null_", "rest_")):
         gain = (zp[:, c] - zp.gather(1, y[rows][:, None])[:, 0]) - (z[rows, c] - z[rows].gather(
             1, y[rows][:, None])[:, 0])
@@ -312,8 +319,8 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
     out.update(nan)
     if not r:
         out["reason"] = f"no image of another class is predicted other than class {c}: nothing can flip"
-    ym = y[members]
-    out["erase_accuracy_drop"] = float((pred[members] == ym).float().mean() - (zz[-1].argmax(1) == ym).float().mean())
+    ym = y[erased]
+    out["erase_accuracy_drop"] = float((pred[erased] == ym).float().mean() - (zz[-1].argmax(1) == ym).float().mean())
     out["recipients"] = int(r)
     fr = out["flip_rate"]
     null = max(v for v in (out["null_flip_rate"], out["rest_flip_rate"], 0.0) if math.isfinite(v))
