@@ -12,9 +12,9 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
 3. :func:`lightning_saliency.metrics.confirm` of each candidate on the whole probe (its inputs moved to the
    model's device and floating dtype once, and reused while the model stays there), with the probe's labels,
    at every audit. It reuses the audit's own logits (``ShardResult.logits``, merged from the shards), so its
-   only forward is one batch holding the pastes onto at most 24 other-class images, both nulls and the erased
-   members: on the find_shortcut example discovery and confirmation together cost about 0.4x the maps
-   (``benchmarks/bench_metrics.py``, the monitor's own code path).
+   only forward is one batch holding the pastes onto at most 16 other-class images (``max_recipients``), both
+   nulls and at most 16 erased members: on the find_shortcut example discovery and confirmation together cost
+   0.47x the maps (``benchmarks/bench_metrics.py --only discovery``, the monitor's own code path).
 
 The model is the audited one seen through the audit's ``output=`` and ``task=``
 (:class:`~lightning_saliency.tasks.TaskModel`): the class scores the maps explain.
