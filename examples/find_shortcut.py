@@ -1,26 +1,26 @@
-"""Find a shortcut nobody annotated: discovery (SpRAy) on the maps, then confirmation by pasting.
+"""Find a shortcut nobody annotated: the monitor's discovery (SpRAy on the maps, then confirmation by pasting).
 
 The data are the shortcut example's shapes (``examples/shortcut_shapes.py``: square, disk, cross) near the
-centre of noisy backgrounds, without its corner patch. A small bright watermark is planted in ``--p`` percent of ONE class's images (``square``), in
-the training set and in the probe alike, and nobody tells the audit where it is: no masks. In ``--control``
-mode the same watermark lands on ``--p`` percent of the images of every class, so it predicts nothing.
+centre of noisy backgrounds, without its corner patch. A small bright watermark is planted in ``--p`` percent of
+ONE class's images (``square``), in the training set and in the probe alike, and nobody tells the audit where it
+is: the probe has no masks. In ``--control`` mode the same watermark lands on ``--p`` percent of the images of
+every class, so it predicts nothing.
 
-At the end of every epoch a small callback computes one method's maps of the probe
-(:func:`lightning_saliency.attribute`), clusters them per class
-(:func:`lightning_saliency.metrics.discover`) and tests each candidate by pasting its region onto the other
-classes' images (:func:`lightning_saliency.metrics.confirm`). It prints, per epoch, the candidates, whether
-they are confirmed, the members' precision and recall against the planted truth, the flip rate and its
-random-region null, and the accuracy on clean validation images (no watermark anywhere).
+The model trains under ``SaliencyMonitor(probe)`` (its defaults: Grad-CAM and gradient maps, discovery on,
+an audit every epoch), with validation on clean images (no watermark anywhere). After the fit the script reads
+the monitor's ``report.json`` back: per audit, the candidates that discovery found and the confirmation's
+verdict; the best confirmed candidate's members are scored against the planted truth (precision, recall), next
+to its flip rate, its random-region null and the clean validation accuracy of that epoch.
 
-Run it (a few seconds per epoch on 2 CPU cores)::
+Run it (about 10 seconds per run on 2 CPU cores)::
 
-    python examples/find_shortcut.py --p 50 --seed 0 --out runs/find_p50.json
-    python examples/find_shortcut.py --p 50 --control --out runs/find_control.json
+    python examples/find_shortcut.py --p 50 --seed 0            # one run, epoch by epoch
+    python examples/find_shortcut.py --p 50 --control --seed 0  # the control
+    python examples/find_shortcut.py --sweep                    # the README's table (14 runs)
 
-The README's table is ``--p`` 10, 25 and 50 with ``--seed`` 0, 1, 2, and ``--control --p 50`` with ``--seed``
-0 to 4, each with the defaults otherwise (4 epochs, 1200 training images, a probe of 32 images per class,
-Grad-CAM maps): the JSON summaries hold the first epoch with a confirmed candidate, its members' precision
-and recall against the watermarked probe images, its flip rate, both nulls and the clean accuracy then.
+``--sweep`` runs ``--p`` 10, 25 and 50 with ``--seed`` 0, 1, 2 and the control (``--p 50``) with ``--seed`` 0 to
+4, each with the defaults otherwise (4 epochs, 1200 training images, a probe of 32 images per class), and prints
+the Markdown table of the README. Each run's files go under ``--log-dir`` (default ``runs/find_shortcut``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -98,48 +99,46 @@ def _precision_recall(members: list[int], truth: set[int]) -> tuple[float, float
     return (hit / len(members) if members else math.nan, hit / len(truth) if truth else math.nan)
 
 
-class Discovery(pl.Callback):
-    """At each epoch end: maps of the probe, discovery, confirmation; one record per epoch in ``records``."""
+class CleanAccuracy(pl.Callback):
+    """The validation accuracy (clean images) of each training epoch, as the model logged it (``val_acc``)."""
 
-    def __init__(self, probe: dict[str, Tensor], clean: dict[str, Tensor], method: str = "gradcam",
-                 seed: int = 0, quiet: bool = False) -> None:
-        self.probe, self.clean, self.method, self.seed, self.quiet = probe, clean, method, seed, quiet
-        self.records: list[dict[str, Any]] = []
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, float] = {}
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_saliency import attribute
-        from lightning_saliency.guard import SideEffectGuard
-        from lightning_saliency.metrics import confirm, discover
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
+            self.by_epoch[int(trainer.current_epoch)] = float(trainer.callback_metrics["val_acc"])
 
-        x, y = self.probe["inputs"], self.probe["labels"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            maps = attribute(pl_module, x, y, methods=(self.method,), layer="auto")[self.method]
-            found = discover(maps, y, seed=self.seed)
-            tested = [confirm(pl_module, x, y, c, seed=self.seed) for c in found["candidates"]]
-        with SideEffectGuard(pl_module, enable_grad=False), torch.no_grad():
-            clean_acc = float((pl_module(self.clean["inputs"]).argmax(1) == self.clean["labels"]).float().mean())
-        truth = set(self.probe["marked"].nonzero()[:, 0].tolist())
-        confirmed = [c for c in tested if c["confirmed"]]
+
+def read_report(report: dict[str, Any], truth: set[int], clean: dict[int, float]) -> list[dict[str, Any]]:
+    """One row per fit audit of the monitor's report: the candidates, how many are confirmed, and the best
+    confirmed one's precision and recall against ``truth`` (probe indices of the watermarked images), its flip
+    rate and nulls, and the clean validation accuracy of that epoch (``clean``: epoch -> accuracy).
+
+    Example:
+        >>> audit = {"stage": "fit", "epoch": 0, "metrics": {"discovery/suspects": 1.0}, "discovery": {
+        ...     "candidates": [{"class": 0, "members": [1, 2, 3, 4], "confirmed": True, "flip_rate": 0.9,
+        ...                     "null_flip_rate": 0.1, "rest_flip_rate": 0.0}]}}
+        >>> row = read_report({"audits": [audit]}, {1, 2, 3}, {0: 0.8})[0]
+        >>> row["confirmed"], row["precision"], row["recall"], row["clean_val_acc"]
+        (1, 0.75, 1.0, 0.8)
+    """
+    rows = []
+    for audit in report["audits"]:
+        if audit.get("stage", "fit") != "fit" or not isinstance(audit.get("discovery"), dict):
+            continue
+        cands = audit["discovery"].get("candidates") or []
+        confirmed = [c for c in cands if c.get("confirmed")]
         best = max(confirmed, key=lambda c: c["flip_rate"]) if confirmed else None
         precision, recall = _precision_recall(best["members"], truth) if best else (math.nan, math.nan)
-        record = {
-            "epoch": trainer.current_epoch, "clean_val_acc": clean_acc, "too_small": found["too_small"],
-            "confirmed": len(confirmed), "precision": precision, "recall": recall,
+        rows.append({
+            "epoch": audit["epoch"], "clean_val_acc": clean.get(audit["epoch"], math.nan),
+            "suspects": audit["metrics"].get("discovery/suspects"), "confirmed": len(confirmed),
+            "precision": precision, "recall": recall,
             **{k: best[k] if best else None for k in ("flip_rate", "null_flip_rate", "rest_flip_rate")},
-            "candidates": [{k: v for k, v in c.items() if k != "mask"} for c in tested],
-        }
-        self.records.append(record)
-        if not self.quiet:
-            print(f"epoch {record['epoch']}: clean val acc {clean_acc:.3f}, {len(tested)} candidate(s), "
-                  f"{len(confirmed)} confirmed")
-            for c in tested:
-                p, r = _precision_recall(c["members"], truth)
-                print(f"   class {CLASSES[c['class']]:<6} {len(c['members']):>2} members  region {c['region']}  "
-                      f"score {c['score']:.2f}  flip {c['flip_rate']:.2f} (nulls: random region "
-                      f"{c['null_flip_rate']:.2f}, rest of class {c['rest_flip_rate']:.2f})  "
-                      f"erase drop {c['erase_accuracy_drop']:.2f}  precision {p:.2f} recall {r:.2f}  "
-                      f"{'CONFIRMED' if c['confirmed'] else 'not confirmed'}")
+            "candidates": cands,
+        })
+    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,52 +149,142 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--train-size", type=int, default=1200)
     ap.add_argument("--probe-per-class", type=int, default=32)
-    ap.add_argument("--method", default="gradcam", help="the attribution method discovery clusters")
     ap.add_argument("--width", type=int, default=8, help="channels of the CNN's first block")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--noise", type=float, default=0.4, help="std of the background noise")
-    ap.add_argument("--out", default=None, help="write the JSON summary here")
+    ap.add_argument("--target", default="label", choices=("label", "prediction"),
+                    help="the maps explain each probe image's label (default) or the model's prediction")
+    ap.add_argument("--log-dir", default=os.path.join("runs", "find_shortcut"),
+                    help="each run writes its saliency folder (report.json, maps) under here")
+    ap.add_argument("--out", default=None, help="write the JSON summary (the sweep's: all runs) here")
+    ap.add_argument("--sweep", action="store_true", help="run the README's grid and print its table")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one model under the monitor and read its report back: the run's summary (module docstring)."""
+    from lightning_saliency import ProbeSet, SaliencyMonitor
+
+    started = time.perf_counter()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     pl.seed_everything(args.seed, workers=True, verbose=False)
     p = args.p / 100.0
     train = planted(args.train_size, p, args.control, args.seed, noise=args.noise)
     probe = planted(0, p, args.control, args.seed + 1, per_class=args.probe_per_class, noise=args.noise)
     clean = planted(300, 0.0, False, args.seed + 2, noise=args.noise)
-    items = [{"image": x, "label": int(t)} for x, t in zip(train["inputs"], train["labels"])]
-    loader = torch.utils.data.DataLoader(items, batch_size=args.batch_size, shuffle=True)
-    model = ShapesNet(lr=args.lr, width=args.width)
-    callback = Discovery(probe, clean, method=args.method, seed=args.seed, quiet=args.quiet)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         deterministic=True, limit_val_batches=0)
+
+    def loader(data: dict[str, Tensor], shuffle: bool) -> torch.utils.data.DataLoader:
+        items = [{"image": x, "label": int(t)} for x, t in zip(data["inputs"], data["labels"])]
+        return torch.utils.data.DataLoader(items, batch_size=args.batch_size, shuffle=shuffle)
+
+    name = f"p{args.p:g}_seed{args.seed}" + ("_control" if args.control else "")
+    saliency = os.path.join(args.log_dir, name, "saliency")
+    # no masks, no groups: the monitor is told nothing about the watermark
+    monitor = SaliencyMonitor(ProbeSet(probe["inputs"], probe["labels"]), dirpath=saliency, seed=args.seed,
+                              class_names=list(CLASSES), target=args.target)
+    accuracy = CleanAccuracy()
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+                         callbacks=[monitor, accuracy], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, train_dataloaders=loader)
-    first = next((r for r in callback.records if r["confirmed"]), None)
+        trainer.fit(ShapesNet(lr=args.lr, width=args.width), loader(train, True), loader(clean, False))
+    with open(os.path.join(saliency, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    truth = set(probe["marked"].nonzero()[:, 0].tolist()) if not args.control else set()
+    rows = read_report(report, truth, accuracy.by_epoch)
+    first = next((r for r in rows if r["confirmed"]), None)
     at_first = ("precision", "recall", "flip_rate", "null_flip_rate", "rest_flip_rate", "clean_val_acc")
     summary = {
-        "p": args.p, "control": args.control, "seed": args.seed, "epochs": args.epochs, "method": args.method,
+        "p": args.p, "control": args.control, "seed": args.seed, "epochs": args.epochs,
+        "method": report["audits"][-1]["discovery"]["method"], "report": os.path.join(saliency, "report.json"),
         "first_epoch_confirmed": None if first is None else first["epoch"],
         **{k: None if first is None else first[k] for k in at_first},  # of the best confirmed candidate then
-        "final_clean_val_acc": callback.records[-1]["clean_val_acc"] if callback.records else None,
-        "confirmed_per_epoch": [r["confirmed"] for r in callback.records],
-        "records": callback.records,
+        "final_clean_val_acc": rows[-1]["clean_val_acc"] if rows else None,
+        "confirmed_per_epoch": [r["confirmed"] for r in rows], "seconds": round(time.perf_counter() - started, 1),
+        "audits": rows,
     }
-    print(f"\nfirst epoch with a confirmed candidate: {summary['first_epoch_confirmed']}; precision "
-          f"{summary['precision']}, recall {summary['recall']}, flip {summary['flip_rate']} "
-          f"(nulls {summary['null_flip_rate']}, {summary['rest_flip_rate']}), clean val acc {summary['clean_val_acc']}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, default=float)
+    if not args.quiet:
+        for r in rows:
+            print(f"epoch {r['epoch']}: clean val acc {r['clean_val_acc']:.3f}, {len(r['candidates'])} "
+                  f"candidate(s), {r['confirmed']} confirmed")
+            for c in r["candidates"]:
+                pr, rc = _precision_recall(c["members"], truth)
+                print(f"   class {CLASSES[c['class']]:<6} {len(c['members']):>2} members  region {c['region']}  "
+                      f"score {c['score']:.2f}  flip {_num(c['flip_rate'])} (nulls: random region "
+                      f"{_num(c['null_flip_rate'])}, rest of class {_num(c['rest_flip_rate'])})  erase drop "
+                      f"{_num(c['erase_accuracy_drop'])}  precision {_num(pr)} recall {_num(rc)}  "
+                      f"{'CONFIRMED' if c['confirmed'] else 'not confirmed'}")
+        print(f"first epoch with a confirmed candidate: {summary['first_epoch_confirmed']}; precision "
+              f"{_num(summary['precision'])}, recall {_num(summary['recall'])}, flip {_num(summary['flip_rate'])} "
+              f"(null {_num(summary['null_flip_rate'])}), clean val acc {_num(summary['clean_val_acc'])}; "
+              f"{summary['seconds']} s; report: {summary['report']}")
     return summary
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+GRID = [(p, False, seed) for p in (10.0, 25.0, 50.0) for seed in (0, 1, 2)] + [(50.0, True, s) for s in range(5)]
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    """The README's Markdown table: one row per run of the sweep.
+
+    Example:
+        >>> print(table([{"p": 50.0, "control": False, "seed": 0, "first_epoch_confirmed": None,
+        ...               "final_clean_val_acc": 0.9, "confirmed_per_epoch": [0, 0], "seconds": 9.0}]))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        | data | seed | first audit confirmed | precision | recall | flip rate | null | rest null | clean val. accuracy then | at the last epoch | confirmed per audit | s |
+        | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |
+        | p = 50% | 0 | none | | | | | | | 0.90 | 0, 0 | 9 |
+    """
+    head = ("| data | seed | first audit confirmed | precision | recall | flip rate | null | rest null | "
+            "clean val. accuracy then | at the last epoch | confirmed per audit | s |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    lines = [head]
+    for s in summaries:
+        data = f"control ({s['p']:g}% of every class)" if s["control"] else f"p = {s['p']:g}%"
+        found = s["first_epoch_confirmed"] is not None
+        cells = [_num(s.get(k)) if found else "" for k in ("precision", "recall", "flip_rate", "null_flip_rate",
+                                                             "rest_flip_rate", "clean_val_acc")]
+        if s["control"]:
+            cells[:2] = ["", ""]  # nothing planted to match
+        lines.append(f"| {data} | {s['seed']} | {s['first_epoch_confirmed'] if found else 'none'} | "
+                     + " | ".join(cells) + f" | {_num(s['final_clean_val_acc'])} | "
+                     f"{', '.join(str(c) for c in s['confirmed_per_epoch'])} | {s['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    args = parse_args(argv)
+    if not args.sweep:
+        summary = run(args)
+        if args.out:
+            _write(args.out, summary)
+        return summary
+    started, summaries = time.perf_counter(), []
+    for p, control, seed in GRID:
+        summaries.append(run(argparse.Namespace(**{**vars(args), "p": p, "control": control, "seed": seed,
+                                                   "quiet": True})))
+        s = summaries[-1]
+        print(f"p={p:g}{' control' if control else ''} seed {seed}: first confirmed {s['first_epoch_confirmed']}, "
+              f"confirmed per audit {s['confirmed_per_epoch']} ({s['seconds']} s)", flush=True)
+    print()
+    print(table(summaries))
+    print(f"\n{len(summaries)} runs in {time.perf_counter() - started:.0f} s")
+    if args.out:
+        _write(args.out, summaries)
+    return summaries
+
+
+def _write(path: str, value: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, default=float)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,7 @@ class ShardResult:
     degenerate: dict[str, Tensor] = field(default_factory=dict)
     # a multi-label probe's logit > 0 ([n, C] bool) or a segmentation probe's IoU counts ([n, 3, C]): the accuracy
     label_predictions: Tensor | None = None
+    logits: Tensor | None = None  # [n, K] float32 class scores of the audit's forward (discovery reuses them)
 
 
 def _nan(n: int) -> Tensor:
@@ -360,6 +361,7 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
         finite_logits=finite,
         degenerate=degenerate,
         label_predictions=label_predictions,
+        logits=(info.logits if info is not None else logits).detach().float().cpu(),
     )
 
 
@@ -427,9 +429,10 @@ def merge(results: Sequence[ShardResult]) -> ShardResult:
     labels = None
     if all(r.label_predictions is not None for r in results):
         labels = torch.cat([r.label_predictions for r in results])[order]
+    logits = torch.cat([r.logits for r in results])[order] if all(r.logits is not None for r in results) else None
     return ShardResult(indices=indices[order], predictions=torch.cat([r.predictions for r in results])[order],
                        maps=maps, per_image=per_image, errors=errors, dtype=results[0].dtype,
-                       finite_logits=finite, degenerate=degenerate, label_predictions=labels)
+                       finite_logits=finite, degenerate=degenerate, label_predictions=labels, logits=logits)
 
 
 def _nanmean(v: Tensor) -> float:

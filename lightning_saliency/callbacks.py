@@ -413,7 +413,7 @@ class SaliencyMonitor(_Base):
         if rank == 0:
             merged = merge(gathered)
             metrics = summarize(merged, self.probe, self.spec) if merged.maps else {}
-            found = self.discovery(pl_module, self.probe, merged, self.spec, metrics, self.on_error, bool(periodic))
+            found = self.discovery(pl_module, self.probe, merged, self.spec, metrics, self.on_error)
             record = self._recorder.record(trainer, merged, metrics, self.probe, epoch, started,
                                            images=_completing is None, stage=stage, discovery=found)
         record = _broadcast(trainer, record)

@@ -10,12 +10,17 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
 2. :func:`lightning_saliency.metrics.discover` with the class each map explains (the audit's targets: the
    model's predictions, or the probe's labels with ``target="label"``);
 3. :func:`lightning_saliency.metrics.confirm` of each candidate on the whole probe (its inputs moved to the
-   model's device and floating dtype once, and reused while the model stays there), with the probe's labels.
-   Confirmation reruns the model (a few times the maps' cost), so the monitor runs it at its periodic audits
-   (every ``expensive_every_n_audits`` and the last of a fit, validate or test), as it does the other metrics
-   that rerun the model; in between, candidates are recorded untested and the two keys are left out.
+   model's device and floating dtype once, and reused while the model stays there), with the probe's labels,
+   at every audit. It reuses the audit's own logits (``ShardResult.logits``, merged from the shards), so its
+   only forward is one batch holding the pastes onto at most 16 other-class images (``max_recipients``), both
+   nulls and at most 16 erased members: on the find_shortcut example discovery and confirmation together cost
+   0.47x the maps (``benchmarks/bench_metrics.py --only discovery``, the monitor's own code path).
 
-The record's ``discovery`` section (JSON-safe: the masks are dropped, their bounding box ``region`` stays)::
+The model is the audited one seen through the audit's ``output=`` and ``task=``
+(:class:`~lightning_saliency.tasks.TaskModel`): the class scores the maps explain.
+
+The record's ``discovery`` section (JSON-safe: the masks are dropped, their bounding box ``region`` stays; the
+masks themselves go into the audit's maps file as ``"discovery_masks"``, row ``k`` for candidate ``k``)::
 
     "discovery": {"method": "gradcam", "too_small": [2], "skipped": null, "n_clusters": {"0": 2, "1": 1},
                   "image_size": [32, 32],
@@ -76,8 +81,12 @@ _DISCOVER_OPTIONS, _CONFIRM_OPTIONS = _keywords(discover), _keywords(confirm)
 def default_method(methods: Sequence[str]) -> str:
     """The method discovery clusters by default: the first CAM-family method of ``methods``, else the first.
 
-    CAM-family maps are coarse and spatially coherent: on the discovery example the planted watermark holds 0.20
-    of the mean Grad-CAM mass of its images against 0.03 elsewhere, where gradient maps hold 0.07 against 0.06.
+    CAM-family maps are coarse and spatially coherent, which is what clustering per region needs. Measured on the
+    find_shortcut example (the watermark on half of the squares, the model after one epoch, seeds 0-2): clustering
+    the Grad-CAM maps gives a candidate of exactly the 16 watermarked probe squares in every seed, clustering the
+    gradient maps of the same model gives no candidate in any (the 4x4 watermark holds 0.06-0.10 of a
+    watermarked square's Grad-CAM mass against 0.00 on the other squares; of its gradient mass 0.03-0.06
+    against 0.01-0.02).
 
     Example:
         >>> default_method(("gradient", "gradcam++")), default_method(("gradient",))
@@ -110,23 +119,22 @@ def _json(value: Any) -> Any:
 
 def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, options: Mapping[str, Any] | None = None,
                   *, target: str = "prediction", inputs: torch.Tensor | None = None,
-                  batch_size: int | None = None, confirm_now: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
+                  batch_size: int | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """Discovery and confirmation on one audit: ``(record section, metrics)`` (module docstring).
 
-    ``confirm_now=False`` clusters only: the candidates are recorded with ``confirmed: null`` ("not tested at
-    this audit") and the metrics are left out (an alarm reads only the audits that computed them), unless there
-    is no candidate at all, which needs no test: ``discovery/suspects`` is then 0.
+    The section also holds ``"masks"``: the candidates' regions, ``[K, H, W]`` bool in candidate order (the
+    recorder writes them into the maps file and leaves them out of the JSON record).
 
     Args:
-        model: the audited model (forward passes only, under the side-effect guard).
+        model: the audited model (forward passes only, under the side-effect guard), returning class scores.
         probe: the whole probe (a :class:`~lightning_saliency.ProbeSet`).
-        result: the audit's merged :class:`~lightning_saliency.audit.ShardResult` (maps of the whole probe).
+        result: the audit's merged :class:`~lightning_saliency.audit.ShardResult` (maps of the whole probe; its
+            ``logits``, when known, spare the confirmation a forward of the probe).
         method: the method whose maps are clustered.
         options: keyword options of ``discover`` and ``confirm``.
         target: the audit's ``target``: the maps explain the ``"prediction"`` or the ``"label"``.
         inputs: the probe's inputs on the model's device and dtype (default: moved here).
         batch_size: chunk size of the confirmation's forward passes.
-        confirm_now: test the candidates by intervention now (the monitor: at its periodic audits).
 
     Example:
         >>> from lightning_saliency.audit import ShardResult
@@ -136,12 +144,13 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
         >>> maps = torch.linspace(0, 1, 64).reshape(4, 4, 4)
         >>> result = ShardResult(torch.arange(4), torch.tensor([0, 1, 0, 1]), {"gradient": maps})
         >>> section, metrics = run_discovery(model, probe, result, "gradient")
-        >>> section["too_small"], section["candidates"], metrics
-        ([0, 1], [], {'discovery/suspects': 0.0, 'discovery/max_flip_rate': nan})
+        >>> section["too_small"], section["candidates"], tuple(section["masks"].shape), metrics
+        ([0, 1], [], (0, 4, 4), {'discovery/suspects': 0.0, 'discovery/max_flip_rate': nan})
     """
     discover_opts, confirm_opts = _split_options(options)
+    size = [int(v) for v in probe.inputs.shape[-2:]]
     section: dict[str, Any] = {"method": method, "too_small": [], "candidates": [], "skipped": None,
-                               "image_size": [int(v) for v in probe.inputs.shape[-2:]]}  # the regions' frame
+                               "image_size": size, "masks": torch.zeros(0, *size, dtype=torch.bool)}
     metrics = {"discovery/suspects": math.nan, "discovery/max_flip_rate": math.nan}
     if method not in result.maps:
         section["skipped"] = f"the audit has no {method} maps (the method failed: see the audit's errors)"
@@ -158,25 +167,22 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
     found = discover(result.maps[method][where], explained[where], indices=where, **discover_opts)
     section["too_small"] = list(found["too_small"])
     section["n_clusters"] = {str(c): int(q) for c, q in found["n_clusters"].items()}  # per clustered class
-    if found["candidates"] and not confirm_now:
-        section["candidates"] = [{**{k: _json(v) for k, v in c.items() if k != "mask"}, "confirmed": None,
-                                  "reason": "not tested at this audit: confirmation runs at the periodic audits"}
-                                 for c in found["candidates"]]
-        return section, {}
     if inputs is None:
         param = next(model.parameters(), None)
         inputs = probe.inputs.to(param.device if param is not None else "cpu")
         if param is not None and param.is_floating_point() and inputs.is_floating_point():
             inputs = inputs.to(param.dtype)
-    logits = None
-    if len(found["candidates"]) > 1:  # one forward of the probe shared by every candidate's confirmation
+    logits = getattr(result, "logits", None)
+    if found["candidates"] and (logits is None or logits.shape[0] != len(labels)):
         from .metrics._common import _evaluating, _forward
 
-        with _evaluating(model):
+        with _evaluating(model):  # one forward of the probe shared by every candidate's confirmation
             logits = _forward(model, inputs, batch_size)
     tested = [confirm(model, inputs, labels.to(inputs.device), c, logits=logits, batch_size=batch_size,
                       **confirm_opts) for c in found["candidates"]]
     section["candidates"] = [{k: _json(v) for k, v in c.items() if k != "mask"} for c in tested]
+    if tested:
+        section["masks"] = torch.stack([torch.as_tensor(c["mask"]).bool().cpu() for c in tested])
     flips = [c["flip_rate"] for c in tested if math.isfinite(c["flip_rate"])]
     metrics = {"discovery/suspects": float(sum(c["confirmed"] for c in tested)),
                "discovery/max_flip_rate": max(flips) if flips else math.nan}
@@ -223,21 +229,21 @@ class DiscoveryAudit:
         return self._inputs[1]
 
     def __call__(self, model: nn.Module, probe: Any, result: Any, spec: Any, metrics: dict[str, float],
-                 on_error: str = "warn", periodic: bool = True) -> dict[str, Any] | None:
-        """Run discovery on a merged audit (rank 0): add its keys to ``metrics``, return the record's section
-        (``None`` when disabled). Clustering runs at every audit; the candidates' confirmation (forward passes
-        of the whole probe, a few times the maps' cost) only when ``periodic``, like the other metrics that
-        run the model again. A failure is recorded in ``result.errors`` and warned about (never raised unless
-        ``on_error="raise"``); its metrics are then ``null``."""
+                 on_error: str = "warn") -> dict[str, Any] | None:
+        """Run discovery and confirmation on a merged audit (rank 0), at every audit: add its keys to
+        ``metrics``, return the record's section with its ``masks`` (``None`` when disabled). ``model`` is seen
+        through ``spec``'s ``output`` and ``task``. A failure is recorded in ``result.errors`` and warned about
+        (never raised unless ``on_error="raise"``); its metrics are then ``null``."""
         if not self.enabled or not result.maps:
             return None
         from .guard import SideEffectGuard
+        from .tasks import TaskModel
 
         try:
             with SideEffectGuard(model):
-                section, found = run_discovery(model, probe, result, self.method, self.options, target=spec.target,
-                                               inputs=self._moved(model, probe), batch_size=spec.batch_size,
-                                               confirm_now=periodic)
+                scores = TaskModel(model, getattr(spec, "output", None), getattr(spec, "task", None))
+                section, found = run_discovery(scores, probe, result, self.method, self.options, target=spec.target,
+                                               inputs=self._moved(model, probe), batch_size=spec.batch_size)
         except Exception as e:
             if on_error == "raise":
                 raise

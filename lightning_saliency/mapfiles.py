@@ -5,7 +5,9 @@ Layout (see :mod:`lightning_saliency.report` for ``report.json`` beside it)::
     maps/probe.npz              probe thumbnails, written once: "images" uint8 [N, h, w, 3], "targets" int64 [N],
                                 optional "groups" str [N], "object_masks" / "spurious_masks" bool [N, h, w]
     maps/epoch_XXXX.npz         one array per method, float16 [N, h, w], each map min-max normalised to [0, 1]
-                                (a constant map is all 0), plus "predictions" int64 [N] when known
+                                (a constant map is all 0), plus "predictions" int64 [N] when known and
+                                "discovery_masks" bool [K, h, w] when discovery found candidates: the region of
+                                the record's k-th discovery candidate, downsampled like the maps
     maps/validate_NNN.npz       the same for the n-th validate audit of the report (test_NNN.npz: test audits)
 
 Size bound: at most ``MAX_IMAGES`` = 64 images, each downsampled (bilinear, antialiased, aspect ratio kept) so
@@ -48,7 +50,7 @@ from .files import atomic_write
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["KEEP_MAPS", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "check_keep_maps", "maps_filename",
+__all__ = ["KEEP_MAPS", "MAPS_DIR", "MAX_IMAGES", "MAX_SIDE", "RESERVED_KEYS", "check_keep_maps", "maps_filename",
            "remove_maps_file", "save_probe_thumbnails", "save_maps", "load_maps", "load_probe_thumbnails",
            "thin_maps"]
 
@@ -56,6 +58,8 @@ MAPS_DIR = "maps"
 MAX_IMAGES = 64
 MAX_SIDE = 64
 KEEP_MAPS = 20  # audits whose maps files are kept (SaliencyMonitor(keep_maps=...)); None: every audit's
+#: the arrays of a maps file that are not a method's maps (a reader that lists methods skips these)
+RESERVED_KEYS = ("predictions", "discovery_masks")
 
 
 def maps_filename(epoch: int, stage: str = "fit", index: int = 1) -> str:
@@ -155,13 +159,16 @@ def save_probe_thumbnails(dir: str | os.PathLike, probe: Any, max_images: int = 
 
 
 def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predictions: Any = None,
-              max_images: int = MAX_IMAGES, max_side: int = MAX_SIDE, stage: str = "fit", index: int = 1) -> str:
+              max_images: int = MAX_IMAGES, max_side: int = MAX_SIDE, stage: str = "fit", index: int = 1,
+              discovery_masks: Any = None) -> str:
     """Write one audit's maps to ``<dir>/maps/epoch_XXXX.npz`` (``stage``, ``index``: :func:`maps_filename`);
     returns the path relative to ``dir``.
 
     ``maps`` is ``{method: [N, H, W]}`` (tensors or arrays, any device). The first ``max_images`` maps are
     downsampled (longer side <= ``max_side``), min-max normalised per image to [0, 1] and stored as float16;
-    ``predictions`` ([N] ints) as int64. The returned string is what an audit record's ``"maps"`` holds.
+    ``predictions`` ([N] ints) as int64; ``discovery_masks`` (``[K, H, W]`` bool, the discovery candidates'
+    regions) downsampled like the maps (a pixel is in when at least half of it is) as ``"discovery_masks"``. The
+    returned string is what an audit record's ``"maps"`` holds.
 
     Example:
         >>> import torch, tempfile
@@ -181,8 +188,8 @@ def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predi
     arrays: dict[str, np.ndarray] = {}
     n = None
     for method, m in maps.items():
-        if method == "predictions":
-            raise ValueError("'predictions' is reserved in the maps file; rename that method")
+        if method in RESERVED_KEYS:
+            raise ValueError(f"{method!r} is reserved in the maps file; rename that method")
         t = _as_float_cpu(m)
         if t.ndim != 3:
             raise ValueError(f"maps[{method!r}] must be [N, H, W], got {tuple(t.shape)}")
@@ -202,6 +209,13 @@ def save_maps(dir: str | os.PathLike, epoch: int, maps: Mapping[str, Any], predi
         if n is not None and len(pred) != n:
             raise ValueError(f"predictions has {len(pred)} entries but the maps have {n}")
         arrays["predictions"] = pred[:max_images]
+    if discovery_masks is not None:
+        mt = _as_float_cpu(discovery_masks)
+        if mt.ndim != 3:
+            raise ValueError(f"discovery_masks must be [K, H, W], got {tuple(mt.shape)}")
+        size = _thumb_size(mt.shape[1], mt.shape[2], max_side)
+        arrays["discovery_masks"] = (_downsample(mt[:, None], size)[:, 0] >= 0.5).numpy() if len(mt) else \
+            np.zeros((0, *size), dtype=bool)
     _savez(Path(dir) / rel, arrays)
     return rel
 
@@ -289,7 +303,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def load_maps(path: str | os.PathLike, epoch: int | None = None) -> dict[str, np.ndarray]:
     """Read an audit's maps: ``load_maps(report_dir, epoch)`` or ``load_maps(path_to_npz)``.
 
-    Returns ``{method: float32 [N, h, w] in [0, 1], "predictions": int64 [N] (when saved)}``. Raises
+    Returns ``{method: float32 [N, h, w] in [0, 1], "predictions": int64 [N], "discovery_masks": bool [K, h, w]
+    (each when saved)}``: the keys other than methods are :data:`RESERVED_KEYS`. Raises
     :class:`lightning_saliency.report.ReportError` for a missing or unreadable file.
 
     Example:

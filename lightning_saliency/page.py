@@ -216,6 +216,7 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
             h, w = img.shape[:2]
             css.append(f".p{i}{{background-image:url({_png(img)});aspect-ratio:{w}/{h}}}")
     palette = _jet_palette(cmap)
+    from lightning_saliency.mapfiles import RESERVED_KEYS  # predictions, discovery masks: not methods
     from lightning_saliency.report import load_maps
 
     config_methods = [m for m in _list(config.get("methods")) if isinstance(m, str)]
@@ -238,7 +239,7 @@ def _section_overlays(audits: list[dict], saliency_dir: Path, config: dict, max_
             if k == "predictions":
                 if a.ndim == 1:
                     preds_list = a[:max_images].tolist()
-            elif a.ndim == 3 and (k in methods or len(methods) < MAX_METHODS):
+            elif k not in RESERVED_KEYS and a.ndim == 3 and (k in methods or len(methods) < MAX_METHODS):
                 arrays[k] = a[:max_images].copy()  # a copy: the full array is freed now
                 if k not in methods:
                     methods.append(k)

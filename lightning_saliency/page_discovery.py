@@ -5,7 +5,8 @@ latest audit that has a section, confirmed ones first (each a shortcut the model
 onto other classes' images flips them), the others marked "recorded, not raised"; per candidate its class, the
 first audit where a like candidate (same class, overlapping region, same verdict) was seen, its region, the flip
 rate against its nulls, the members' accuracy drop when the region is erased, and thumbnails of its members (the
-probe thumbnails of ``maps/probe.npz``, when saved) with the region outlined. Every string goes through
+probe thumbnails of ``maps/probe.npz``, when saved) with the region outlined: the region's own mask (the audit's
+maps file, ``"discovery_masks"``), else its bounding box. Every string goes through
 :func:`lightning_saliency.charts._e`. Never imports torch.
 
 Example:
@@ -20,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,11 +50,25 @@ def _thumbs(saliency_dir: str | os.PathLike) -> np.ndarray | None:
     return images if ok else None
 
 
-def _members_html(c: dict, thumbs: np.ndarray | None, size: Any) -> str:
+def _masks(saliency_dir: str | os.PathLike, audit: dict, n: int) -> np.ndarray | None:
+    """The audit's ``discovery_masks`` (``[n, h, w]`` bool, one per candidate) from its maps file, or ``None``."""
+    from .page import _safe_npz
+    from .report import load_maps
+
+    path = _safe_npz(Path(saliency_dir), audit.get("maps"))
+    try:
+        masks = load_maps(path).get("discovery_masks") if path is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable maps file: the boxes stay
+        return None
+    ok = isinstance(masks, np.ndarray) and masks.ndim == 3 and masks.dtype == bool and len(masks) == n
+    return masks if ok else None
+
+
+def _members_html(c: dict, thumbs: np.ndarray | None, size: Any, mask: np.ndarray | None = None) -> str:
     if thumbs is None or not isinstance(size, list) or len(size) != 2:
         return ""
     from .page import _png  # the page's PNG encoder (page.py imports this module)
-    from .render import outline
+    from .render import outline, outline_mask
 
     h, w = thumbs.shape[1:3]
     sy, sx = h / max(1, int(size[0])), w / max(1, int(size[1]))
@@ -60,8 +76,10 @@ def _members_html(c: dict, thumbs: np.ndarray | None, size: Any) -> str:
     box = [int(top * sy), int(left * sx), max(int(top * sy) + 1, round(bottom * sy)),
            max(int(left * sx) + 1, round(right * sx))]
     shown = [int(i) for i in (c.get("members") or []) if isinstance(i, int) and 0 <= i < len(thumbs)]
-    imgs = "".join(f'<img src="{_png(outline(thumbs[i], box))}" alt="probe image {i}" title="probe image {i}">'
-                   for i in shown[:_MAX_MEMBERS])
+    drawn = (outline_mask(thumbs[i], mask) if mask is not None and mask.any() else outline(thumbs[i], box)
+             for i in shown[:_MAX_MEMBERS])
+    imgs = "".join(f'<img src="{_png(t)}" alt="probe image {i}" title="probe image {i}">'
+                   for i, t in zip(shown, drawn))
     more = len(c.get("members") or []) - len(shown[:_MAX_MEMBERS])
     return f'<div class="members">{imgs}{f" (+{more} not shown)" if more > 0 else ""}</div>' if imgs else ""
 
@@ -84,12 +102,15 @@ def section_discovery(audits: list[dict], saliency_dir: str | os.PathLike, class
              f"{_e(', '.join(str(e) for e in raised[:50]) or 'none', 400)}.</p>"]
     if section.get("skipped"):
         parts.append(f'<p class="note">Skipped: {_e(section["skipped"], 500)}</p>')
-    cands = sorted(section.get("candidates") or [], key=lambda c: not c.get("confirmed"))
-    if not cands and not section.get("skipped"):
+    listed = list(section.get("candidates") or [])
+    order = sorted(range(len(listed)), key=lambda k: not (isinstance(listed[k], dict) and listed[k].get("confirmed")))
+    if not listed and not section.get("skipped"):
         parts.append('<p class="note">No candidate in the latest audit.</p>')
-    thumbs = _thumbs(saliency_dir) if cands else None
+    thumbs = _thumbs(saliency_dir) if listed else None
+    masks = _masks(saliency_dir, latest, len(listed)) if thumbs is not None else None
     names = class_names if isinstance(class_names, list) else None
-    for c in cands[:_MAX_CANDIDATES]:
+    for k in order[:_MAX_CANDIDATES]:
+        c = listed[k]
         if not isinstance(c, dict):
             continue
         verdict = "CONFIRMED" if c.get("confirmed") else "recorded, not raised"
@@ -97,7 +118,7 @@ def section_discovery(audits: list[dict], saliency_dir: str | os.PathLike, class
             f'<div class="suspect{"" if c.get("confirmed") else " recorded"}"><div><span class="strong">class '
             f'{_e(class_name(c.get("class"), names), 100)}</span>: {_e(verdict)} · first seen at epoch '
             f'{_e(first_seen(found, c))}</div><div>{_e(candidate_line(c, names), 600)}</div>'
-            f'{_members_html(c, thumbs, section.get("image_size"))}</div>')
+            f'{_members_html(c, thumbs, section.get("image_size"), None if masks is None else masks[k])}</div>')
     small = section.get("too_small") or []
     if small:
         parts.append(f'<p class="note">Too few probe images to cluster: class '

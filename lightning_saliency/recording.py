@@ -235,8 +235,10 @@ class Recorder:
             "duration_s": round(time.perf_counter() - started, 4), "precision": result.dtype, "metrics": metrics,
             "health": health, "errors": result.errors + health_errors(health), "maps": None,
         }
-        if discovery is not None:
-            record["discovery"] = discovery
+        masks = None
+        if discovery is not None:  # the candidates' region masks go into the maps file, not the JSON record
+            masks = discovery.get("masks")
+            record["discovery"] = {k: v for k, v in discovery.items() if k != "masks"}
         if problems(health) and self.on_error != "collect" and not self.warned_health:
             self.warned_health = True
             warnings.warn(f"lightning-saliency: the audit at epoch {epoch} is unhealthy ({'; '.join(problems(health))}"
@@ -247,7 +249,7 @@ class Recorder:
             index = 1 + sum(stage_of(a) == stage for a in report.audits) if report is not None else 1
             try:
                 record["maps"] = save_maps(self.directory, epoch, result.maps, result.predictions, stage=stage,
-                                           index=index)
+                                           index=index, discovery_masks=masks)
             except Exception as e:  # disk trouble must not kill training
                 record["errors"].append(error_record(e, method=None))
                 self._failed(e)
@@ -364,18 +366,21 @@ class Recorder:
 
     def suspects(self, discovery: dict[str, Any], probe: ProbeSet) -> list[tuple[str, list[Any], list[str], Any]]:
         """Per confirmed candidate: ``("discovery/suspect_<i>", tiles, captions, picture)``, its first
-        ``log_images`` members with the region outlined, the first caption with the flip rate and its null (the
-        text ``saliency/discovery`` has the whole :func:`~.suspects.candidate_line`)."""
-        from .render import Picture, grid, outline, to_image
+        ``log_images`` members with the region outlined (its mask when the section has them, else its box), the
+        first caption with the flip rate and its null (the text ``saliency/discovery`` has the whole
+        :func:`~.suspects.candidate_line`)."""
+        from .render import Picture, grid, outline, outline_mask, to_image
         from .suspects import class_name
 
         out = []
         scale = max(1, -(-_MIN_TILE // max(probe.inputs.shape[-2:])))
-        for i, c in enumerate(c for c in discovery.get("candidates") or [] if c.get("confirmed")):
-            members = list(c["members"])[: self.log_images]
+        cands, masks = discovery.get("candidates") or [], discovery.get("masks")
+        for i, k in enumerate(k for k, c in enumerate(cands) if c.get("confirmed")):
+            c, members = cands[k], list(cands[k]["members"])[: self.log_images]
             box = [int(v) * scale for v in c["region"]]
-            tiles = [outline(to_image(probe.inputs[j].float(), self.denormalize).repeat(scale, 0).repeat(scale, 1),
-                             box, width=scale) for j in members]
+            mask = masks[k] if masks is not None and k < len(masks) else None
+            tiles = [outline_mask(t, mask, width=scale) if mask is not None else outline(t, box, width=scale)
+                     for t in (to_image(probe.inputs[j].float(), self.denormalize).repeat(scale, 0).repeat(scale, 1) for j in members)]
             captions = [f"#{j}: {class_name(int(probe.targets[j]), self.class_names)}" for j in members]
             captions[0] += f" | flip {c['flip_rate']:.2f} vs null {c['null_flip_rate']:.2f}"  # the text has the rest
             out.append((f"discovery/suspect_{i}", tiles, captions,

@@ -36,8 +36,8 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["to_image", "colorize", "overlay", "overlays", "outline", "grid", "save_png", "get_cmap", "Picture",
-           "check_denormalize"]
+__all__ = ["to_image", "colorize", "overlay", "overlays", "outline", "outline_mask", "grid", "save_png", "get_cmap",
+           "Picture", "check_denormalize"]
 
 ArrayLike = Any  # np.ndarray | Tensor
 Denormalize = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one value per channel or one for all
@@ -342,6 +342,33 @@ def outline(image: ArrayLike, box: Sequence[int], color: tuple[int, int, int] = 
     out[max(top, bottom - k):bottom, left:right] = c
     out[top:bottom, left:min(right, left + k)] = c
     out[top:bottom, max(left, right - k):right] = c
+    return out
+
+
+def outline_mask(image: ArrayLike, mask: ArrayLike, color: tuple[int, int, int] = (255, 0, 255),
+                 width: int = 1) -> np.ndarray:
+    """A copy of ``image`` (``uint8 [H, W, 3]``) with the inner border of a boolean ``mask`` drawn ``width``
+    pixels wide: the mask's pixels within ``width`` (4-neighbour steps) of a pixel outside it or of the image's
+    edge. A mask of another size is scaled to the image (nearest).
+
+    Example:
+        >>> import numpy as np
+        >>> m = np.zeros((6, 6), bool); m[1:5, 1:5] = True; m[1, 1] = False
+        >>> (outline_mask(np.zeros((6, 6, 3), np.uint8), m)[..., 0] > 0).astype(int)[1:5].tolist()
+        [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 1, 0], [0, 1, 0, 0, 1, 0], [0, 1, 1, 1, 1, 0]]
+    """
+    out = np.array(_to_numpy(image), dtype=np.uint8, copy=True)
+    h, w = out.shape[:2]
+    m = np.asarray(_to_numpy(mask)).astype(bool)
+    if m.ndim != 2 or m.size == 0:
+        return out
+    if m.shape != (h, w):
+        m = m[(np.arange(h) * m.shape[0]) // h][:, (np.arange(w) * m.shape[1]) // w]
+    inner = m.copy()
+    for _ in range(max(1, int(width))):  # erode: a pixel stays when its 4 neighbours are in the mask
+        p = np.pad(inner, 1, constant_values=False)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    out[m & ~inner] = np.asarray(color, dtype=np.uint8)
     return out
 
 

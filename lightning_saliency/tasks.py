@@ -492,10 +492,12 @@ class TaskModel(nn.Module):
         return out
 
     def forward(self, x: Any) -> Tensor:
-        return self.task.class_scores(self.tensor(x))
+        out = self.tensor(x)  # first: with task=None it infers the task
+        return self.task.class_scores(out)
 
     def probabilities(self, x: Any) -> Tensor:
-        return self.task.probabilities(self.tensor(x))
+        out = self.tensor(x)
+        return self.task.probabilities(out)
 
 
 def unwrap(model: nn.Module, output: Any, task: Any) -> tuple[nn.Module, Any, Any]:

@@ -104,6 +104,24 @@ def test_the_page_has_a_suspected_shortcuts_section_with_outlined_members(discov
     assert "Suspected shortcuts" in html and "CONFIRMED" in html
     section = html[html.index("Suspected shortcuts"):]
     assert "data:image/png;base64," in section[:200000]  # member thumbnails with the region outlined
+    assert "discovery_masks" not in html  # the masks are not taken for a method's maps
+    # the first thumbnail is the first confirmed candidate's first member, its region's own mask outlined
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lightning_saliency.render import outline_mask
+    from lightning_saliency.report import load_maps, load_probe_thumbnails
+
+    last = json.loads((discovered["dir"] / "report.json").read_text())["audits"][-1]
+    k = next(i for i, c in enumerate(last["discovery"]["candidates"]) if c["confirmed"])
+    mask = load_maps(discovered["dir"] / last["maps"])["discovery_masks"][k]
+    thumb = load_probe_thumbnails(discovered["dir"])["images"][last["discovery"]["candidates"][k]["members"][0]]
+    uri = section[section.index('<div class="members"><img src="') + 31:]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri[len("data:image/png;base64,"):uri.index('"')]))))
+    assert np.array_equal(shown, outline_mask(thumb, mask))
 
 
 def test_discover_false_writes_no_discovery_and_an_alarm_on_it_fails_at_setup(tmp_path):
@@ -198,11 +216,15 @@ def test_tensorboard_gets_the_discovery_text_and_a_grid_of_each_confirmed_suspec
 def test_discovery_leaves_training_bit_identical(tmp_path):
     """Discovery and its confirmation (forward passes on the probe, a candidate confirmed) change no weight."""
     probe, _ = _probe()
-    monitor = SaliencyMonitor(probe, methods=("gradcam",), log_images=0, metrics=("drift",),
-                              dirpath=str(tmp_path / "sal"))
-    _, audited = _fit(tmp_path, monitor, epochs=2, name="with")
-    _, plain = _fit(tmp_path, epochs=2, name="without")
+    monitor = SaliencyMonitor(probe, methods=("gradcam",), log_images=0, metrics=("drift", "stability"),
+                              dirpath=str(tmp_path / "sal"), expensive_every_n_audits=10)
+    _, audited = _fit(tmp_path, monitor, epochs=3, name="with")
+    _, plain = _fit(tmp_path, epochs=3, name="without")
     assert any(a["metrics"]["discovery/suspects"] >= 1 for a in monitor.history)  # confirm() did run
+    # confirmation runs at every audit, also at the middle one, which skipped the periodic stability
+    assert "gradcam/stability" not in monitor.history[1]["metrics"]
+    assert all({"discovery/suspects", "discovery/max_flip_rate"} <= set(a["metrics"]) for a in monitor.history)
+    assert all(c["confirmed"] in (True, False) for a in monitor.history for c in a["discovery"]["candidates"])
     a, b = audited.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -233,26 +255,84 @@ def test_several_candidates_share_one_forward_and_match_confirming_each_alone():
     assert metrics["discovery/suspects"] == sum(c["confirmed"] for c in alone)
 
 
-def test_between_periodic_audits_candidates_are_clustered_not_tested_and_their_keys_left_out():
-    maps = torch.zeros(12, 16, 16)
+def test_confirmation_reuses_the_audits_logits_and_runs_one_batch():
+    """Given the audit's logits (ShardResult.logits), a candidate's confirmation is one forward, and its numbers
+    are those computed without them."""
+    maps = torch.zeros(24, 16, 16)
     maps[:, 6:10, 6:10] = 1.0
-    maps[[0, 1, 2, 3], :4, :4], maps[[0, 1, 2, 3], 6:10, 6:10] = 1.0, 0.0  # a minority lit in a corner
-    labels = torch.zeros(12, dtype=torch.long)
-    probe = ProbeSet(torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0)), labels)
+    maps[[0, 1, 2, 3], :4, :4], maps[[0, 1, 2, 3], 6:10, 6:10] = 1.0, 0.0  # class 0's minority, lit in a corner
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    probe = ProbeSet(torch.rand(24, 1, 16, 16, generator=torch.Generator().manual_seed(0)), labels)
 
-    class Counting(torch.nn.Module):  # a model that counts its forwards: clustering alone runs none
+    class Counting(torch.nn.Module):  # reads the top-left corner: logit 0 = its mean, logit 1 = 0.5
         calls = 0
 
         def forward(self, x):
             Counting.calls += 1
-            return torch.zeros(len(x), 2)
+            return torch.stack([x[:, 0, :4, :4].mean(dim=(1, 2)), torch.full((len(x),), 0.5)], 1)
 
-    result = ShardResult(torch.arange(12), labels, {"gradient": maps})
-    section, metrics = run_discovery(Counting(), probe, result, "gradient", target="label", confirm_now=False)
-    assert Counting.calls == 0 and metrics == {}  # an alarm skips the audit instead of reading "0 suspects"
-    assert [c["members"] for c in section["candidates"]] == [[0, 1, 2, 3]]
-    assert section["candidates"][0]["confirmed"] is None and "not tested" in section["candidates"][0]["reason"]
-    # no candidate needs no test: the count is known, and 0
-    flat = ShardResult(torch.arange(12), labels, {"gradient": torch.ones(12, 16, 16) + torch.rand(12, 16, 16) * 1e-3})
-    _, metrics = run_discovery(Counting(), probe, flat, "gradient", target="label", confirm_now=False)
-    assert metrics["discovery/suspects"] == 0 and math.isnan(metrics["discovery/max_flip_rate"])
+    model = Counting()
+    with torch.no_grad():
+        logits = model(probe.inputs)
+    Counting.calls = 0
+    given = ShardResult(torch.arange(24), logits.argmax(1), {"gradient": maps}, logits=logits)
+    section, metrics = run_discovery(model, probe, given, "gradient", target="label")
+    assert [c["members"] for c in section["candidates"]] == [[0, 1, 2, 3]] and Counting.calls == 1
+    assert section["masks"].shape == (1, 16, 16) and bool(section["masks"][0, :4, :4].all())
+    Counting.calls = 0
+    alone, again = run_discovery(model, probe, ShardResult(torch.arange(24), logits.argmax(1), {"gradient": maps}),
+                                 "gradient", target="label")
+    assert Counting.calls == 2 and alone["candidates"] == section["candidates"] and again == metrics
+
+
+def test_the_candidates_masks_are_in_the_maps_file_not_in_the_record(discovered):
+    import numpy as np
+
+    from lightning_saliency.report import load_maps
+
+    report = json.loads((discovered["dir"] / "report.json").read_text())
+    for audit in report["audits"]:
+        cands = audit["discovery"]["candidates"]
+        assert "masks" not in audit["discovery"]
+        saved = load_maps(discovered["dir"] / audit["maps"])
+        masks = saved["discovery_masks"]
+        assert masks.dtype == bool and masks.shape == (len(cands), 32, 32)  # 32x32 inputs: kept at their size
+        for m, c in zip(masks, cands):  # row k is candidate k's region: its bounding box is the record's
+            ys, xs = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+            assert [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1] == c["region"]
+        assert sorted(k for k in saved if k not in ("predictions", "discovery_masks")) == ["gradcam", "gradient"]
+
+
+def test_the_audit_keeps_its_logits_and_merging_shards_keeps_them_in_probe_order():
+    from lightning_saliency.audit import AuditSpec, audit_shard, merge
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    probe = ProbeSet(torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2))
+    spec = AuditSpec(methods=("gradcam",), metrics=("drift",))
+    with torch.no_grad():
+        want = model(probe.inputs)
+    assert torch.allclose(audit_shard(model, probe, spec).logits, want, atol=1e-6)
+    shards = [audit_shard(model, probe.shard(rank, 2), spec) for rank in (1, 0)]
+    assert torch.allclose(merge(shards).logits, want, atol=1e-6)
+    assert merge([shards[0], ShardResult(torch.tensor([1]), torch.tensor([0]))]).logits is None  # unknown
+
+
+def test_confirmation_sees_the_model_through_the_audits_output_and_task():
+    """A model returning a dict: the confirmation's forwards read its class scores as the audit's did."""
+    maps = torch.zeros(24, 16, 16)
+    maps[:, 6:10, 6:10] = 1.0
+    maps[[0, 1, 2, 3], :4, :4], maps[[0, 1, 2, 3], 6:10, 6:10] = 1.0, 0.0
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    probe = ProbeSet(torch.rand(24, 1, 16, 16, generator=torch.Generator().manual_seed(0)), labels)
+
+    class Dict(torch.nn.Module):
+        def forward(self, x):
+            return {"logits": torch.stack([x[:, 0, :4, :4].mean(dim=(1, 2)), torch.full((len(x),), 0.5)], 1)}
+
+    result = ShardResult(torch.arange(24), labels, {"gradient": maps})
+    spec = type("Spec", (), {"target": "label", "batch_size": None, "output": None, "task": None})()
+    metrics: dict = {}
+    section = DiscoveryAudit(True, None, None, ("gradient",))(Dict(), probe, result, spec, metrics, on_error="raise")
+    assert section["skipped"] is None and len(section["candidates"]) == 1
+    assert math.isfinite(section["candidates"][0]["flip_rate"]) and math.isfinite(metrics["discovery/max_flip_rate"])

@@ -178,3 +178,88 @@ def test_a_shard_draws_its_donors_from_the_whole_probe():
     part = spurious_flip_rate(ReadsRegion(), x[4:], y[4:], _region_mask(4), seed=5,
                               pool=(x, y, _region_mask(8)), positions=torch.arange(4, 8))
     assert torch.equal(part["donor"], full["donor"][4:]) and torch.equal(part["logit_gain"], full["logit_gain"][4:])
+
+
+def _reference_fill(x, m, sigma):
+    """The fill's formula on the whole image, with no window: G*(x·keep) / G*keep, sigma doubled where the
+    normaliser is below 1e-3."""
+    from lightning_saliency.patches import gaussian_blur
+
+    keep = (~m).unsqueeze(1).float()
+    fill, todo, s = torch.zeros_like(x), m.unsqueeze(1).expand_as(x).clone(), sigma
+    while bool(todo.any()) and s <= 2 * S:
+        den = gaussian_blur(keep, s)
+        ok = (den > 1e-3).expand_as(x) & todo
+        fill = torch.where(ok, gaussian_blur(x * keep, s) / den.clamp_min(1e-3), fill)
+        todo &= ~ok
+        s *= 2
+    return torch.where(m.unsqueeze(1), fill, x)
+
+
+def test_the_windowed_fill_equals_the_whole_image_formula_for_shared_and_per_image_masks():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, S, S, generator=g)
+    corner = _region_mask(4)  # one mask shared by every image, at the image's edge
+    centre = torch.zeros(4, S, S, dtype=torch.bool)
+    centre[:, 6:11, 5:12] = True
+    scattered = torch.rand(4, S, S, generator=g) > 0.9  # a different mask per image
+    for m in (corner, centre, scattered):
+        assert torch.allclose(blurred_fill(x, m), _reference_fill(x, m, 1.5), atol=1e-5)
+    assert torch.allclose(blurred_fill(x, corner[0]), blurred_fill(x, corner))  # [H, W] is the shared form
+
+
+class Counting(nn.Module):
+    """ReadsRegion that counts its forward passes and the images they hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.images = 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.images += len(x)
+        return ReadsRegion()(x)
+
+
+def test_given_the_logits_confirm_runs_one_forward_and_agrees_with_computing_them():
+    x, y = _coded_probe(12)
+    cand = {"class": 2, "members": (y == 2).nonzero()[:, 0].tolist()[:4], "mask": _region_mask(1)[0]}
+    counted = Counting()
+    with torch.no_grad():
+        logits = ReadsRegion()(x)
+    given = confirm(counted, x, y, cand, logits=logits, seed=0)
+    # one batch: 6 pastes, 6 random-region pastes, 6 from the rest of the class, the 4 members erased
+    assert counted.calls == 1 and counted.images == 6 + 6 + 6 + 4
+    computed = confirm(Counting(), x, y, cand, seed=0)
+    assert {k: v for k, v in given.items() if k != "mask"} == {k: v for k, v in computed.items() if k != "mask"}
+
+
+def test_at_most_max_recipients_are_pasted_onto_drawn_by_the_seed():
+    x, y = _coded_probe(40)  # 20 images of class 1: the recipients of a class-2 candidate
+    cand = {"class": 2, "members": (y == 2).nonzero()[:, 0].tolist()[:5], "mask": _region_mask(1)[0]}
+    assert confirm(ReadsRegion(), x, y, cand, max_recipients=None)["recipients"] == 20
+    counted = Counting()
+    capped = confirm(counted, x, y, cand, max_recipients=8, seed=2)
+    assert capped["recipients"] == 8 and counted.images == 40 + 8 * 3 + 5  # the probe, 3 pastes of 8, 5 erased
+    assert capped["flip_rate"] == 1.0 and capped == confirm(ReadsRegion(), x, y, cand, max_recipients=8, seed=2)
+    counted = Counting()  # the members erased are capped alike: 3 of the 5
+    few = confirm(counted, x, y, cand, max_recipients=3, seed=2)
+    assert few["recipients"] == 3 and counted.images == 40 + 3 * 3 + 3 and few["erase_accuracy_drop"] == 1.0
+    with pytest.raises(ValueError, match="max_recipients"):
+        confirm(ReadsRegion(), x, y, cand, max_recipients=0)
+
+
+class Flattens(nn.Module):
+    """ReadsRegion behind a ``.view`` of its input, which a channels-last batch cannot take."""
+
+    def forward(self, x):
+        return ReadsRegion()(x.view(len(x), -1).view(x.shape))
+
+
+def test_a_model_that_cannot_take_a_channels_last_batch_gets_the_batch_as_it_came():
+    x, y = _coded_probe(12)
+    with pytest.raises(RuntimeError):
+        Flattens()(x.contiguous(memory_format=torch.channels_last))
+    cand = {"class": 2, "members": (y == 2).nonzero()[:, 0].tolist()[:4], "mask": _region_mask(1)[0]}
+    got, want = confirm(Flattens(), x, y, cand), confirm(ReadsRegion(), x, y, cand)
+    assert {k: v for k, v in got.items() if k != "mask"} == {k: v for k, v in want.items() if k != "mask"}

@@ -113,7 +113,7 @@ class AttributionInfo:
             that ran a pass of its own.
         errors: method -> the exception it raised, for methods that failed under ``on_error="collect"`` or
             ``"warn"`` (a combined method whose part failed holds the part's exception).
-        finite: ``[N]`` bool, True where every logit of the image is finite (a NaN model: all False).
+        finite, logits: ``[N]`` bool, True where every logit of an image is finite; the ``[N, K]`` float32 logits.
         task, task_inferred, output: the task explained, whether ``task=None`` inferred it, and what ``output=``
             took from the model's output, e.g. ``"key 'logits'"`` (:mod:`lightning_saliency.tasks`).
 
@@ -135,6 +135,7 @@ class AttributionInfo:
     seconds: dict[str, float] = field(default_factory=dict)
     errors: dict[str, BaseException] = field(default_factory=dict)
     finite: Tensor | None = None
+    logits: Tensor | None = None
     task: str = "multiclass"
     task_inferred: bool = False
     output: str = "tensor"
@@ -291,10 +292,10 @@ def _cam_weights(cap: _Capture, scorer: Scorer, A: Tensor, t: Tensor, q: Tensor 
 def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Tensor | None, q_all: Tensor | None,
                  target: Any, guard: SideEffectGuard, scorer: Scorer, batch_size: int,
                  collect: dict[str, BaseException] | None
-                 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, str, Tensor]:
+                 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, str, Tensor, Tensor]:
     """One forward and (at most) one ``autograd.grad`` per batch, computing what the union of ``specs`` needs:
     the input gradient for ``"shared"`` rows, the layer's activations and their gradient for ``"cam"`` rows, the
-    activations and the linear head for ``"head"`` rows (no backward). Also whether each image's logits are finite."""
+    activations and the linear head for ``"head"`` rows (no backward). Also the logits, and whether they are finite."""
     N, _, H, W = x.shape
     rows = [s for s in specs if s.rides in ("shared", "cam", "head")]
     need_act_grad = any(s.rides == "cam" for s in rows)
@@ -313,8 +314,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
 
     out: dict[str, Tensor] = {}  # each method's maps [N, H, W], allocated once, filled a batch at a time
     failed: set[str] = set()
-    targets, preds, scores, finite = [], [], [], []
-    dtype = "float32"
+    targets, preds, scores, finite, all_logits, dtype = [], [], [], [], [], "float32"
 
     def fail(method: str, err: Exception) -> None:
         if collect is None:
@@ -339,6 +339,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
         targets.append(t)
         preds.append(pred)
         finite.append(torch.isfinite(logits.detach()).all(dim=1))
+        all_logits.append(logits.detach().float())
         scores.append(score.detach())
 
         A_raw = cap.activation if cap is not None else None
@@ -394,7 +395,7 @@ def _shared_pass(model: nn.Module, x: Tensor, specs: list[MethodSpec], t_all: Te
         guard.remove()
     for m in failed:
         out.pop(m, None)
-    return out, torch.cat(targets), torch.cat(preds), torch.cat(scores), dtype, torch.cat(finite)
+    return out, *(torch.cat(v) for v in (targets, preds, scores)), dtype, torch.cat(finite), torch.cat(all_logits)
 
 
 def _run_own(spec: MethodSpec, p: OwnPass, opts: dict[str, Any]) -> Tensor:
@@ -553,7 +554,7 @@ def attribute(
         scorer = Scorer(model, targets=torch.zeros(N, dtype=torch.long, device=device), contrast=q_all,
                         batch_size=extra_bs, autocast_off=not opts["autocast"], output=output, task=task,
                         task_targets=t_all)
-        shared, t, pred, score, dtype, finite = _shared_pass(model, x, specs, t_all, q_all, target, guard,
+        shared, t, pred, score, dtype, finite, logits = _shared_pass(model, x, specs, t_all, q_all, target, guard,
                                                              scorer, shared_bs, collect)
         scorer.targets = t
         seconds["shared"] = time.perf_counter() - start
@@ -591,8 +592,9 @@ def attribute(
     result = {m: maps[m].detach().float().to(device) for m in requested if m in maps}
     if not opts["return_info"]:
         return result
-    info = AttributionInfo(targets=t.detach(), predictions=pred, scores=score.float(), forward_dtype=dtype,
-                           layer=None if target is None else target.name, forwards=scorer.forwards,
-                           backwards=scorer.backwards, seconds=seconds, errors=errors, finite=finite.cpu(),
-                           task=scorer.task.name, task_inferred=scorer.task_inferred, output=scorer.adapter.picked)
+    info = AttributionInfo(logits=logits, targets=t.detach(), predictions=pred, scores=score.float(),
+                           forward_dtype=dtype, layer=None if target is None else target.name,
+                           forwards=scorer.forwards, backwards=scorer.backwards, seconds=seconds,
+                           errors=errors, finite=finite.cpu(), task=scorer.task.name,
+                           task_inferred=scorer.task_inferred, output=scorer.adapter.picked)
     return result, info

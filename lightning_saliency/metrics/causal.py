@@ -18,9 +18,11 @@ region the map plays down, so a region is tested by intervention:
   accuracy lost when every image's region is filled.
 * :func:`confirm`: the same tests for a discovery candidate
   (:func:`~lightning_saliency.metrics.discovery.discover`) of class ``c`` with region ``m``: every image of
-  another class not already predicted ``c`` (a recipient) gets ``m`` pasted from one member (members taken in
-  turn); ``flip_rate`` is the share predicted ``c`` afterwards, ``logit_gain`` the mean ``Δ(z_c − z_{y_r})``;
-  ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled. The null pastes a random region of
+  another class not already predicted ``c`` (a recipient; at most ``max_recipients``, default 16, drawn with a
+  private generator when there are more) gets ``m`` pasted from one member (members taken in turn);
+  ``flip_rate`` is the share predicted ``c`` afterwards, ``logit_gain`` the mean ``Δ(z_c − z_{y_r})``;
+  ``erase_accuracy_drop`` the members' accuracy lost when ``m`` is filled (at most ``max_recipients`` members,
+  drawn likewise). The null pastes a random region of
   the same shape (``m`` shifted by a random offset that keeps it inside the image, ``null_draws`` per
   recipient (default 1), a private generator) from the same member at the same place: ``null_flip_rate`` and
   ``null_logit_gain``. A second null pastes the same region ``m`` from the class's other images (labels
@@ -79,6 +81,9 @@ def _labels(labels: Tensor, inputs: Tensor, name: str) -> Tensor:
 def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> Tensor:
     """``inputs`` with the masked pixels replaced by a blur of the unmasked ones (module docstring).
 
+    The blur is computed only at the pixels still to fill (their bounding box: ``gaussian_blur``'s
+    ``window``), with exactly the values a blur of the whole image has there.
+
     Example:
         >>> x = torch.rand(2, 3, 16, 16); m = torch.zeros(2, 16, 16, dtype=torch.bool)
         >>> torch.equal(blurred_fill(x, m), x)
@@ -87,22 +92,39 @@ def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> T
     _check_inputs(inputs, "blurred_fill")
     m = _masks(masks, inputs, "blurred_fill")
     h, w = inputs.shape[-2:]
+    if not bool(m.any()):
+        return inputs.clone()
     s = float(sigma) if sigma is not None else max(1.5, max(h, w) / 32)
     keep = (~m).unsqueeze(1).to(inputs.dtype)
-    fill = torch.zeros_like(inputs)
-    todo = m.unsqueeze(1).expand_as(inputs).clone()
+    c = inputs.shape[1]
+    both = torch.cat([inputs * keep, keep], dim=1)  # blurred together: G*(x·keep) and G*keep
+    out, todo = inputs.clone(), m.clone()
     while bool(todo.any()) and s <= 2 * max(h, w):
-        den = gaussian_blur(keep, s)
-        ok = (den > 1e-3).expand_as(inputs) & todo
-        fill = torch.where(ok, gaussian_blur(inputs * keep, s) / den.clamp_min(1e-3), fill)
-        todo &= ~ok
+        left_over = todo.any(dim=0)  # the blur is computed at the pixels still to fill only (their box)
+        ys, xs = left_over.any(dim=1).nonzero()[:, 0], left_over.any(dim=0).nonzero()[:, 0]
+        rows, cols = slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
+        blurred = gaussian_blur(both, s, (rows, cols))
+        den = blurred[:, c:]
+        ok = (den[:, 0] > 1e-3) & todo[:, rows, cols]
+        out[:, :, rows, cols] = torch.where(ok.unsqueeze(1), blurred[:, :c] / den.clamp_min(1e-3),
+                                            out[:, :, rows, cols])
+        todo[:, rows, cols] &= ~ok
         s *= 2
     if bool(todo.any()):  # a mask that covers the whole image: nothing outside to fill from
-        fill = torch.where(todo, gaussian_blur(inputs, max(h, w) / 8), fill)
-    return torch.where(m.unsqueeze(1), fill, inputs)
+        out = torch.where(todo.unsqueeze(1), gaussian_blur(inputs, max(h, w) / 8), out)
+    return out
 
 
 def _predict(model: nn.Module, x: Tensor, batch_size: int | None) -> Tensor:
+    """The logits on ``x``. A batch of CPU images goes in channels-last memory format, where PyTorch's CPU
+    pooling and convolution kernels are the fast ones (twice as fast on the find_shortcut example's CNN; the
+    values are the same up to float rounding); a model that cannot take it (a ``.view`` of its activations)
+    gets the batch as it came."""
+    if x.ndim == 4 and x.device.type == "cpu" and x.shape[1] > 1:
+        try:
+            return _forward(model, x.contiguous(memory_format=torch.channels_last), batch_size)
+        except RuntimeError:
+            pass
     return _forward(model, x, batch_size)
 
 
@@ -201,24 +223,34 @@ def spurious_erase_drop(model: nn.Module, inputs: Tensor, labels: Tensor, masks:
     return before.float() - after.float()
 
 
-def _shifted(mask: Tensor, gen: torch.Generator, draws: int) -> list[Tensor]:
-    """``draws`` copies of ``mask`` [H, W] shifted by random offsets that keep its bounding box inside."""
+def _shifted(mask: Tensor, gen: torch.Generator, k: int) -> Tensor:
+    """``k`` copies ``[k, H, W]`` of ``mask`` [H, W] shifted by random offsets that keep its bounding box inside
+    (``torch.roll`` of each, made as one gather)."""
     h, w = mask.shape
     ys, xs = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
     top, left, bottom, right = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
-    out = []
-    for _ in range(draws):
-        dy = int(torch.randint(-top, h - bottom + 1, (1,), generator=gen))
-        dx = int(torch.randint(-left, w - right + 1, (1,), generator=gen))
-        out.append(torch.roll(mask, (dy, dx), (0, 1)))
-    return out
+    dy = torch.randint(-top, h - bottom + 1, (k,), generator=gen)
+    dx = torch.randint(-left, w - right + 1, (k,), generator=gen)
+    rows = (torch.arange(h)[None, :] - dy[:, None]) % h
+    cols = (torch.arange(w)[None, :] - dx[:, None]) % w
+    return mask[rows[:, :, None], cols[:, None, :]]
+
+
+def _at_most(rows: Tensor, k: int | None, gen: torch.Generator) -> Tensor:
+    """``rows``, or ``k`` of them drawn without replacement (in their order) when there are more."""
+    if k is None or len(rows) <= int(k):
+        return rows
+    return rows[torch.randperm(len(rows), generator=gen)[: int(k)].sort().values.to(rows.device)]
 
 
 def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[str, Any], *,
             indices: Tensor | None = None, min_flip: float = 0.1, null_ratio: float = 3.0, null_draws: int = 1,
-            seed: int = 0, logits: Tensor | None = None, blur_sigma: float | None = None,
-            batch_size: int | None = None) -> dict[str, Any]:
+            max_recipients: int | None = 16, seed: int = 0, logits: Tensor | None = None,
+            blur_sigma: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Paste a candidate's region onto other classes' images, and erase it from its members (module docstring).
+
+    The pastes, both nulls and the erased members go through the model as one batch (chunked by
+    ``batch_size``): with ``logits`` given that is the only forward.
 
     Args:
         inputs, labels: the probe images ``[N, C, H, W]`` and their labels ``[N]``.
@@ -227,13 +259,16 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
         indices: the probe index of each row of ``inputs`` (default ``0..N-1``).
         min_flip, null_ratio: confirmed when ``flip_rate ≥ min_flip`` and ``flip_rate ≥ null_ratio · null``
             (``null``: the larger of the random-region and the rest-of-class null).
-        null_draws: random regions per recipient; seed: their generator.
+        null_draws: random regions per recipient; seed: their generator (and the recipients' draw).
+        max_recipients: at most this many recipients, and members erased, drawn without replacement
+            (``None``: every one).
         logits: the model's logits ``[N, K]`` on ``inputs`` when the caller has them (saves one forward).
 
     Returns:
         the candidate's fields plus ``flip_rate``, ``null_flip_rate``, ``rest_flip_rate``, ``logit_gain``,
-        ``null_logit_gain``, ``rest_logit_gain``, ``erase_accuracy_drop``, ``recipients`` (how many images could flip) and ``confirmed``; the rates are
-        ``nan`` (and ``confirmed`` False, with ``reason``) when no image of another class can flip.
+        ``null_logit_gain``, ``rest_logit_gain``, ``erase_accuracy_drop``, ``recipients`` (how many images were
+        pasted onto) and ``confirmed``; the rates are ``nan`` (and ``confirmed`` False, with ``reason``) when no
+        image of another class can flip.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
@@ -256,47 +291,50 @@ def confirm(model: nn.Module, inputs: Tensor, labels: Tensor, candidate: dict[st
     mask = torch.as_tensor(candidate["mask"]).bool().to(dev)
     if mask.shape != inputs.shape[2:] or not bool(mask.any()):
         raise ValueError(f"confirm: the candidate's mask must be a non-empty [H, W] = {tuple(inputs.shape[2:])}")
+    if max_recipients is not None and int(max_recipients) < 1:
+        raise ValueError(f"confirm: max_recipients must be >= 1 or None, got {max_recipients}")
     c = int(candidate["class"])
     members = torch.tensor([where[int(p)] for p in candidate["members"]], device=dev)
     gen = _generator(torch.device("cpu"), seed)
     out = dict(candidate)
+    nan = dict.fromkeys(("flip_rate", "logit_gain", "null_flip_rate", "null_logit_gain", "rest_flip_rate",
+                         "rest_logit_gain"), math.nan)
     with _evaluating(model):
         z = _predict(model, inputs, batch_size) if logits is None else logits.detach().float().to(dev)
         pred = z.argmax(1)
         recipients = ((y != c) & (pred != c)).nonzero()[:, 0]
-        donors = members[torch.arange(len(recipients), device=dev) % len(members)]
-
-        def paste(region: Tensor, rows: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
-            zz = _predict_rows(model, len(rows), lambda part: torch.where(region[part, None], inputs[src[part]],
-                                                                           inputs[rows[part]]), batch_size)
-            gain = (zz[:, c] - zz.gather(1, y[rows][:, None])[:, 0]) - (z[rows, c] - z[rows].gather(
-                1, y[rows][:, None])[:, 0])
-            return (zz.argmax(1) == c).float(), gain
-
-        if len(recipients):
-            flips, gains = paste(mask.expand(len(recipients), *mask.shape), recipients, donors)
-            shifted = [torch.stack(_shifted(mask.cpu(), gen, null_draws)).to(dev) for _ in range(len(recipients))]
-            reg = torch.stack(shifted, 1).reshape(-1, *mask.shape)  # draw-major: [draws * recipients, H, W]
-            nflips, ngains = paste(reg, recipients.repeat(null_draws), donors.repeat(null_draws))
-            out.update(flip_rate=float(flips.mean()), logit_gain=float(gains.mean()),
-                       null_flip_rate=float(nflips.mean()), null_logit_gain=float(ngains.mean()),
-                       rest_flip_rate=math.nan, rest_logit_gain=math.nan)
-            member = torch.zeros(n, dtype=torch.bool, device=dev)
-            member[members] = True
-            rest = ((y == c) & ~member).nonzero()[:, 0]
+        recipients, erased = (_at_most(rows, max_recipients, gen) for rows in (recipients, members))
+        r = len(recipients)
+        member = torch.zeros(n, dtype=torch.bool, device=dev)
+        member[members] = True
+        rest = ((y == c) & ~member).nonzero()[:, 0]
+        # (region [k, H, W], recipient rows [k], source rows [k]) of each paste: the candidate's, the random
+        # regions' (draw-major), the rest of the class's; then the members with the region filled
+        pastes: list[tuple[Tensor, Tensor, Tensor]] = []
+        if r:
+            donors = members[torch.arange(r, device=dev) % len(members)]
+            pastes.append((mask.expand(r, *mask.shape), recipients, donors))
+            pastes.append((_shifted(mask.cpu(), gen, null_draws * r).to(dev), recipients.repeat(null_draws),
+                           donors.repeat(null_draws)))  # draw-major: draw j of recipient i at j * r + i
             if len(rest):  # the same region from the class's other images: is it these images' content?
-                rflips, rgains = paste(mask.expand(len(recipients), *mask.shape), recipients,
-                                       rest[torch.arange(len(recipients), device=dev) % len(rest)])
-                out.update(rest_flip_rate=float(rflips.mean()), rest_logit_gain=float(rgains.mean()))
-        else:
-            out.update(flip_rate=math.nan, logit_gain=math.nan, null_flip_rate=math.nan, null_logit_gain=math.nan,
-                       rest_flip_rate=math.nan, rest_logit_gain=math.nan,
-                       reason=f"no image of another class is predicted other than class {c}: nothing can flip")
-        erased = _predict_rows(model, len(members), lambda part: blurred_fill(inputs[members[part]], mask, blur_sigma),
-                               batch_size).argmax(1)
-        ym = y[members]
-        out["erase_accuracy_drop"] = float((pred[members] == ym).float().mean() - (erased == ym).float().mean())
-    out["recipients"] = int(len(recipients))
+                pastes.append((mask.expand(r, *mask.shape), recipients, rest[torch.arange(r, device=dev) % len(rest)]))
+        sizes = [len(rows) for _, rows, _ in pastes] + [len(erased)]
+        batch = [blurred_fill(inputs[erased], mask, blur_sigma)]
+        if pastes:  # every paste in one gather: region, recipient and source rows concatenated
+            region, rows, src = (torch.cat(part) for part in zip(*pastes))
+            batch.insert(0, torch.where(region[:, None], inputs[src], inputs[rows]))
+        zz = _predict(model, torch.cat(batch), batch_size).split(sizes)
+    for (_, rows, _), zp, name in zip(pastes, zz, ("", "null_", "rest_")):
+        gain = (zp[:, c] - zp.gather(1, y[rows][:, None])[:, 0]) - (z[rows, c] - z[rows].gather(
+            1, y[rows][:, None])[:, 0])
+        nan.update({f"{name}flip_rate": float((zp.argmax(1) == c).float().mean()),
+                    f"{name}logit_gain": float(gain.mean())})
+    out.update(nan)
+    if not r:
+        out["reason"] = f"no image of another class is predicted other than class {c}: nothing can flip"
+    ym = y[erased]
+    out["erase_accuracy_drop"] = float((pred[erased] == ym).float().mean() - (zz[-1].argmax(1) == ym).float().mean())
+    out["recipients"] = int(r)
     fr = out["flip_rate"]
     null = max(v for v in (out["null_flip_rate"], out["rest_flip_rate"], 0.0) if math.isfinite(v))
     out["confirmed"] = bool(math.isfinite(fr) and fr >= min_flip and fr >= null_ratio * null)

@@ -87,29 +87,36 @@ def _affinity(v: Tensor, k: int) -> Tensor:
 
 
 def _kmeans(x: Tensor, q: int, gen: torch.Generator, n_init: int, iters: int = 100) -> Tensor:
-    n = x.shape[0]
-    best, best_inertia = None, math.inf
-    for _ in range(n_init):
-        centres = [x[int(torch.randint(n, (1,), generator=gen))]]
-        for _ in range(1, q):  # k-means++: the next centre drawn with probability ∝ squared distance
-            d2 = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
-            p = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / n)
-            centres.append(x[int(torch.multinomial(p.float(), 1, generator=gen))])
-        c = torch.stack(centres)
-        labels = torch.cdist(x, c).argmin(dim=1)
-        for _ in range(iters):
-            c = torch.stack([x[labels == j].mean(0) if bool((labels == j).any()) else c[j] for j in range(q)])
-            new = torch.cdist(x, c).argmin(dim=1)
-            if torch.equal(new, labels):
-                break
-            labels = new
-        inertia = float(((x - c[labels]) ** 2).sum())
-        if inertia < best_inertia - 1e-12:
-            best, best_inertia = labels, inertia
+    """k-means++ seeding and Lloyd's iterations, the ``n_init`` restarts run side by side (one batched tensor
+    each step); the restart with the lowest inertia wins (the first among equals)."""
+    n, d = x.shape
+    xs = x.expand(n_init, n, d)
+    centres = x[torch.randint(n, (n_init,), generator=gen)].unsqueeze(1)  # [restarts, 1, d]
+    for _ in range(1, q):  # k-means++: the next centre drawn with probability ∝ squared distance
+        d2 = torch.cdist(xs, centres).min(dim=2).values ** 2
+        total = d2.sum(dim=1, keepdim=True)
+        p = torch.where(total > 0, d2 / total.clamp_min(1e-300), torch.full_like(d2, 1.0 / n))
+        centres = torch.cat([centres, x[torch.multinomial(p.float(), 1, generator=gen)[:, 0]].unsqueeze(1)], 1)
+    labels = torch.cdist(xs, centres).argmin(dim=2)
+    done = torch.zeros(n_init, dtype=torch.bool)
+    for _ in range(iters):  # a restart whose labels no longer change is frozen (its centres are their means)
+        onehot = F.one_hot(labels, q).to(x.dtype)
+        counts = onehot.sum(dim=1).unsqueeze(2)
+        means = torch.where(counts > 0, onehot.transpose(1, 2) @ x / counts.clamp_min(1), centres)
+        centres = torch.where(done[:, None, None], centres, means)
+        new = torch.where(done[:, None], labels, torch.cdist(xs, centres).argmin(dim=2))
+        done |= (new == labels).all(dim=1)
+        labels = new
+        if bool(done.all()):
+            break
+    inertia = ((xs - centres.gather(1, labels.unsqueeze(2).expand(n_init, n, d))) ** 2).sum(dim=(1, 2)).tolist()
+    best = 0
+    for i, value in enumerate(inertia):
+        if value < inertia[best] - 1e-12:
+            best = i
     # name clusters by their first member, so the labels do not depend on which restart won
-    assert best is not None
-    order = {int(lab): i for i, lab in enumerate(dict.fromkeys(best.tolist()))}
-    return torch.tensor([order[int(lab)] for lab in best])
+    order = {int(lab): i for i, lab in enumerate(dict.fromkeys(labels[best].tolist()))}
+    return torch.tensor([order[int(lab)] for lab in labels[best]])
 
 
 def spectral_clusters(features: Tensor, *, min_members: int = 3, max_clusters: int = 6, max_eigenvalue: float = 0.1,
