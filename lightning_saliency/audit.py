@@ -174,8 +174,9 @@ class AuditSpec:
         output_adapter(self.output)  # a bad output= fails now
 
     def explain(self, model: nn.Module, inputs: Tensor, targets: Tensor,
-                methods: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Maps of ``methods`` (default: all of the spec's) for ``inputs`` and ``targets``.
+                methods: Sequence[str] | None = None, positions: Tensor | None = None) -> dict[str, Tensor]:
+        """Maps of ``methods`` (default: all of the spec's) for ``inputs`` and ``targets``; ``positions`` key the
+        methods' per-image draws (``attribute``'s ``positions=``: the images' places in the whole probe).
 
         A resolved :class:`~lightning_saliency.layers.TargetLayer` is used as is on the model it was resolved
         on; on any other model (the re-initialised copy of the sanity check) its name is resolved again."""
@@ -184,7 +185,7 @@ class AuditSpec:
             layer = layer.name
         return attribute(model, inputs, targets, methods=tuple(methods or self.methods), layer=layer,
                          reshape=self.reshape, batch_size=self.batch_size, output=self.output, task=self.task,
-                         **self.method_options)
+                         positions=positions, **self.method_options)
 
 
 @dataclass
@@ -262,11 +263,15 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
                           stacklevel=3)
 
     explain_targets = None if spec.target == "prediction" else labels
+    # each image's position in the whole probe: it picks the metric subsets and keys the methods' random draws
+    # (smoothgrad's noise), so that a sharded (DDP) audit scores the same images with the same maps
+    positions = getattr(probe, "indices", None)
+    positions = torch.as_tensor(positions).cpu() if positions is not None else torch.arange(n)
 
     def explain_with_info(methods: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
         return attribute(model, inputs, explain_targets, methods=tuple(methods), layer=spec.layer,
                          reshape=spec.reshape, batch_size=spec.batch_size, return_info=True, output=spec.output,
-                         task=spec.task,
+                         task=spec.task, positions=positions,
                          on_error="raise" if on_error == "raise" else "collect", **spec.method_options)
 
     try:
@@ -317,9 +322,6 @@ def audit_shard(model: nn.Module, probe: ProbeSet, spec: AuditSpec, previous_map
     methods = [m for m in spec.methods if m in maps]
     per_image: dict[str, Tensor] = {}
 
-    # subsets are chosen by position in the whole probe, so a sharded (DDP) audit scores the same images
-    positions = getattr(probe, "indices", None)
-    positions = torch.as_tensor(positions).cpu() if positions is not None else torch.arange(n)
     where = {"all": None}
     for subset, limit in (("stability", spec.stability_images), ("expensive", spec.expensive_images)):
         where[subset] = (positions < (limit if limit is not None else n + 1)).nonzero()[:, 0]

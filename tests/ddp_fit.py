@@ -36,9 +36,11 @@ from lightning_saliency.audit import ALL_METRICS  # noqa: E402
 # The data and the monitor's configuration, shared with the test's single-process reference.
 DATA = dict(n_train=96, n_val=32, batch_size=24, seed=0, image_size=16, n_probe=64)
 # batch_size=10: each rank's shard of 24 goes through the model in chunks of 10, 10 and 4, the single process's 48
-# in four of 10 and one of 8 (other boundaries): sharding and chunking must agree
-MONITOR = dict(methods=("gradcam", "gradient"), metrics=ALL_METRICS, expensive_every_n_audits=1, log_images=4,
-               batch_size=10)
+# in four of 10 and one of 8 (other boundaries): sharding and chunking must agree. smoothgrad draws noise per image,
+# keyed by the image's position in the whole probe; stability's 28 images straddle the shards (rank 1 scores 4 of
+# them), its noisy copies keyed by position too
+MONITOR = dict(methods=("gradcam", "gradient", "smoothgrad"), metrics=ALL_METRICS, expensive_every_n_audits=1,
+               log_images=4, batch_size=10, stability_images=28, method_options={"smoothgrad_samples": 4})
 
 
 def datamodule() -> ShapesDataModule:

@@ -84,16 +84,30 @@ def test_chunked_audit_equals_the_whole_probe_at_once(whole):
 
 def test_sharded_and_chunked_audit_equals_the_whole_probe_at_once(whole):
     """Two shards of 7, each in chunks of 3 (boundaries that are not the whole probe's): the merged result is the
-    unsharded, unchunked one (the subset metrics' images lie in the first shard, as under DDP). SmoothGrad is left
-    out: its noise follows each image's place in the shard, chunked or not."""
+    unsharded, unchunked one (the subset metrics' images lie in the first shard, as under DDP). SmoothGrad
+    included: its noise follows each image's position in the whole probe, not its place in the shard."""
     probe, net, full = whole
-    spec = _spec(3, METHODS[:-1])
+    spec = _spec(3)
     merged = merge([audit_shard(net, probe.shard(rank, 2), spec, full_probe=probe, on_error="raise")
                     for rank in (1, 0)])
-    kept = (*spec.methods, "probe")
-    full = dataclasses.replace(full, maps={k: v for k, v in full.maps.items() if k in kept},
-                               per_image={k: v for k, v in full.per_image.items() if k.split("/")[0] in kept},
-                               degenerate={k: v for k, v in full.degenerate.items() if k in kept})
+    _same(full, merged, probe, spec)
+
+
+def test_shards_that_split_the_subsets_draw_what_the_whole_probe_draws(whole):
+    """Four shards of 4, 4, 3 and 3: the subset metrics' 5 images straddle the first two. Every random draw is
+    keyed by the image's position in the whole probe (smoothgrad's noise, also on the noisy copies; stability's
+    and max_sensitivity's copies; the RISE random ranking; infidelity's draws; fragility's signs; the agreement
+    floor's random maps), so each image's values are the whole probe's. The calibrated agreement value is not
+    compared: it divides by the mean ceiling and floor of the images scored together (a shard's, here)."""
+    probe, net, full = whole
+    spec = _spec(3)
+    shards = [probe.shard(rank, 4) for rank in range(4)]
+    assert [s.indices.tolist()[:1] for s in shards] == [[0], [4], [8], [11]]
+    merged = merge([audit_shard(net, s, spec, full_probe=probe, on_error="raise") for s in shards[::-1]])
+    pooled = [k for k in full.per_image if k.endswith(("/shap_agreement", "/lime_agreement"))]
+    assert pooled and any(k.endswith("/shap_agreement_tau_floor") for k in full.per_image)
+    full, merged = (dataclasses.replace(r, per_image={k: v for k, v in r.per_image.items() if k not in pooled})
+                    for r in (full, merged))
     _same(full, merged, probe, spec)
 
 

@@ -36,7 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "ddp_fit.py")
 TIMEOUT_S = 240
-PROBE_SIZE = 48  # shards of 24 >= the 16 images of the stability / expensive metrics
+PROBE_SIZE = 48  # shards of 24: the 16 expensive images on rank 0, the 28 of stability on both ranks
 
 
 def _free_port() -> int:
@@ -159,6 +159,7 @@ def test_report_equals_single_process_report(ddp_run, tmp_path):
     assert _report(out)["audits"][0]["health"] == monitor.history[-1]["health"]  # pooled from both shards
     assert sorted(distributed) == sorted(single)
     assert any(k.endswith("/stability") for k in single) and any(k.endswith("/deletion_auc") for k in single)
+    assert {"smoothgrad/stability", "smoothgrad/fragility", "smoothgrad/spurious_mass"} <= set(single)
     diffs = {k: (distributed[k], single[k]) for k in single
              if (distributed[k] is None) != (single[k] is None)
              or (single[k] is not None and not abs(distributed[k] - single[k]) <= 1e-5)}

@@ -361,6 +361,33 @@ def test_deterministic_on_cpu():
     assert not torch.equal(other_seed, first["smoothgrad"])
 
 
+def test_a_part_of_the_probe_explained_with_its_positions_gets_the_whole_probes_maps():
+    """SmoothGrad's noise is keyed by each image's position: the second half of a probe explained with
+    ``positions`` (as a DDP shard is) gets exactly the whole probe's maps for those images; without them its
+    images draw the noise of the first half's (the maps of a plain call are those of images 0..n-1)."""
+    from lightning_saliency.probe import ProbeSet
+
+    model, probe = _net(), ProbeSet(_x(6), torch.zeros(6, dtype=torch.long))
+    second = probe.shard(1, 2)
+    assert second.indices.tolist() == [3, 4, 5]
+    opts = dict(methods=("smoothgrad", "gradient"), smoothgrad_samples=3, batch_size=4)
+    whole = attribute(model, probe.inputs, **opts)
+    part = attribute(model, second.inputs, positions=second.indices, **opts)
+    for name in ("smoothgrad", "gradient"):  # other rows share their batches: equal to float rounding
+        torch.testing.assert_close(part[name], whole[name][3:], atol=1e-7, rtol=1e-5)
+    plain = attribute(model, second.inputs, **opts)["smoothgrad"]
+    assert (plain - whole["smoothgrad"][3:]).abs().amax() > 100 * (part["smoothgrad"] - whole["smoothgrad"][3:]).abs().amax()
+    assert torch.equal(attribute(model, second.inputs, positions=[0, 1, 2], **opts)["smoothgrad"], plain)
+
+
+@pytest.mark.parametrize("positions, message", [
+    ([0, 1], r"expected shape \[3\]"), (torch.tensor([0.0, 1.0, 2.0]), "integers"), ([0, -1, 2], ">= 0"),
+    ("abc", "one position per image")])
+def test_bad_positions_are_a_clear_error(positions, message):
+    with pytest.raises(ValueError, match=message):
+        attribute(_net(), _x(3), methods="smoothgrad", positions=positions, **FAST)
+
+
 def test_autocast_maps_are_finite_float32_and_report_the_forward_dtype():
     model = _net()
     x = _x(2)

@@ -49,6 +49,7 @@ from ..guard import SideEffectGuard
 from ..maps import resize
 from ..tasks import check_task, output_adapter, unwrap
 from . import cam as cam_mod
+from .arguments import as_classes, as_positions, check_inputs
 from .registry import MethodSpec, OwnPass, all_options, get_method, method_names
 from .scoring import Scorer, class_scores
 
@@ -167,43 +168,6 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     opts = {**defaults, **options}
     check_on_error(opts["on_error"])
     return opts
-
-
-def _check_inputs(inputs: Any) -> Tensor:
-    if not isinstance(inputs, Tensor):
-        raise ValueError(f"inputs must be a float tensor [N, C, H, W], got {type(inputs).__name__}")
-    if inputs.ndim != 4:
-        fix = " (one image? add the batch dimension: inputs.unsqueeze(0))" if inputs.ndim == 3 else ""
-        raise ValueError(f"inputs must be a float tensor [N, C, H, W], got shape {tuple(inputs.shape)}{fix}")
-    if not inputs.is_floating_point():
-        raise ValueError(f"inputs must be a float tensor, got {inputs.dtype}: convert with inputs.float()")
-    if inputs.shape[0] == 0:
-        raise ValueError("inputs is empty (N = 0): pass at least one image [N >= 1, C, H, W]")
-    return inputs
-
-
-def _as_classes(value: Any, n: int, name: str, device: torch.device) -> Tensor | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be class indices (an int or an int tensor [N]), got a bool")
-    if isinstance(value, int):
-        return torch.full((n,), value, dtype=torch.long, device=device)
-    if isinstance(value, Tensor):
-        t = value.detach()
-    else:
-        try:
-            t = torch.as_tensor(list(value))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be class indices (an int or an int tensor [N]), got "
-                             f"{type(value).__name__}") from err
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class indices, got dtype {t.dtype}: convert with .long()")
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have one class index per image: expected shape [{n}], got {tuple(t.shape)}")
-    return t.to(device=device, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------ shared pass
@@ -433,6 +397,7 @@ def attribute(
     reshape: Callable[[Tensor], Tensor] | None = None,
     output: Any = None,
     task: str | None = None,
+    positions: Tensor | Sequence[int] | None = None,
     **options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], AttributionInfo]:
     """Saliency maps of ``model`` for ``inputs``, one ``[N, H, W]`` float32 map per method.
@@ -466,6 +431,9 @@ def attribute(
             a dict's ``"logits"`` else ``"out"``, ``.logits``; a key; a callable) and how it gives class scores
             (``"multiclass"``, ``"binary"``, ``"multilabel"``, ``"segmentation"``; ``None`` infers it):
             :mod:`lightning_saliency.tasks`.
+        positions: each input's position in a larger set this call is a part of (a probe shard's
+            ``ProbeSet.indices``; the audit passes them), which keys its random draws (SmoothGrad's noise): a part
+            explained with its positions gets the whole set's maps (:mod:`.arguments`). Default ``0..N-1``.
         **options: (defaults from :func:`default_options`, registered methods' included; anything else is a
             ``ValueError`` naming the closest known option)
 
@@ -518,7 +486,7 @@ def attribute(
     output = output_adapter(output)  # a bad output= fails here
     opts = _check_options(options)
     requested = _check_methods(methods)
-    _check_inputs(inputs)
+    check_inputs(inputs)
     for spec in map(get_method, method_names()):
         if spec.validate is not None:
             spec.validate(opts, inputs)
@@ -533,8 +501,9 @@ def attribute(
     shared_bs = batch_size or N
     extra_bs = batch_size or max(N, 32)
     device = inputs.device
-    t_all = _as_classes(targets, N, "targets", device)
-    q_all = _as_classes(contrast, N, "contrast", device)
+    t_all = as_classes(targets, N, "targets", device)
+    q_all = as_classes(contrast, N, "contrast", device)
+    positions = as_positions(positions, N)
     collect: dict[str, BaseException] | None = None if opts["on_error"] == "raise" else {}
 
     with SideEffectGuard(model) as guard:
@@ -559,7 +528,7 @@ def attribute(
         scorer.targets = t
         seconds["shared"] = time.perf_counter() - start
         maps: dict[str, Tensor] = dict(shared)
-        own = OwnPass(model, x, t, scorer, score, guard.add_forward_hook, target)
+        own = OwnPass(model, x, t, scorer, score, guard.add_forward_hook, target, positions)
 
         def run(method: str, fn: Callable[[], Tensor], timed: bool = True) -> None:
             begin = time.perf_counter()

@@ -56,12 +56,15 @@ def _row_seed(seed: int, image: int, row: int) -> int:
     return (int(seed) * 1_000_003 + image * 7_919 + row * 104_729 + 12_345) % (2**63 - 1)
 
 
-def smoothgrad(scorer: Scorer, x: Tensor, samples: int = 16, sigma: float = 0.15, seed: int = 0) -> Tensor:
+def smoothgrad(scorer: Scorer, x: Tensor, samples: int = 16, sigma: float = 0.15, seed: int = 0,
+               positions: Tensor | None = None) -> Tensor:
     """SmoothGrad (Smilkov et al. 2017): the mean over ``samples`` draws of the gradient map at
     ``x + N(0, (sigma * (max x - min x))^2)`` (range per image).
 
-    The noise is drawn on the CPU from a generator seeded by ``(seed, image index, draw)``, so maps do not
-    depend on the batch size or the device and the global random state is never touched.
+    The noise is drawn on the CPU from a generator seeded by ``(seed, image position, draw)``, so maps do not
+    depend on the batch size or the device and the global random state is never touched. ``positions``
+    (``[N]`` ints, default ``0..N-1``: each image's index in ``x``) place the images in a larger set, e.g. a
+    probe shard's positions in the whole probe: the shard's maps are then the whole probe's.
 
     Example:
         >>> import torch
@@ -71,11 +74,14 @@ def smoothgrad(scorer: Scorer, x: Tensor, samples: int = 16, sigma: float = 0.15
         torch.Size([1, 2, 2])
     """
     N, C, H, W = x.shape
+    keys = list(range(N)) if positions is None else [int(v) for v in positions.reshape(-1).tolist()]
+    if len(keys) != N:
+        raise ValueError(f"smoothgrad: {N} images but {len(keys)} positions; pass one position per image")
     spread = (x.detach().float().reshape(N, -1).amax(1) - x.detach().float().reshape(N, -1).amin(1)) * sigma
 
     def rows(i: int, start: int, stop: int) -> Tensor:
         noise = torch.stack([
-            torch.randn(C, H, W, generator=torch.Generator().manual_seed(_row_seed(seed, i, j)))
+            torch.randn(C, H, W, generator=torch.Generator().manual_seed(_row_seed(seed, keys[i], j)))
             for j in range(start, stop)
         ]).to(device=x.device, dtype=x.dtype)
         return x[i : i + 1] + noise * spread[i].to(x.dtype)

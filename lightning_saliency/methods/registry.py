@@ -129,6 +129,8 @@ class OwnPass:
         scores: ``[N]`` the shared pass's class scores.
         add_hook: ``add_hook(module, fn)``, the guard's forward-hook registration (removed on exit).
         layer: the resolved target layer, or ``None``.
+        positions: ``[N]`` long (CPU), each input's position in the set it is a part of (``attribute``'s
+            ``positions=``; default ``0..N-1``): what keys a method's per-image random draws.
     """
 
     model: nn.Module
@@ -138,6 +140,7 @@ class OwnPass:
     scores: Tensor
     add_hook: Callable[..., Any]
     layer: Any = None
+    positions: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------ built-ins
@@ -181,7 +184,8 @@ def _gradient(inputs: Tensor, input_grad: Tensor) -> Tensor:
 
 def _smoothgrad(p: OwnPass, *, smoothgrad_samples: int, smoothgrad_sigma: float, smoothgrad_seed: int) -> Tensor:
     """SmoothGrad over the engine's scorer (formula: :func:`.gradients.smoothgrad`)."""
-    return smoothgrad(p.scorer, p.inputs, smoothgrad_samples, smoothgrad_sigma, smoothgrad_seed)
+    return smoothgrad(p.scorer, p.inputs, smoothgrad_samples, smoothgrad_sigma, smoothgrad_seed,
+                      positions=p.positions)
 
 
 def _check_smoothgrad(opts: dict[str, Any], inputs: Tensor) -> None:

@@ -56,13 +56,22 @@ def _drift(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
 
 def _noisy(formula: str, images: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:
     def compute(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-        rows, s = ctx.rows(images), ctx.spec
+        import torch
+
+        rows, s, positions = ctx.rows(images), ctx.spec, ctx.positions(images)
         kw = dict(k=s.stability_k, sigma=s.stability_sigma) if formula == "stability" else {}
-        # one explain call over every noisy copy of the (few) images, which explain runs `batch_size` at a time:
-        # the calls are the same whatever batch_size is, so a method with draws of its own (smoothgrad, whose
-        # noise follows each row's place in the call) gives the same maps too
+
+        def explain(x: Tensor, t: Tensor) -> dict[str, Tensor]:
+            # one call over every noisy copy (batch_size=None below), the m copies of each image together, which
+            # explain runs `batch_size` at a time. A method with draws of its own (smoothgrad) keys copy d of
+            # the image at probe position p as row p * m + d: its row in the whole probe's call, as the subsets
+            # are the probe's first images. The noise of a copy is then the same in a shard, and chunked or not.
+            m = x.shape[0] // len(positions)
+            return ctx.explain(x, t, methods, positions=positions.repeat_interleave(m) * m
+                               + torch.arange(m).repeat(len(positions)))
+
         return getattr(_f(), formula)(  # one pass serves every method's noisy maps
-            lambda x, t: ctx.explain(x, t, methods), ctx.probe.inputs[rows], ctx.targets[rows], seed=s.seed,
+            explain, ctx.probe.inputs[rows], ctx.targets[rows], seed=s.seed, positions=positions,
             maps={m: ctx.maps[m][rows] for m in methods}, batch_size=None, **kw)
 
     return compute
@@ -73,7 +82,8 @@ def _rise(formula: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, T
         rows, out = ctx.rows("expensive"), {}
         for m in methods:
             r = getattr(_f(), formula)(ctx.model, ctx.probe.inputs[rows], ctx.targets[rows], ctx.maps[m][rows].abs(),
-                                       seed=ctx.spec.seed, batch_size=ctx.spec.batch_size or 64)
+                                       seed=ctx.spec.seed, batch_size=ctx.spec.batch_size or 64,
+                                       positions=ctx.positions("expensive"))
             out[m] = r["auc"]
             if "random_auc" in r:
                 out[m + "_random"] = r["random_auc"]
@@ -85,7 +95,8 @@ def _rise(formula: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, T
 def _infidelity(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
     rows = ctx.rows("expensive")
     return {m: _f().infidelity(ctx.model, ctx.probe.inputs[rows], ctx.targets[rows], ctx.maps[m][rows],
-                               seed=ctx.spec.seed, batch_size=ctx.spec.batch_size) for m in methods}
+                               seed=ctx.spec.seed, batch_size=ctx.spec.batch_size,
+                               positions=ctx.positions("expensive")) for m in methods}
 
 
 def _completeness_gap(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
@@ -102,21 +113,22 @@ def _completeness_gap(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, 
 
 
 def _randomization(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
-    rows, out = ctx.rows("expensive"), {}
+    rows, out, positions = ctx.rows("expensive"), {}, ctx.positions("expensive")
     for m in methods:
         out[m] = _f().randomization_similarity(
-            ctx.model, lambda mdl, x, t, m=m: ctx.explain(x, t, (m,), model=mdl)[m],
+            ctx.model, lambda mdl, x, t, m=m: ctx.explain(x, t, (m,), model=mdl, positions=positions)[m],
             ctx.probe.inputs[rows], ctx.targets[rows], maps=ctx.maps[m][rows], seed=ctx.spec.seed)["all"]
     return out
 
 
 def _fragility(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]:
     rows, inputs, s, out = ctx.rows("expensive"), ctx.probe.inputs, ctx.spec, {}
+    positions = ctx.positions("expensive")  # they key the random signs and the methods' own draws
     for m in methods:  # the top-k attack and its random-sign control, maps measured on the real model
         r = _f().fragility_scores(
             ctx.model, inputs[rows], ctx.targets[rows], method=m, maps=ctx.maps[m][rows],
-            explain=lambda x, t, m=m: ctx.explain(x, t, (m,))[m], layer=s.layer, reshape=s.reshape, seed=s.seed,
-            batch_size=s.batch_size, positions=ctx.probe.indices[rows.cpu()])
+            explain=lambda x, t, m=m: ctx.explain(x, t, (m,), positions=positions)[m], layer=s.layer,
+            reshape=s.reshape, seed=s.seed, batch_size=s.batch_size, positions=positions)
         out[m], out[m + "_random"] = r["fragility"], r["random"]
     return out
 
@@ -150,7 +162,7 @@ def _agreement(reference: str) -> Callable[[AuditContext, tuple[str, ...]], dict
         out: dict[str, Tensor] = {}
         for m in methods:
             cells = again if m == reference else pool(ctx.magnitude(m)[rows], grid)
-            r = _f().agreement(cells, ref, again, k=k, seed=ctx.spec.seed)
+            r = _f().agreement(cells, ref, again, k=k, seed=ctx.spec.seed, positions=ctx.positions("expensive"))
             out.update({m + (f"_{key}" if key != "value" else ""): v for key, v in r.items()})
         return out
 

@@ -241,8 +241,8 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def _row_noise(kind: str, shape: tuple[int, ...], seed: int, images: Tensor, draws: Tensor) -> Tensor:
-    """``[R, *shape]`` float32 CPU noise, row ``r`` drawn for draw ``draws[r]`` of image ``images[r]`` from a
-    generator of its own, seeded by ``(seed, image, draw)``: ``kind`` ``"normal"`` (standard) or ``"uniform"``
+    """``[R, *shape]`` float32 CPU noise, row ``r`` drawn for draw ``draws[r]`` of image ``images[r]`` (an index or
+    a position in the whole probe) from a generator of its own, seeded by ``(seed, image, draw)``: ``kind`` ``"normal"`` (standard) or ``"uniform"``
     ([0, 1)). Each image's draws are then the same however the rows are chunked (``batch_size``).
 
     Example:

@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import _is_constant, _warn
+from ._common import _is_constant, _row_noise, _warn
 
 __all__ = ["DEFAULT_K", "agreement", "calibrate", "kendall_tau", "random_floor", "topk_agreement"]
 
@@ -110,9 +110,12 @@ def topk_agreement(a: Tensor, b: Tensor, k: int = DEFAULT_K) -> Tensor:
     return torch.where(constant, torch.full_like(both, math.nan), both).float()
 
 
-def random_floor(reference: Tensor, k: int = DEFAULT_K, draws: int = 32, seed: int = 0) -> dict[str, Tensor]:
+def random_floor(reference: Tensor, k: int = DEFAULT_K, draws: int = 32, seed: int = 0,
+                 positions: Tensor | None = None) -> dict[str, Tensor]:
     """The agreement of random maps with ``reference`` ``[N, L]``: the mean over ``draws`` maps of i.i.d. uniform
-    cell values (a private generator seeded by ``seed``), per row: ``{"tau": [N], "topk": [N]}``.
+    cell values (private generators seeded by ``seed``, each row's position and draw), per row:
+    ``{"tau": [N], "topk": [N]}``. ``positions``: each row's position in the whole probe (default ``0..N-1``),
+    so that a row gets the same random maps whichever rows it is scored with.
 
     Example:
         >>> import torch
@@ -122,8 +125,11 @@ def random_floor(reference: Tensor, k: int = DEFAULT_K, draws: int = 32, seed: i
     """
     ref = _flat(reference, "reference")
     n, cells = ref.shape
-    gen = torch.Generator().manual_seed(int(seed))
-    noise = torch.rand(n * draws, cells, generator=gen, dtype=torch.float64).to(ref.device)
+    keys = torch.arange(n) if positions is None else torch.as_tensor(positions).reshape(-1).cpu().long()
+    if keys.shape[0] != n:
+        raise ValueError(f"random_floor: {n} rows but {keys.shape[0]} positions; pass one position per row")
+    noise = _row_noise("uniform", (cells,), seed, keys.repeat_interleave(draws), torch.arange(draws).repeat(n))
+    noise = noise.double().to(ref.device)
     rep = ref.repeat_interleave(draws, dim=0)
     tau = kendall_tau(noise, rep).double().reshape(n, draws).mean(1)
     topk = topk_agreement(noise, rep, k).double().reshape(n, draws).mean(1)
@@ -151,15 +157,15 @@ def calibrate(raw: Tensor, ceiling: Tensor, floor: Tensor, min_gap: float = 0.05
 
 
 def agreement(maps: Tensor, reference: Tensor, second: Tensor, k: int = DEFAULT_K, draws: int = 32,
-              seed: int = 0, min_gap: float = 0.05) -> dict[str, Tensor]:
+              seed: int = 0, min_gap: float = 0.05, positions: Tensor | None = None) -> dict[str, Tensor]:
     """Agreement of cell maps with a reference, calibrated between a random floor and a seed-to-seed ceiling.
 
     Args:
         maps: the method's cell values ``[N, L]`` (pooled ``|M|``).
         reference: the reference's cell values ``[N, L]`` (e.g. ``|shapley|``, pooled).
         second: the reference again with another seed ``[N, L]``; ``(second, reference)`` gives the ceiling.
-        k: cells of the top-k agreement; ``draws``, ``seed``: the random maps of the floor; ``min_gap``: see
-            :func:`calibrate`.
+        k: cells of the top-k agreement; ``draws``, ``seed``, ``positions``: the random maps of the floor
+            (:func:`random_floor`); ``min_gap``: see :func:`calibrate`.
 
     Returns:
         ``[N]`` float32 tensors: ``"value"`` (the mean of the calibrated τ and top-k agreement), ``"tau"`` and
@@ -172,7 +178,7 @@ def agreement(maps: Tensor, reference: Tensor, second: Tensor, k: int = DEFAULT_
         >>> round(out["value"].mean().item(), 2), sorted(out)[:3]
         (1.0, ['tau', 'tau_ceiling', 'tau_floor'])
     """
-    floor = random_floor(reference, k, draws, seed)
+    floor = random_floor(reference, k, draws, seed, positions)
     out = {"tau": kendall_tau(maps, reference), "topk": topk_agreement(maps, reference, k),
            "tau_ceiling": kendall_tau(second, reference), "topk_ceiling": topk_agreement(second, reference, k),
            "tau_floor": floor["tau"], "topk_floor": floor["topk"]}

@@ -34,7 +34,6 @@ from ._common import (
     _check_maps,
     _evaluating,
     _forward,
-    _generator,
     _probabilities,
     _row_noise,
     _targets,
@@ -100,6 +99,16 @@ def _auc(curve: Tensor) -> Tensor:
     return ((curve[:, :-1] + curve[:, 1:]) / 2).mean(dim=1)
 
 
+def _keys(positions: Tensor | None, n: int, name: str) -> Tensor:
+    """Each image's position (``[n]`` long, CPU; default ``0..n-1``), which keys its random draws."""
+    if positions is None:
+        return torch.arange(n)
+    keys = torch.as_tensor(positions).reshape(-1).cpu().long()
+    if keys.shape[0] != n:
+        raise ValueError(f"{name}: {n} inputs but {keys.shape[0]} positions; pass one position per image")
+    return keys
+
+
 def _rise(
     name: str,
     insertion: bool,
@@ -113,6 +122,7 @@ def _rise(
     batch_size: int | None,
     random_reference: bool,
     seed: int,
+    positions: Tensor | None,
 ) -> dict[str, Tensor]:
     _check_inputs(inputs, name)
     maps = _check_maps(maps).to(inputs.device).abs()
@@ -125,8 +135,9 @@ def _rise(
         raise ValueError(f"{name}: steps must be >= 1, got {steps}")
     n = inputs.shape[0]
     flat = maps.reshape(n, -1)
-    gen = _generator(inputs.device, seed)
-    random_order = torch.rand(flat.shape, generator=gen, device=inputs.device).argsort(dim=1)
+    keys = _keys(positions, n, name)  # each image's random ranking is keyed by its position, not its row
+    random_order = _row_noise("uniform", flat.shape[1:], seed, keys, torch.zeros_like(keys)).to(
+        inputs.device).argsort(dim=1)
     order = torch.sort(flat, dim=1, descending=True, stable=True).indices
     constant = (flat.max(dim=1).values - flat.min(dim=1).values) <= 0
     if bool(constant.any()):
@@ -159,6 +170,7 @@ def deletion_auc(
     batch_size: int | None = 64,
     random_reference: bool = True,
     seed: int = 0,
+    positions: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """RISE deletion: area under the target probability as the top-ranked pixels are removed (low is good).
 
@@ -169,8 +181,10 @@ def deletion_auc(
         baseline: ``"blur"`` (Gaussian blur of the input, ``blur_sigma`` default ``max(1.5, max(H, W)/32)``),
             ``"zeros"``, ``"mean"`` (per-image channel means), a number or a tensor broadcastable to inputs.
         batch_size: most images per forward over all ``N·(T+1)`` (image, step) pairs; None = all at once.
-        random_reference: also run a random ranking (seeded by ``seed``, identical for deletion and
-            insertion).
+        random_reference: also run a random ranking (seeded by ``seed`` and each image's position, identical for
+            deletion and insertion).
+        positions: ``[N]`` each image's position in the whole probe, which keys its random ranking (default
+            ``0..N-1``): an image gets the same ranking whichever images it is scored with.
 
     Returns:
         ``{"auc": [N], "curve": [N, T+1], "random_auc": [N], "random_curve": [N, T+1]}`` (the random keys
@@ -185,7 +199,7 @@ def deletion_auc(
     """
     return _rise(
         "deletion_auc", False, model, inputs, targets, maps, steps, baseline, blur_sigma, batch_size,
-        random_reference, seed,
+        random_reference, seed, positions,
     )  # fmt: skip
 
 
@@ -200,6 +214,7 @@ def insertion_auc(
     batch_size: int | None = 64,
     random_reference: bool = True,
     seed: int = 0,
+    positions: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """RISE insertion: area under the target probability as the top-ranked pixels are put back into the
     baseline (high is good). Arguments and return value as :func:`deletion_auc`.
@@ -212,7 +227,7 @@ def insertion_auc(
     """
     return _rise(
         "insertion_auc", True, model, inputs, targets, maps, steps, baseline, blur_sigma, batch_size,
-        random_reference, seed,
+        random_reference, seed, positions,
     )  # fmt: skip
 
 
@@ -245,6 +260,7 @@ def infidelity(
     perturb: Callable[[Tensor], Tensor] | None = None,
     normalize: bool = False,
     batch_size: int | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """``E_I[(Iᵀ M − (y(x) − y(x − I)))²]`` per image over ``n_perturb`` draws -> ``[N]`` (low is good).
 
@@ -262,6 +278,8 @@ def infidelity(
             value invariant to the scale of the map.
         batch_size: Captum's ``max_examples_per_batch`` (most perturbed images per forward; also when one draw of
             every image is more, the forward runs in chunks of ``batch_size``).
+        positions: ``[N]`` each image's position in the whole probe, keying its default draws with ``seed``
+            (default ``0..N-1``): an image gets the same draws whichever images it is scored with.
 
     An all-zero map is well defined (the mean of ``Δy²``); no undefined case.
 
@@ -277,10 +295,12 @@ def infidelity(
         raise ValueError(f"infidelity needs n_perturb >= 1, got {n_perturb}")
     attr = _attributions(maps, inputs, "infidelity")
     n = inputs.shape[0]
+    keys = _keys(positions, n, "infidelity")
+
     def draw(x: Tensor, done: int, m: int) -> Tensor:
         if perturb is not None:
             return perturb(x)
-        rows = _row_noise("normal", (attr.shape[1], *x.shape[2:]), seed, torch.arange(n).repeat_interleave(m),
+        rows = _row_noise("normal", (attr.shape[1], *x.shape[2:]), seed, keys.repeat_interleave(m),
                           torch.arange(done, done + m).repeat(n))
         return sigma * rows.to(device=x.device, dtype=x.dtype)
 

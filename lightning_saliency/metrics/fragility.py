@@ -259,8 +259,9 @@ def fragility_scores(
         batch_size: most images per surrogate pass and per forward.
         attack: ``False`` computes the control only (what :func:`fragility_random` returns); ``"fragility"``
             is then the random-restart search of the control's draws.
-        positions: ``[N]`` each image's position in the whole probe, which seeds its random signs (default
-            ``0..N-1``): the same image gets the same draws whichever images it is scored with.
+        positions: ``[N]`` each image's position in the whole probe, which seeds its random signs (and the
+            default ``explain``'s own draws, e.g. SmoothGrad's; default ``0..N-1``): the same image gets the same
+            draws whichever images it is scored with.
 
     Returns:
         ``{"fragility": [N], "random": [N], "inputs": [N, C, H, W] the best attacked inputs (``x`` where no
@@ -302,7 +303,7 @@ def fragility_scores(
     if explain is None:
         def explain(x: Tensor, t: Tensor) -> Tensor:
             return attribute(model, x, t, methods=(method,), layer=layer, reshape=reshape,
-                             batch_size=batch_size, **options)[method]
+                             batch_size=batch_size, positions=positions, **options)[method]
 
     with SideEffectGuard(model):
         with torch.no_grad():

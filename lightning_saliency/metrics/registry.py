@@ -173,9 +173,22 @@ class AuditContext:
         """Positions of the images a row scores (``None``: all of them)."""
         return None if images == "all" else self.subsets[images]
 
-    def explain(self, inputs: Tensor, targets: Tensor, methods: tuple[str, ...], model: Any = None) -> dict:
-        """Maps of ``methods`` for other inputs (noisy copies) or another model (a re-initialised copy)."""
-        return self.spec.explain(self.model if model is None else model, inputs, targets, methods)
+    def positions(self, images: str) -> Tensor:
+        """Positions in the whole probe (``[n]`` long, CPU) of the images a row scores: what keys their random
+        draws, so that a shard draws what the whole probe draws for the same images."""
+        import torch
+
+        indices = getattr(self.probe, "indices", None)
+        indices = torch.arange(len(self.probe)) if indices is None else torch.as_tensor(indices).cpu()
+        rows = self.rows(images)
+        return indices if rows is None else indices[rows.cpu()]
+
+    def explain(self, inputs: Tensor, targets: Tensor, methods: tuple[str, ...], model: Any = None,
+                positions: Tensor | None = None) -> dict:
+        """Maps of ``methods`` for other inputs (noisy copies) or another model (a re-initialised copy);
+        ``positions`` key the methods' per-image draws (:meth:`positions`; default: the rows' places in the call)."""
+        return self.spec.explain(self.model if model is None else model, inputs, targets, methods,
+                                 positions=positions)
 
 
 _P = dict(periodic=True, images="expensive", needs=("model",))

@@ -60,13 +60,14 @@ def _perturbed_maps(
     n_draws: int,
     perturb: Perturb | _RowPerturb,
     batch_size: int | None,
+    positions: Tensor,
 ) -> Iterator[dict[str, Tensor]]:
     """Yield ``{key: maps [N, m, H, W]}`` of perturbed inputs per chunk of ``m`` draws (key ``""`` when
     ``explain`` returns a single tensor).
 
     Layout as in Captum: each chunk expands the inputs with ``repeat_interleave(m)`` (the ``m`` copies of
     image ``i`` are contiguous) and calls ``perturb`` once on the whole expanded batch (a :class:`_RowPerturb`
-    also gets each row's image and draw). ``batch_size`` caps the number of images per ``explain`` call (at
+    also gets each row's image position and draw). ``batch_size`` caps the number of images per ``explain`` call (at
     least one draw of every image).
     """
     n = inputs.shape[0]
@@ -76,7 +77,7 @@ def _perturbed_maps(
         m = min(per_chunk, n_draws - done)
         expanded = inputs.repeat_interleave(m, dim=0)
         if isinstance(perturb, _RowPerturb):
-            perturbed = perturb(expanded, torch.arange(n).repeat_interleave(m), torch.arange(done, done + m).repeat(n))
+            perturbed = perturb(expanded, positions.repeat_interleave(m), torch.arange(done, done + m).repeat(n))
         else:
             perturbed = perturb(expanded)
         if perturbed.shape != expanded.shape:
@@ -101,14 +102,25 @@ def _as_dict(
     return out if device is None else {key: v.to(device) for key, v in out.items()}
 
 
+def _positions(positions: Tensor | None, inputs: Tensor) -> Tensor:
+    n = inputs.shape[0]
+    if positions is None:
+        return torch.arange(n)
+    out = torch.as_tensor(positions).reshape(-1).cpu().long()
+    if out.shape[0] != n:
+        raise ValueError(f"{n} inputs but {out.shape[0]} positions: pass one position per image")
+    return out
+
+
 def _unwrap(result: dict[str, Tensor], multi: bool) -> Tensor | dict[str, Tensor]:
     return result if multi else result[""]
 
 
 class _RowPerturb:
     """The default draws: ``x + δ`` with ``δ`` scaled by each image's own std, ``N(0, scale²)`` (``"normal"``) or
-    uniform in ``[-scale, scale]`` (``"uniform"``), each (image, draw) row from its own seeded generator
-    (:func:`~lightning_saliency.metrics._common._row_noise`): the draws do not depend on ``batch_size``."""
+    uniform in ``[-scale, scale]`` (``"uniform"``), each (image position, draw) row from its own seeded generator
+    (:func:`~lightning_saliency.metrics._common._row_noise`): the draws do not depend on ``batch_size``, nor on
+    which other images are scored with an image (a probe shard draws what the whole probe draws)."""
 
     def __init__(self, kind: str, scale: float, seed: int) -> None:
         self.kind, self.scale, self.seed = kind, float(scale), int(seed)
@@ -145,6 +157,7 @@ def stability(
     augment: Callable[[Tensor], Tensor] | None = None,
     maps: Tensor | dict[str, Tensor] | None = None,
     batch_size: int | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor | dict[str, Tensor]:
     """Mean Spearman correlation between ``|M(x)|`` and ``|M(x + δ)|`` over ``k`` draws, per image -> ``[N]``.
 
@@ -160,6 +173,8 @@ def stability(
             e.g. colour jitter; it runs under a forked, seeded global RNG).
         maps: the already computed maps of ``inputs`` (saves one ``explain`` call).
         batch_size: most images per ``explain`` call (default: all ``N·k`` at once).
+        positions: ``[N]`` each image's position in the whole probe, which keys its draws with ``seed`` (default
+            ``0..N-1``): the same image gets the same noise whichever images it is scored with.
 
     Identical maps give 1.0, unrelated maps about 0. An all-zero or constant map has no ranking: see
     :func:`spearman` for the defined values (1.0 when both maps are constant, 0.0 when one is).
@@ -181,7 +196,7 @@ def stability(
         perturb = _RowPerturb("normal", sigma, seed)
     total = {key: torch.zeros(inputs.shape[0], device=v.device) for key, v in base.items()}
     base_ranks = {key: _ranks(v) for key, v in base.items()}  # ranked once, compared with every draw
-    for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size):
+    for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size, _positions(positions, inputs)):
         for key, r in base_ranks.items():
             c = _chunk_key(chunk, key)
             m = c.shape[1]
@@ -211,6 +226,7 @@ def max_sensitivity(
     perturb: Perturb | None = None,
     maps: Tensor | dict[str, Tensor] | None = None,
     batch_size: int | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor | dict[str, Tensor]:
     """``max`` over ``n_perturb`` draws of ``‖M(x+δ) − M(x)‖_F / ‖M(x)‖_F`` per image -> ``[N]`` (lower is better).
 
@@ -225,7 +241,8 @@ def max_sensitivity(
             chunk on the inputs expanded with ``repeat_interleave`` (Captum's layout, so the same function
             gives the same draws to both).
         maps: precomputed ``M(x)``. batch_size: most images per ``explain`` call, with Captum's
-            ``max_examples_per_batch`` semantics.
+            ``max_examples_per_batch`` semantics. positions: each image's position, keying its default draws
+            (as in :func:`stability`).
 
     Undefined case: ``‖M(x)‖ = 0`` (all-zero map) divides by 1 instead (the absolute change), with an
     :class:`UndefinedMetricWarning`; Captum does the same.
@@ -252,7 +269,8 @@ def max_sensitivity(
             _warn(f"max_sensitivity: {int(zero.sum())} all-zero map(s); their change is divided by 1 instead")
         norms[key] = torch.where(zero, torch.ones_like(norm), norm)
         best[key] = torch.full((b.shape[0],), -math.inf, device=b.device)
-    for chunk in _perturbed_maps(explain, inputs, targets, n_perturb, perturb, batch_size):
+    for chunk in _perturbed_maps(explain, inputs, targets, n_perturb, perturb, batch_size,
+                                 _positions(positions, inputs)):
         for key, flat in flats.items():
             c = _chunk_key(chunk, key)
             diff = (c.reshape(c.shape[0], c.shape[1], -1) - flat.unsqueeze(1)).norm(dim=2)
