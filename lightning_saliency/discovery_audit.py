@@ -164,7 +164,8 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
     where = ok.nonzero()[:, 0]
     labels = probe.targets.cpu().long()
     explained = labels if target == "label" else result.predictions.cpu().long()
-    found = discover(result.maps[method][where], explained[where], indices=where, **discover_opts)
+    with torch.inference_mode():  # (no tensor made here is kept: the masks are stacked below, outside)
+        found = discover(result.maps[method][where], explained[where], indices=where, **discover_opts)
     section["too_small"] = list(found["too_small"])
     section["n_clusters"] = {str(c): int(q) for c, q in found["n_clusters"].items()}  # per clustered class
     if inputs is None:
@@ -178,8 +179,9 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
 
         with _evaluating(model):  # one forward of the probe shared by every candidate's confirmation
             logits = _forward(model, inputs, batch_size)
-    tested = [confirm(model, inputs, labels.to(inputs.device), c, logits=logits, batch_size=batch_size,
-                      **confirm_opts) for c in found["candidates"]]
+    with torch.inference_mode():
+        tested = [confirm(model, inputs, labels.to(inputs.device), c, logits=logits, batch_size=batch_size,
+                          **confirm_opts) for c in found["candidates"]]
     section["candidates"] = [{k: _json(v) for k, v in c.items() if k != "mask"} for c in tested]
     if tested:
         section["masks"] = torch.stack([torch.as_tensor(c["mask"]).bool().cpu() for c in tested])
@@ -240,7 +242,7 @@ class DiscoveryAudit:
         from .tasks import TaskModel
 
         try:
-            with SideEffectGuard(model):
+            with SideEffectGuard(model, enable_grad=False):  # forward passes only
                 scores = TaskModel(model, getattr(spec, "output", None), getattr(spec, "task", None))
                 section, found = run_discovery(scores, probe, result, self.method, self.options, target=spec.target,
                                                inputs=self._moved(model, probe), batch_size=spec.batch_size)

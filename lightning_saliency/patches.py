@@ -26,7 +26,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["BASELINES", "baseline_images", "cell_edges", "cell_index", "check_baseline", "check_grid", "gaussian_blur",
@@ -117,11 +116,26 @@ def paint(values: Tensor, height: int, width: int, grid: Any) -> Tensor:
     return values[:, idx]
 
 
+def _blur_matrix(size: int, sigma: float, rows: tuple[int, int], radius: int, dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """``[rows, size]``: row ``o`` holds the Gaussian weights ``k_j`` (``j = -radius..radius``, summing to 1) at
+    the pixels ``clamp(o + j, 0, size - 1)`` (replicate padding), so that ``K @ x`` blurs ``x`` along that axis."""
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    out = torch.arange(rows[0], rows[1], device=device)
+    src = (out[:, None] + t.long()[None, :]).clamp(0, size - 1)
+    weights = torch.zeros(len(out), size, device=device, dtype=torch.float32)
+    return weights.scatter_add_(1, src, k.expand(len(out), -1).contiguous()).to(dtype)
+
+
 def gaussian_blur(inputs: Tensor, sigma: float, window: tuple[slice, slice] | None = None) -> Tensor:
     """Separable Gaussian blur of ``[N, C, H, W]`` images (replicate padding, kernel radius ``ceil(3σ)``).
 
-    ``window = (rows, cols)`` (two slices of the image) returns only that part of the blurred images, computed
-    from the pixels it reads (its rows and columns widened by the radius): the values of the whole blur there.
+    Computed as ``K_H @ x @ K_Wᵀ``, one matrix per axis (:func:`_blur_matrix`: the kernel's weights, the
+    replicate padding folded into the edge pixels), which on small images is several times faster than a
+    depthwise convolution and gives the same values up to float rounding. ``window = (rows, cols)`` (two slices
+    of the image) returns only that part of the blurred images: the matrices' rows of that window.
 
     Example:
         >>> torch.allclose(gaussian_blur(torch.ones(1, 3, 16, 16), 2.0), torch.ones(1, 3, 16, 16))
@@ -135,18 +149,9 @@ def gaussian_blur(inputs: Tensor, sigma: float, window: tuple[slice, slice] | No
     if sigma <= 0:
         return inputs[:, :, y0:y1, x0:x1].clone()
     radius = max(1, min(int(math.ceil(3 * sigma)), max(h, w)))
-    t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(inputs.dtype)
-    top, bottom, left, right = max(0, y0 - radius), min(h, y1 + radius), max(0, x0 - radius), min(w, x1 + radius)
-    # every channel of every image a group of its own (depthwise: faster); replicate padding only where the
-    # pixels read fall outside the image
-    x = inputs[:, :, top:bottom, left:right].reshape(1, n * c, bottom - top, right - left)
-    x = F.conv2d(F.pad(x, (radius - (x0 - left), radius - (right - x1), 0, 0), mode="replicate"),
-                 k.reshape(1, 1, 1, -1).expand(n * c, 1, 1, -1), groups=n * c)
-    x = F.conv2d(F.pad(x, (0, 0, radius - (y0 - top), radius - (bottom - y1)), mode="replicate"),
-                 k.reshape(1, 1, -1, 1).expand(n * c, 1, -1, 1), groups=n * c)
-    return x.reshape(n, c, y1 - y0, x1 - x0)
+    rows = _blur_matrix(h, sigma, (y0, y1), radius, inputs.dtype, inputs.device)
+    cols = _blur_matrix(w, sigma, (x0, x1), radius, inputs.dtype, inputs.device)
+    return rows @ inputs @ cols.T
 
 
 def check_baseline(value: Any, name: str) -> None:

@@ -90,24 +90,22 @@ def blurred_fill(inputs: Tensor, masks: Tensor, sigma: float | None = None) -> T
         True
     """
     _check_inputs(inputs, "blurred_fill")
-    m = _masks(masks, inputs, "blurred_fill")
+    shared = torch.as_tensor(masks).ndim == 2  # one mask for every image: G*keep is blurred once
+    m = _masks(masks, inputs, "blurred_fill")[:1] if shared else _masks(masks, inputs, "blurred_fill")
     h, w = inputs.shape[-2:]
     if not bool(m.any()):
         return inputs.clone()
     s = float(sigma) if sigma is not None else max(1.5, max(h, w) / 32)
-    keep = (~m).unsqueeze(1).to(inputs.dtype)
-    c = inputs.shape[1]
-    both = torch.cat([inputs * keep, keep], dim=1)  # blurred together: G*(x·keep) and G*keep
+    keep = (~m).unsqueeze(1).to(inputs.dtype)  # [N or 1, 1, H, W]
+    masked = inputs * keep
     out, todo = inputs.clone(), m.clone()
     while bool(todo.any()) and s <= 2 * max(h, w):
         left_over = todo.any(dim=0)  # the blur is computed at the pixels still to fill only (their box)
         ys, xs = left_over.any(dim=1).nonzero()[:, 0], left_over.any(dim=0).nonzero()[:, 0]
         rows, cols = slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
-        blurred = gaussian_blur(both, s, (rows, cols))
-        den = blurred[:, c:]
+        num, den = gaussian_blur(masked, s, (rows, cols)), gaussian_blur(keep, s, (rows, cols))  # G*(x·keep), G*keep
         ok = (den[:, 0] > 1e-3) & todo[:, rows, cols]
-        out[:, :, rows, cols] = torch.where(ok.unsqueeze(1), blurred[:, :c] / den.clamp_min(1e-3),
-                                            out[:, :, rows, cols])
+        out[:, :, rows, cols] = torch.where(ok.unsqueeze(1), num / den.clamp_min(1e-3), out[:, :, rows, cols])
         todo[:, rows, cols] &= ~ok
         s *= 2
     if bool(todo.any()):  # a mask that covers the whole image: nothing outside to fill from
