@@ -14,7 +14,8 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
    at every audit. It reuses the audit's own logits (``ShardResult.logits``, merged from the shards), so its
    only forward is one batch holding the pastes onto at most 16 other-class images (``max_recipients``), both
    nulls and at most 16 erased members: on the find_shortcut example discovery and confirmation together cost
-   0.47x the maps (``benchmarks/bench_metrics.py --only discovery``, the monitor's own code path).
+   0.41-0.43x the maps on one thread, 0.49-0.54x on two (``benchmarks/bench_metrics.py --only discovery``, the
+   monitor's own code path).
 
 The model is the audited one seen through the audit's ``output=`` and ``task=``
 (:class:`~lightning_saliency.tasks.TaskModel`): the class scores the maps explain.
