@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -294,3 +294,19 @@ def _targets(model: nn.Module, inputs: Tensor, targets: Tensor | None, batch_siz
     if targets.shape[0] != inputs.shape[0]:
         raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
     return targets
+
+
+def _position_keys(positions: Tensor | Sequence[int] | None, n: int, name: str) -> Tensor:
+    """Each image's position in the whole probe (``[n]`` long, CPU; default ``0..n-1``), which keys its random
+    draws so that a shard draws what the whole probe would for the same image.
+
+    Example:
+        >>> _position_keys(None, 3, "stability").tolist(), _position_keys([4, 5], 2, "stability").tolist()
+        ([0, 1, 2], [4, 5])
+    """
+    if positions is None:
+        return torch.arange(n)
+    keys = torch.as_tensor(positions).reshape(-1).cpu().long()
+    if keys.shape[0] != n:
+        raise ValueError(f"{name}: {n} inputs but {keys.shape[0]} positions; pass one position per image")
+    return keys

@@ -34,6 +34,7 @@ from ._common import (
     _check_maps,
     _evaluating,
     _forward,
+    _position_keys,
     _probabilities,
     _row_noise,
     _targets,
@@ -99,16 +100,6 @@ def _auc(curve: Tensor) -> Tensor:
     return ((curve[:, :-1] + curve[:, 1:]) / 2).mean(dim=1)
 
 
-def _keys(positions: Tensor | None, n: int, name: str) -> Tensor:
-    """Each image's position (``[n]`` long, CPU; default ``0..n-1``), which keys its random draws."""
-    if positions is None:
-        return torch.arange(n)
-    keys = torch.as_tensor(positions).reshape(-1).cpu().long()
-    if keys.shape[0] != n:
-        raise ValueError(f"{name}: {n} inputs but {keys.shape[0]} positions; pass one position per image")
-    return keys
-
-
 def _rise(
     name: str,
     insertion: bool,
@@ -135,7 +126,7 @@ def _rise(
         raise ValueError(f"{name}: steps must be >= 1, got {steps}")
     n = inputs.shape[0]
     flat = maps.reshape(n, -1)
-    keys = _keys(positions, n, name)  # each image's random ranking is keyed by its position, not its row
+    keys = _position_keys(positions, n, name)  # each image's random ranking is keyed by its position, not its row
     random_order = _row_noise("uniform", flat.shape[1:], seed, keys, torch.zeros_like(keys)).to(
         inputs.device).argsort(dim=1)
     order = torch.sort(flat, dim=1, descending=True, stable=True).indices
@@ -295,7 +286,7 @@ def infidelity(
         raise ValueError(f"infidelity needs n_perturb >= 1, got {n_perturb}")
     attr = _attributions(maps, inputs, "infidelity")
     n = inputs.shape[0]
-    keys = _keys(positions, n, "infidelity")
+    keys = _position_keys(positions, n, "infidelity")
 
     def draw(x: Tensor, done: int, m: int) -> Tensor:
         if perturb is not None:

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from ..guard import SideEffectGuard
 from ..maps import resize
-from ._common import _check_maps, _forward, _generator, _is_constant, _warn
+from ._common import _check_maps, _forward, _generator, _is_constant, _position_keys, _warn
 
 __all__ = ["fragility", "fragility_random", "fragility_scores", "gradient_attackable", "softplus_surrogate",
            "top_k_mask", "DEFAULT_EPSILON", "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_BETA"]
@@ -297,9 +297,7 @@ def fragility_scores(
         raise ValueError(f"fragility: epsilon must be a finite number >= 0 (input units), got {epsilon!r}")
     eps = DEFAULT_EPSILON * (hi - lo) if epsilon is None else torch.full(view, float(epsilon), device=x0.device,
                                                                          dtype=x0.dtype)
-    positions = torch.arange(n) if positions is None else torch.as_tensor(positions).reshape(-1).cpu().long()
-    if positions.shape[0] != n:
-        raise ValueError(f"fragility: {n} inputs but {positions.shape[0]} positions")
+    positions = _position_keys(positions, n, "fragility")
     if explain is None:
         def explain(x: Tensor, t: Tensor) -> Tensor:
             return attribute(model, x, t, methods=(method,), layer=layer, reshape=reshape,

@@ -28,6 +28,7 @@ from ._common import (
     UndefinedMetricWarning,
     _check_maps,
     _check_targets,
+    _position_keys,
     _ranks,
     _row_noise,
     _seeded_global_rng,
@@ -100,16 +101,6 @@ def _as_dict(
     else:
         out = {"": _check_maps(maps, name)}
     return out if device is None else {key: v.to(device) for key, v in out.items()}
-
-
-def _positions(positions: Tensor | None, inputs: Tensor) -> Tensor:
-    n = inputs.shape[0]
-    if positions is None:
-        return torch.arange(n)
-    out = torch.as_tensor(positions).reshape(-1).cpu().long()
-    if out.shape[0] != n:
-        raise ValueError(f"{n} inputs but {out.shape[0]} positions: pass one position per image")
-    return out
 
 
 def _unwrap(result: dict[str, Tensor], multi: bool) -> Tensor | dict[str, Tensor]:
@@ -196,7 +187,7 @@ def stability(
         perturb = _RowPerturb("normal", sigma, seed)
     total = {key: torch.zeros(inputs.shape[0], device=v.device) for key, v in base.items()}
     base_ranks = {key: _ranks(v) for key, v in base.items()}  # ranked once, compared with every draw
-    for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size, _positions(positions, inputs)):
+    for chunk in _perturbed_maps(explain, inputs, targets, k, perturb, batch_size, _position_keys(positions, inputs.shape[0], "stability")):
         for key, r in base_ranks.items():
             c = _chunk_key(chunk, key)
             m = c.shape[1]
@@ -270,7 +261,7 @@ def max_sensitivity(
         norms[key] = torch.where(zero, torch.ones_like(norm), norm)
         best[key] = torch.full((b.shape[0],), -math.inf, device=b.device)
     for chunk in _perturbed_maps(explain, inputs, targets, n_perturb, perturb, batch_size,
-                                 _positions(positions, inputs)):
+                                 _position_keys(positions, inputs.shape[0], "stability")):
         for key, flat in flats.items():
             c = _chunk_key(chunk, key)
             diff = (c.reshape(c.shape[0], c.shape[1], -1) - flat.unsqueeze(1)).norm(dim=2)
