@@ -14,7 +14,7 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
    at every audit. It reuses the audit's own logits (``ShardResult.logits``, merged from the shards), so its
    only forward is one batch holding the pastes onto at most 16 other-class images (``max_recipients``), both
    nulls and at most 16 erased members: on the find_shortcut example discovery and confirmation together cost
-   0.41-0.43x the maps on one thread, 0.49-0.54x on two (``benchmarks/bench_metrics.py --only discovery``, the
+   0.36-0.37x the maps on one thread, 0.41-0.45x on two (``benchmarks/bench_metrics.py --only discovery``, the
    monitor's own code path).
 
 The model is the audited one seen through the audit's ``output=`` and ``task=``
@@ -243,8 +243,8 @@ class DiscoveryAudit:
         from .tasks import TaskModel
 
         try:
-            with SideEffectGuard(model, enable_grad=False):  # forward passes only
-                scores = TaskModel(model, getattr(spec, "output", None), getattr(spec, "task", None))
+            scores = TaskModel(model, getattr(spec, "output", None), getattr(spec, "task", None))
+            with SideEffectGuard(scores, enable_grad=False):  # forward passes only (confirm's nest in it)
                 section, found = run_discovery(scores, probe, result, self.method, self.options, target=spec.target,
                                                inputs=self._moved(model, probe), batch_size=spec.batch_size)
         except Exception as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -36,6 +37,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["RNGState", "SideEffectGuard", "guarded"]
+
+_ACTIVE = threading.local()  # .guards: this thread's entered guards, innermost last
 
 
 class RNGState:
@@ -118,6 +121,21 @@ class SideEffectGuard:
             if handle in self._handles:
                 self._handles.remove(handle)
 
+    @staticmethod
+    def covers(model: nn.Module) -> bool:
+        """Whether this thread is inside a forward-only guard (``eval_mode=True, enable_grad=False``) of this very
+        module, which restores everything when it exits: a forward-only block nested in it needs no snapshot of
+        its own (:func:`lightning_saliency.metrics._common._evaluating` then only turns gradients off).
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Linear(2, 2)
+            >>> with SideEffectGuard(net, enable_grad=False):
+            ...     SideEffectGuard.covers(net), SideEffectGuard.covers(torch.nn.Linear(2, 2))
+            (True, False)
+        """
+        return any(g.model is model and g.eval_mode and not g.enable_grad for g in getattr(_ACTIVE, "guards", ()))
+
     # -- context -----------------------------------------------------------------------------------------------
     def __enter__(self) -> SideEffectGuard:
         self._training = [(m, m.training) for m in self.model.modules()]
@@ -137,6 +155,7 @@ class SideEffectGuard:
             self._restore()
             raise
         self._stack = stack
+        _ACTIVE.guards = [*getattr(_ACTIVE, "guards", ()), self]
         return self
 
     def __exit__(
@@ -145,6 +164,7 @@ class SideEffectGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _ACTIVE.guards = [g for g in getattr(_ACTIVE, "guards", ()) if g is not self]
         try:
             if self._stack is not None:
                 self._stack.close()

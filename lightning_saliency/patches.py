@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -116,17 +117,22 @@ def paint(values: Tensor, height: int, width: int, grid: Any) -> Tensor:
     return values[:, idx]
 
 
+@functools.lru_cache(maxsize=128)
 def _blur_matrix(size: int, sigma: float, rows: tuple[int, int], radius: int, dtype: torch.dtype,
                  device: torch.device) -> Tensor:
     """``[rows, size]``: row ``o`` holds the Gaussian weights ``k_j`` (``j = -radius..radius``, summing to 1) at
-    the pixels ``clamp(o + j, 0, size - 1)`` (replicate padding), so that ``K @ x`` blurs ``x`` along that axis."""
-    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    out = torch.arange(rows[0], rows[1], device=device)
-    src = (out[:, None] + t.long()[None, :]).clamp(0, size - 1)
-    weights = torch.zeros(len(out), size, device=device, dtype=torch.float32)
-    return weights.scatter_add_(1, src, k.expand(len(out), -1).contiguous()).to(dtype)
+    the pixels ``clamp(o + j, 0, size - 1)`` (replicate padding), so that ``K @ x`` blurs ``x`` along that axis.
+
+    Cached (an audit blurs the same sizes audit after audit; never written to), and built outside inference
+    mode, so that a matrix first made under ``torch.inference_mode()`` can later enter an autograd graph."""
+    with torch.inference_mode(False):
+        t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        out = torch.arange(rows[0], rows[1], device=device)
+        src = (out[:, None] + t.long()[None, :]).clamp(0, size - 1)
+        weights = torch.zeros(len(out), size, device=device, dtype=torch.float32)
+        return weights.scatter_add_(1, src, k.expand(len(out), -1).contiguous()).to(dtype)
 
 
 def gaussian_blur(inputs: Tensor, sigma: float, window: tuple[slice, slice] | None = None) -> Tensor:

@@ -166,6 +166,22 @@ def test_gaussian_blur():
     torch.testing.assert_close(gaussian_blur(x, 0.0), x)
 
 
+
+def test_a_blur_first_made_under_inference_mode_still_backpropagates_the_gaussian():
+    """The blur matrices are cached; one first built under ``inference_mode`` must still enter autograd later,
+    and the gradient of an interior output pixel is the Gaussian itself."""
+    from lightning_saliency.patches import _blur_matrix
+
+    _blur_matrix.cache_clear()
+    with torch.inference_mode():
+        gaussian_blur(torch.rand(1, 1, 20, 20), 2.0)
+    x = torch.rand(1, 1, 20, 20, requires_grad=True)
+    (g,) = torch.autograd.grad(gaussian_blur(x, 2.0)[0, 0, 10, 10], [x])
+    t = torch.arange(-6, 7, dtype=torch.float32)
+    k1 = torch.exp(-0.5 * (t / 2.0) ** 2) / torch.exp(-0.5 * (t / 2.0) ** 2).sum()
+    torch.testing.assert_close(g[0, 0, 4:17, 4:17], torch.outer(k1, k1))
+    assert float(g.sum()) == pytest.approx(1.0, abs=1e-5) and _blur_matrix.cache_info().hits >= 2
+
 class LinearModel(nn.Module):
     def __init__(self, size=8):
         super().__init__()

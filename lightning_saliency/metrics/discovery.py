@@ -58,11 +58,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _check_maps, _generator, _row_blocks
+from ._common import _check_maps, _generator, _one_thread, _row_blocks
 
 __all__ = ["discover", "spectral_clusters"]
 
@@ -74,49 +75,59 @@ def _features(maps: Tensor, size: int) -> Tensor:
     return torch.where(total > 0, pooled / total.clamp_min(1e-300), torch.zeros_like(pooled))
 
 
-def _affinity(v: Tensor, k: int) -> Tensor:
+def _affinity(v: np.ndarray, k: int) -> np.ndarray:
     n = v.shape[0]
-    d = torch.cdist(v, v)
-    d.fill_diagonal_(math.inf)
-    nd, ni = d.topk(k, dim=1, largest=False)  # ties keep the lower index (topk on CPU is deterministic)
-    sigma = nd[:, -1].clamp_min(1e-12)
-    w = torch.zeros(n, n, dtype=v.dtype)
-    rows = torch.arange(n).unsqueeze(1).expand_as(ni)
-    w[rows, ni] = torch.exp(-(nd**2) / (sigma[rows] * sigma[ni]))
-    return torch.maximum(w, w.T)
+    # distances from the differences themselves (identical rows exactly 0 apart: their ties go by index)
+    vt = torch.from_numpy(v)
+    d = torch.cdist(vt, vt, compute_mode="donot_use_mm_for_euclid_dist").numpy()
+    np.fill_diagonal(d, math.inf)
+    ni = np.argsort(d, axis=1, kind="stable")[:, :k]  # ties keep the lower index
+    nd = np.take_along_axis(d, ni, axis=1)
+    sigma = np.maximum(nd[:, -1], 1e-12)
+    w = np.zeros((n, n))
+    rows = np.broadcast_to(np.arange(n)[:, None], ni.shape)
+    w[rows, ni] = np.exp(-(nd**2) / (sigma[rows] * sigma[ni]))
+    return np.maximum(w, w.T)
 
 
-def _kmeans(x: Tensor, q: int, gen: torch.Generator, n_init: int, iters: int = 100) -> Tensor:
-    """k-means++ seeding and Lloyd's iterations, the ``n_init`` restarts run side by side (one batched tensor
-    each step); the restart with the lowest inertia wins (the first among equals)."""
+def _sq_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """``[restarts, n, q]``: the squared distance of every row of ``x`` [n, d] to every centre [restarts, q, d]."""
+    return ((x[None, :, None, :] - centres[:, None, :, :]) ** 2).sum(axis=3)
+
+
+def _kmeans(x: np.ndarray, q: int, gen: torch.Generator, n_init: int, iters: int = 100) -> np.ndarray:
+    """k-means++ seeding and Lloyd's iterations, the ``n_init`` restarts run side by side (one batched array
+    each step; the draws from ``gen``); the restart with the lowest inertia wins (the first among equals)."""
     n, d = x.shape
-    xs = x.expand(n_init, n, d)
-    centres = x[torch.randint(n, (n_init,), generator=gen)].unsqueeze(1)  # [restarts, 1, d]
+    centres = x[torch.randint(n, (n_init,), generator=gen).numpy()][:, None, :]  # [restarts, 1, d]
     for _ in range(1, q):  # k-means++: the next centre drawn with probability ∝ squared distance
-        d2 = torch.cdist(xs, centres).min(dim=2).values ** 2
-        total = d2.sum(dim=1, keepdim=True)
-        p = torch.where(total > 0, d2 / total.clamp_min(1e-300), torch.full_like(d2, 1.0 / n))
-        centres = torch.cat([centres, x[torch.multinomial(p.float(), 1, generator=gen)[:, 0]].unsqueeze(1)], 1)
-    labels = torch.cdist(xs, centres).argmin(dim=2)
-    done = torch.zeros(n_init, dtype=torch.bool)
+        d2 = _sq_distances(x, centres).min(axis=2)
+        total = d2.sum(axis=1, keepdims=True)
+        p = np.where(total > 0, d2 / np.maximum(total, 1e-300), 1.0 / n)
+        pick = torch.multinomial(torch.from_numpy(p).float(), 1, generator=gen)[:, 0].numpy()
+        centres = np.concatenate([centres, x[pick][:, None, :]], axis=1)
+    labels = _sq_distances(x, centres).argmin(axis=2)
+    done = np.zeros(n_init, dtype=bool)
+    eye = np.eye(q)
     for _ in range(iters):  # a restart whose labels no longer change is frozen (its centres are their means)
-        onehot = F.one_hot(labels, q).to(x.dtype)
-        counts = onehot.sum(dim=1).unsqueeze(2)
-        means = torch.where(counts > 0, onehot.transpose(1, 2) @ x / counts.clamp_min(1), centres)
-        centres = torch.where(done[:, None, None], centres, means)
-        new = torch.where(done[:, None], labels, torch.cdist(xs, centres).argmin(dim=2))
-        done |= (new == labels).all(dim=1)
+        onehot = eye[labels]  # [restarts, n, q]
+        counts = onehot.sum(axis=1)[:, :, None]
+        sums = (onehot[:, :, :, None] * x[None, :, None, :]).sum(axis=1)  # (no BLAS call: see spectral_clusters)
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        centres = np.where(done[:, None, None], centres, means)
+        new = np.where(done[:, None], labels, _sq_distances(x, centres).argmin(axis=2))
+        done |= (new == labels).all(axis=1)
         labels = new
-        if bool(done.all()):
+        if done.all():
             break
-    inertia = ((xs - centres.gather(1, labels.unsqueeze(2).expand(n_init, n, d))) ** 2).sum(dim=(1, 2)).tolist()
+    inertia = ((x[None] - np.take_along_axis(centres, labels[:, :, None], axis=1)) ** 2).sum(axis=(1, 2)).tolist()
     best = 0
     for i, value in enumerate(inertia):
         if value < inertia[best] - 1e-12:
             best = i
     # name clusters by their first member, so the labels do not depend on which restart won
-    order = {int(lab): i for i, lab in enumerate(dict.fromkeys(labels[best].tolist()))}
-    return torch.tensor([order[int(lab)] for lab in labels[best]])
+    order = {lab: i for i, lab in enumerate(dict.fromkeys(labels[best].tolist()))}
+    return np.array([order[lab] for lab in labels[best].tolist()], dtype=np.int64)
 
 
 def spectral_clusters(features: Tensor, *, min_members: int = 3, max_clusters: int = 6, max_eigenvalue: float = 0.1,
@@ -131,57 +142,70 @@ def spectral_clusters(features: Tensor, *, min_members: int = 3, max_clusters: i
         >>> spectral_clusters(f)["labels"].tolist()
         [0, 0, 0, 0, 1, 1, 1, 1]
     """
-    v = features.reshape(features.shape[0], -1).double()
+    v = features.detach().reshape(features.shape[0], -1).cpu().double().numpy()
+    with _one_thread():
+        labels, q, evals = _spectral(v, min_members, max_clusters, max_eigenvalue, seed, n_init)
+    return {"labels": torch.from_numpy(labels), "n_clusters": q, "eigenvalues": torch.from_numpy(evals)}
+
+
+def _spectral(v: np.ndarray, min_members: int, max_clusters: int, max_eigenvalue: float, seed: int,
+              n_init: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """:func:`spectral_clusters` on a float64 array: ``(labels [n] int64, q, eigenvalues)``.
+
+    The clustering is a few dozen operations on arrays of a few thousand numbers, done in NumPy, where each
+    costs a microsecond rather than torch's several; the distances and the one decomposition are torch's
+    (NumPy's LAPACK would start OpenBLAS threads that fight torch's), on one thread (``_one_thread``)."""
     n = v.shape[0]
     if n < 2:
-        return {"labels": torch.zeros(n, dtype=torch.long), "n_clusters": 1, "eigenvalues": torch.zeros(n)}
-    norms = v.norm(dim=1, keepdim=True)
-    v = torch.where(norms > 0, v / norms.clamp_min(1e-300), v)
+        return np.zeros(n, dtype=np.int64), 1, np.zeros(n)
+    norms = np.sqrt((v * v).sum(axis=1, keepdims=True))
+    v = np.where(norms > 0, v / np.maximum(norms, 1e-300), v)
     k = int(min(max(round(math.sqrt(n)), 2), n - 1))
     w = _affinity(v, k)
-    deg = w.sum(dim=1).clamp_min(1e-12)
-    inv = deg.rsqrt()
-    lap = torch.eye(n, dtype=w.dtype) - inv[:, None] * w * inv[None, :]
-    evals, evecs = torch.linalg.eigh((lap + lap.T) / 2)
+    inv = 1.0 / np.sqrt(np.maximum(w.sum(axis=1), 1e-12))
+    lap = np.eye(n) - inv[:, None] * w * inv[None, :]
+    evals, evecs = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy((lap + lap.T) / 2)))
     q_max = int(max(1, min(max_clusters, n // max(1, min_members), n - 1)))
     gaps = evals[1 : q_max + 1] - evals[:q_max]
-    gaps = torch.where(evals[:q_max] <= max_eigenvalue, gaps, torch.full_like(gaps, -math.inf))
+    gaps = np.where(evals[:q_max] <= max_eigenvalue, gaps, -math.inf)
     q = int(gaps.argmax()) + 1 if len(gaps) else 1
-    if q == 1:
-        labels = torch.zeros(n, dtype=torch.long)
-    else:
+    labels = np.zeros(n, dtype=np.int64)
+    if q > 1:
         emb = evecs[:, :q]
-        rn = emb.norm(dim=1, keepdim=True)
-        emb = torch.where(rn > 0, emb / rn.clamp_min(1e-300), emb)
+        rn = np.sqrt((emb * emb).sum(axis=1, keepdims=True))
+        emb = np.where(rn > 0, emb / np.maximum(rn, 1e-300), emb)
         labels = _kmeans(emb, q, _generator(torch.device("cpu"), seed), n_init)
         q = int(labels.max()) + 1
-    return {"labels": labels, "n_clusters": q, "eigenvalues": evals[: q_max + 1]}
+    return labels, q, evals[: q_max + 1].copy()
 
 
-def _component(cells: Tensor, start: int) -> Tensor:
+def _component(cells: np.ndarray, start: int) -> np.ndarray:
     """The 4-connected component of the boolean grid ``cells`` [s, s] that contains flat index ``start``."""
     s = cells.shape[-1]
-    comp = torch.zeros_like(cells)
-    comp.view(-1)[start] = True
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
-    for _ in range(s * s):
-        grown = (F.conv2d(comp.float().reshape(1, 1, s, s), kernel, padding=1).reshape(s, s) > 0) & cells
-        if torch.equal(grown, comp):
-            break
-        comp = grown
-    return comp
+    grid = cells.reshape(-1).tolist()
+    seen, todo = {start}, [start]
+    while todo:  # a flood fill over at most s² cells
+        i = todo.pop()
+        y, x = divmod(i, s)
+        for j, ok in ((i - s, y > 0), (i + s, y < s - 1), (i - 1, x > 0), (i + 1, x < s - 1)):
+            if ok and grid[j] and j not in seen:
+                seen.add(j)
+                todo.append(j)
+    comp = np.zeros(s * s, dtype=bool)
+    comp[sorted(seen)] = True
+    return comp.reshape(cells.shape)
 
 
-def _region(p_s: Tensor, p_r: Tensor, level: float) -> Tensor | None:
+def _region(p_s: np.ndarray, p_r: np.ndarray, level: float) -> np.ndarray | None:
     delta = p_s - p_r
     top = float(delta.max())
     if not top > 0:
         return None
-    return _component(delta >= level * top, int(delta.reshape(-1).argmax()))
+    return _component(delta >= level * top, int(delta.argmax()))
 
 
-def _to_pixels(cells: Tensor, h: int, w: int) -> tuple[Tensor, list[int]]:
-    mask = F.interpolate(cells.float()[None, None], size=(h, w), mode="nearest")[0, 0] > 0
+def _to_pixels(cells: np.ndarray, h: int, w: int) -> tuple[Tensor, list[int]]:
+    mask = F.interpolate(torch.from_numpy(cells).float()[None, None], size=(h, w), mode="nearest")[0, 0] > 0
     ys, xs = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
     return mask, [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1]
 
@@ -236,36 +260,36 @@ def discover(
         raise ValueError("discover: size >= 1, 0 < max_share <= 1 and min_members >= 1 are required")
     feats = torch.cat([_features(_check_maps(maps[rows]).cpu(), size) for rows in _row_blocks(n, h * w)])
     out: dict[str, Any] = {"candidates": [], "too_small": [], "clusters": {}, "n_clusters": {}}
-    for c in sorted(set(classes.tolist())):
-        sel = (classes == c).nonzero()[:, 0]
-        n_c = len(sel)
-        if n_c < min_class_size:
-            out["too_small"].append(int(c))
-            continue
-        fc = feats[sel]
-        found = spectral_clusters(fc.reshape(n_c, -1), min_members=min_members, max_clusters=max_clusters,
-                                  max_eigenvalue=max_eigenvalue, seed=seed, n_init=n_init)
-        labels = found["labels"]
-        out["clusters"][int(c)] = labels.tolist()
-        out["n_clusters"][int(c)] = found["n_clusters"]
-        for j in range(found["n_clusters"]):
-            in_s = labels == j
-            m = int(in_s.sum())
-            if m < min_members or m > max_share * n_c or m == n_c:
+    feats_np, classes_np, indices_np = feats.numpy(), classes.numpy(), indices.numpy()
+    with _one_thread():  # a few hundred operations on small arrays: a second thread only slows them
+        for c in sorted(set(classes_np.tolist())):
+            sel = np.flatnonzero(classes_np == c)
+            n_c = len(sel)
+            if n_c < min_class_size:
+                out["too_small"].append(int(c))
                 continue
-            p_s, p_r = fc[in_s].mean(0), fc[~in_s].mean(0)
-            cells = _region(p_s, p_r, region_level)
-            if cells is None:
-                continue
-            area = float(cells.double().mean())
-            inside, rest_inside = float(p_s[cells].sum()), float(p_r[cells].sum())
-            score = inside - rest_inside
-            if area > max_area or score < min_score or rest_inside > max_rest_ratio * inside:
-                continue
-            mask, box = _to_pixels(cells, h, w)
-            out["candidates"].append({
-                "class": int(c), "members": sorted(indices[sel[in_s]].tolist()), "region": box, "mask": mask,
-                "score": score, "inside": inside, "rest_inside": rest_inside, "area": area, "class_size": n_c,
-            })
+            fc = feats_np[sel]
+            labels, q, _ = _spectral(fc.reshape(n_c, -1), min_members, max_clusters, max_eigenvalue, seed, n_init)
+            out["clusters"][int(c)] = labels.tolist()
+            out["n_clusters"][int(c)] = q
+            for j in range(q):
+                in_s = labels == j
+                m = int(in_s.sum())
+                if m < min_members or m > max_share * n_c or m == n_c:
+                    continue
+                p_s, p_r = fc[in_s].mean(axis=0), fc[~in_s].mean(axis=0)
+                cells = _region(p_s, p_r, region_level)
+                if cells is None:
+                    continue
+                area = float(cells.mean())
+                inside, rest_inside = float(p_s[cells].sum()), float(p_r[cells].sum())
+                score = inside - rest_inside
+                if area > max_area or score < min_score or rest_inside > max_rest_ratio * inside:
+                    continue
+                mask, box = _to_pixels(cells, h, w)
+                out["candidates"].append({
+                    "class": int(c), "members": sorted(indices_np[sel[in_s]].tolist()), "region": box, "mask": mask,
+                    "score": score, "inside": inside, "rest_inside": rest_inside, "area": area, "class_size": n_c,
+                })
     out["candidates"].sort(key=lambda cand: -cand["score"])
     return out
