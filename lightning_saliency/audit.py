@@ -393,9 +393,22 @@ def lacks_periodic(record: Mapping[str, Any], metrics: Sequence[str]) -> bool:
     return bool(wanted) and not any(k.split("/")[1] in wanted for k in record.get("metrics", {}) if "/" in k)
 
 
+def _recompute_merged(per_image: dict[str, Tensor]) -> None:
+    """The rows with a ``merged`` step (the agreements' calibration): their values recomputed from the whole
+    probe's merged parts, in place."""
+    for key in list(per_image):
+        row = get_metric(key.split("/", 1)[-1])
+        if row is None or row.merged is None or not all(key + s in per_image for s in row.extra_keys):
+            continue
+        parts = {"value": per_image[key], **{s.lstrip("_"): per_image[key + s] for s in row.extra_keys}}
+        per_image[key] = row.merged(parts).to(per_image[key].dtype)
+
+
 def merge(results: Sequence[ShardResult]) -> ShardResult:
     """Concatenate shard results in probe order (by ``indices``); errors are pooled without duplicates, the
-    per-image health flags concatenated like the values (a shard without them counts as healthy).
+    per-image health flags concatenated like the values (a shard without them counts as healthy). A row whose
+    value depends on the images scored together (``MetricSpec.merged``: the agreements' calibration) is
+    recomputed on the merged rows.
 
     Example:
         >>> import torch
@@ -418,6 +431,7 @@ def merge(results: Sequence[ShardResult]) -> ShardResult:
     for key in dict.fromkeys(k for r in results for k in r.per_image):
         per_image[key] = torch.cat([r.per_image[key] if key in r.per_image else _nan(len(r.indices.reshape(-1)))
                                     for r in results])[order]
+    _recompute_merged(per_image)
     errors: list[dict[str, Any]] = []
     for r in results:
         errors.extend(e for e in r.errors if e not in errors)

@@ -9,7 +9,6 @@ whole probe at once, sharded or not.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
@@ -97,18 +96,22 @@ def test_shards_that_split_the_subsets_draw_what_the_whole_probe_draws(whole):
     """Four shards of 4, 4, 3 and 3: the subset metrics' 5 images straddle the first two. Every random draw is
     keyed by the image's position in the whole probe (smoothgrad's noise, also on the noisy copies; stability's
     and max_sensitivity's copies; the RISE random ranking; infidelity's draws; fragility's signs; the agreement
-    floor's random maps), so each image's values are the whole probe's. The calibrated agreement value is not
-    compared: it divides by the mean ceiling and floor of the images scored together (a shard's, here)."""
+    floor's random maps), so each image's values are the whole probe's. The calibrated agreement values too:
+    the calibration divides by the mean ceiling and floor of the images scored together, a shard's before the
+    merge (where they differ) and the whole probe's after it (``MetricSpec.merged``)."""
     probe, net, full = whole
     spec = _spec(3)
     shards = [probe.shard(rank, 4) for rank in range(4)]
     assert [s.indices.tolist()[:1] for s in shards] == [[0], [4], [8], [11]]
-    merged = merge([audit_shard(net, s, spec, full_probe=probe, on_error="raise") for s in shards[::-1]])
+    parts = [audit_shard(net, s, spec, full_probe=probe, on_error="raise") for s in shards[::-1]]
     pooled = [k for k in full.per_image if k.endswith(("/shap_agreement", "/lime_agreement"))]
     assert pooled and any(k.endswith("/shap_agreement_tau_floor") for k in full.per_image)
-    full, merged = (dataclasses.replace(r, per_image={k: v for k, v in r.per_image.items() if k not in pooled})
-                    for r in (full, merged))
-    _same(full, merged, probe, spec)
+    # a shard alone calibrates by its own images' references: not the whole probe's values
+    first = next(r for r in parts if r.indices.tolist()[0] == 0)
+    rows = first.indices
+    assert any(not torch.allclose(first.per_image[k][rows < 5], full.per_image[k][rows[rows < 5]], atol=1e-4)
+               for k in pooled)
+    _same(full, merge(parts), probe, spec)
 
 
 def test_discovery_confirmation_in_chunks_equals_the_whole_probe(whole, monkeypatch):

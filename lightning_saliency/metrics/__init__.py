@@ -39,7 +39,8 @@ import types
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    **dict.fromkeys(("agreement", "calibrate", "kendall_tau", "random_floor", "topk_agreement"), "agreement"),
+    **dict.fromkeys(("agreement", "calibrate", "calibrated_value", "kendall_tau", "random_floor", "topk_agreement"),
+                    "agreement"),
     **dict.fromkeys(("attention_disparity", "group_divergence"), "disparity"),
     **dict.fromkeys(("completeness_gap", "deletion_auc", "gaussian_blur", "infidelity", "insertion_auc"),
                     "faithfulness"),
@@ -60,6 +61,7 @@ __all__ = [
     "attention_disparity",
     "blurred_fill",
     "calibrate",
+    "calibrated_value",
     "completeness_gap",
     "confirm",
     "deletion_auc",
@@ -93,7 +95,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._common import UndefinedMetricWarning, pearson, rank, spearman
-    from .agreement import agreement, calibrate, kendall_tau, random_floor, topk_agreement
+    from .agreement import agreement, calibrate, calibrated_value, kendall_tau, random_floor, topk_agreement
     from .causal import blurred_fill, confirm, spurious_erase_drop, spurious_flip_rate
     from .discovery import discover, spectral_clusters
     from .disparity import attention_disparity, group_divergence

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -131,6 +131,11 @@ def _fragility(ctx: AuditContext, methods: tuple[str, ...]) -> dict[str, Tensor]
             reshape=s.reshape, seed=s.seed, batch_size=s.batch_size, positions=positions)
         out[m], out[m + "_random"] = r["fragility"], r["random"]
     return out
+
+
+def _recalibrated(parts: Mapping[str, Tensor]) -> Tensor:
+    """An agreement row's values on the merged shards: calibrated over the whole probe's scored images."""
+    return _f().calibrated_value(parts)
 
 
 def _agreement(reference: str) -> Callable[[AuditContext, tuple[str, ...]], dict[str, Tensor]]:

@@ -16,7 +16,8 @@ different seeds and the **floor** the agreement of random maps (i.i.d. uniform c
 generator) with the reference. 1 means "agrees with the reference as well as the reference agrees with
 itself", 0 "no better than chance" (values above 1 or below 0 can occur). The ceiling and floor used are the
 means over the scored images, so that the mean of the per-image calibrated values is the calibration of the mean
-raw value (under DDP each rank calibrates with the references of its own shard). When the ceiling is less than
+raw value (under DDP the merged audit calibrates again over the whole probe's scored images:
+:func:`calibrated_value`, the row's ``merged``). When the ceiling is less than
 ``min_gap`` above the floor the reference cannot tell agreement from chance: the calibrated value is NaN (null
 in the report) with an :class:`~lightning_saliency.metrics.UndefinedMetricWarning`, never a made-up 1.0; the
 raw values and both references stay in the report and show why. A constant map has no ranking and no top-k:
@@ -33,13 +34,15 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from ._common import _is_constant, _row_noise, _warn
 
-__all__ = ["DEFAULT_K", "agreement", "calibrate", "kendall_tau", "random_floor", "topk_agreement"]
+__all__ = ["DEFAULT_K", "agreement", "calibrate", "calibrated_value", "kendall_tau", "random_floor",
+           "topk_agreement"]
 
 #: Cells compared by the top-k agreement (at most half the grid's cells).
 DEFAULT_K = 8
@@ -182,7 +185,24 @@ def agreement(maps: Tensor, reference: Tensor, second: Tensor, k: int = DEFAULT_
     out = {"tau": kendall_tau(maps, reference), "topk": topk_agreement(maps, reference, k),
            "tau_ceiling": kendall_tau(second, reference), "topk_ceiling": topk_agreement(second, reference, k),
            "tau_floor": floor["tau"], "topk_floor": floor["topk"]}
-    tau = calibrate(out["tau"], out["tau_ceiling"], out["tau_floor"], min_gap)
-    topk = calibrate(out["topk"], out["topk_ceiling"], out["topk_floor"], min_gap)
-    out["value"] = (tau + topk) / 2
+    out["value"] = calibrated_value(out, min_gap)
     return out
+
+
+def calibrated_value(parts: Mapping[str, Tensor], min_gap: float = 0.05) -> Tensor:
+    """The agreement's ``value`` per image from its raw parts (the other keys of :func:`agreement`): the mean of
+    the calibrated τ and the calibrated top-k agreement, with the means of the ceilings and floors over the rows
+    given (NaN rows, images not scored, left out). A sharded audit recomputes it on the merged rows, so that
+    its values are the single-process ones (a shard's own means are not the probe's).
+
+    Example:
+        >>> import torch
+        >>> parts = {"tau": torch.tensor([0.5, math.nan]), "tau_ceiling": torch.tensor([0.9, math.nan]),
+        ...          "tau_floor": torch.tensor([0.1, math.nan]), "topk": torch.tensor([0.5, math.nan]),
+        ...          "topk_ceiling": torch.tensor([0.9, math.nan]), "topk_floor": torch.tensor([0.1, math.nan])}
+        >>> [round(v, 4) for v in calibrated_value(parts).tolist()[:1]]
+        [0.5]
+    """
+    tau = calibrate(parts["tau"], parts["tau_ceiling"], parts["tau_floor"], min_gap)
+    topk = calibrate(parts["topk"], parts["topk_ceiling"], parts["topk_floor"], min_gap)
+    return (tau + topk) / 2

@@ -48,6 +48,7 @@ from ._adapters import (  # the built-in rows' compute and summary functions
     _mask_metric,
     _noisy,
     _randomization,
+    _recalibrated,
     _rise,
     _spurious,
 )
@@ -103,6 +104,9 @@ class MetricSpec:
         reads: metrics whose per-image values ``summary`` reads, in order of preference (one suffices): a
             probe-level row is reported only when one of them is computed too.
         scorecard: a column of the method scorecard's default set (:func:`lightning_saliency.scorecard`).
+        merged: ``merged(parts) -> values [N]``: the per-image values recomputed from the merged shards' rows, for
+            a value that depends on the images scored together (the agreements' calibration); ``parts`` maps
+            ``"value"`` and each extra key's suffix (without its ``_``) to the whole probe's rows.
 
     Example:
         >>> get_metric("object_mass").direction, get_metric("object_mass").per_group
@@ -125,6 +129,7 @@ class MetricSpec:
     builtin: bool = True
     reads: tuple[str, ...] = ()
     scorecard: bool = False
+    merged: Callable[[Mapping[str, Tensor]], Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.needs if n not in NEEDS]
@@ -230,7 +235,7 @@ _BUILTIN = (
     MetricSpec("fragility", False, "top-k attack within an L-inf ball vs random-sign noise (Ghorbani et al.)",
                extra_keys=("_random",), compute=_fragility, **_S),
     *(MetricSpec(f"{short}_agreement", True, f"Kendall tau and top-k cells vs {ref}, calibrated: seeds / random",
-                 extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), **_S)
+                 extra_keys=_AGREEMENT_KEYS, one_pass=True, compute=_agreement(ref), merged=_recalibrated, **_S)
       for short, ref in (("shap", "shapley"), ("lime", "lime"))),
     MetricSpec("spurious_flip_rate", False, "share of predictions moving to the donor's class when the spurious "
                "region is swapped between classes", compute=_spurious("flip"), **_CAUSAL),
