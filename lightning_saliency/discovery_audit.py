@@ -37,8 +37,10 @@ does not flip the other classes is recorded, never counted: a map can point at a
 depend on (Adebayo et al. 2022).
 
 Options (``discover_options``): the keyword arguments of :func:`~lightning_saliency.metrics.discover` and of
-:func:`~lightning_saliency.metrics.confirm` (e.g. ``{"min_class_size": 8, "min_flip": 0.2}``); an unknown one
-fails when the monitor is built. ``seed`` defaults to the monitor's.
+:func:`~lightning_saliency.metrics.confirm` (e.g. ``{"min_class_size": 8, "min_flip": 0.2}``), and
+``max_tested`` (default 8; ``None``: all): the most candidates tested per audit, the best scored first, one
+batched forward each; the others are recorded untested (null rates, a ``reason``, never counted as suspects).
+An unknown option fails when the monitor is built. ``seed`` defaults to the monitor's.
 
 Example:
     >>> DiscoveryAudit(True, None, None, ("gradient", "gradcam")).method
@@ -77,6 +79,10 @@ def _keywords(fn: Any) -> tuple[str, ...]:
 
 
 _DISCOVER_OPTIONS, _CONFIRM_OPTIONS = _keywords(discover), _keywords(confirm)
+#: candidates tested per audit by default (the best scored; :func:`run_discovery`'s ``max_tested``)
+DEFAULT_MAX_TESTED = 8
+_RATES = ("flip_rate", "null_flip_rate", "rest_flip_rate", "logit_gain", "null_logit_gain", "rest_logit_gain",
+          "erase_accuracy_drop")
 
 
 def default_method(methods: Sequence[str]) -> str:
@@ -100,7 +106,11 @@ def _split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], d
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"discover_options must be a dict of option -> value, got {type(options).__name__}")
     options = dict(options or {})
-    known = sorted(set(_DISCOVER_OPTIONS) | set(_CONFIRM_OPTIONS))
+    tested = options.pop("max_tested", DEFAULT_MAX_TESTED)
+    if tested is not None and (isinstance(tested, bool) or not isinstance(tested, int) or tested < 1):
+        raise ValueError(f"discover_options: max_tested must be an int >= 1 (candidates tested per audit, the best "
+                         f"scored) or None (every one), got {tested!r}; discover=False turns discovery off")
+    known = sorted({*_DISCOVER_OPTIONS, *_CONFIRM_OPTIONS, "max_tested"})
     for key in options:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
@@ -132,7 +142,9 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
         result: the audit's merged :class:`~lightning_saliency.audit.ShardResult` (maps of the whole probe; its
             ``logits``, when known, spare the confirmation a forward of the probe).
         method: the method whose maps are clustered.
-        options: keyword options of ``discover`` and ``confirm``.
+        options: keyword options of ``discover`` and ``confirm``, and ``max_tested`` (default 8): the candidates
+            tested per audit, the best scored; the others are recorded with null rates and a ``reason``
+            (``None``: every one), which bounds the audit's cost on a probe of many classes.
         target: the audit's ``target``: the maps explain the ``"prediction"`` or the ``"label"``.
         inputs: the probe's inputs on the model's device and dtype (default: moved here).
         batch_size: chunk size of the confirmation's forward passes.
@@ -180,12 +192,19 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
 
         with _evaluating(model):  # one forward of the probe shared by every candidate's confirmation
             logits = _forward(model, inputs, batch_size)
+    limit = (options or {}).get("max_tested", DEFAULT_MAX_TESTED)
+    best, rest = (found["candidates"], []) if limit is None else (found["candidates"][:limit],
+                                                                   found["candidates"][limit:])
     with torch.inference_mode():
         tested = [confirm(model, inputs, labels.to(inputs.device), c, logits=logits, batch_size=batch_size,
-                          **confirm_opts) for c in found["candidates"]]
-    section["candidates"] = [{k: _json(v) for k, v in c.items() if k != "mask"} for c in tested]
-    if tested:
-        section["masks"] = torch.stack([torch.as_tensor(c["mask"]).bool().cpu() for c in tested])
+                          **confirm_opts) for c in best]
+    untested = [{**c, **dict.fromkeys(_RATES, math.nan), "recipients": 0, "confirmed": False,
+                 "reason": f"not tested: only the {limit} best-scored candidates are tested per audit "
+                           f"(discover_options={{'max_tested': ...}})"} for c in rest]
+    section["candidates"] = [{k: _json(v) for k, v in c.items() if k != "mask"} for c in tested + untested]
+    section["untested"] = len(untested)
+    if tested or untested:
+        section["masks"] = torch.stack([torch.as_tensor(c["mask"]).bool().cpu() for c in tested + untested])
     flips = [c["flip_rate"] for c in tested if math.isfinite(c["flip_rate"])]
     metrics = {"discovery/suspects": float(sum(c["confirmed"] for c in tested)),
                "discovery/max_flip_rate": max(flips) if flips else math.nan}

@@ -255,6 +255,31 @@ def test_several_candidates_share_one_forward_and_match_confirming_each_alone():
     assert metrics["discovery/suspects"] == sum(c["confirmed"] for c in alone)
 
 
+
+def test_at_most_max_tested_candidates_are_tested_and_the_rest_are_recorded_untested():
+    """Two candidates, ``max_tested=1``: the better scored is tested (the same numbers as with both tested), the
+    other is recorded with null rates and the reason, its mask still in the section; never counted."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.zeros(24, 16, 16)
+    maps[:, 6:10, 6:10] = 1.0
+    maps[[0, 1, 2, 3], :4, :4], maps[[0, 1, 2, 3], 6:10, 6:10] = 1.0, 0.0
+    maps[[12, 13, 14, 15], 12:, 12:], maps[[12, 13, 14, 15], 6:10, 6:10] = 0.8, 0.0  # scored a little lower
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    probe = ProbeSet(torch.rand(24, 1, 16, 16, generator=g), labels)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
+    result = ShardResult(torch.arange(24), labels, {"gradient": maps})
+    both, _ = run_discovery(model, probe, result, "gradient", target="label")
+    one, metrics = run_discovery(model, probe, result, "gradient", {"max_tested": 1}, target="label")
+    assert both["untested"] == 0 and one["untested"] == 1 and len(one["candidates"]) == 2
+    assert one["candidates"][0] == both["candidates"][0]
+    left = one["candidates"][1]
+    assert left["members"] == both["candidates"][1]["members"] and left["confirmed"] is False
+    assert left["flip_rate"] is None and left["erase_accuracy_drop"] is None and "max_tested" in left["reason"]
+    assert one["masks"].shape == (2, 16, 16) and bool(one["masks"][1, 12:, 12:].all())
+    assert metrics["discovery/suspects"] == float(one["candidates"][0]["confirmed"])
+    with pytest.raises(ValueError, match="max_tested must be an int >= 1"):
+        DiscoveryAudit(True, None, {"max_tested": 0}, ("gradient",))
+
 def test_confirmation_reuses_the_audits_logits_and_runs_one_batch():
     """Given the audit's logits (ShardResult.logits), a candidate's confirmation is one forward, and its numbers
     are those computed without them."""
