@@ -14,7 +14,7 @@ equals a single-process one. :func:`run_discovery` is the orchestration, over th
    at every audit. It reuses the audit's own logits (``ShardResult.logits``, merged from the shards), so its
    only forward is one batch holding the pastes onto at most 16 other-class images (``max_recipients``), both
    nulls and at most 16 erased members: on the find_shortcut example discovery and confirmation together cost
-   0.36-0.37x the maps on one thread, 0.41-0.45x on two (``benchmarks/bench_metrics.py --only discovery``, the
+   0.35-0.37x the maps on one thread, 0.40-0.45x on two (``benchmarks/bench_metrics.py --only discovery``, the
    monitor's own code path).
 
 The model is the audited one seen through the audit's ``output=`` and ``task=``
