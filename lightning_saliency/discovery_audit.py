@@ -24,7 +24,7 @@ The record's ``discovery`` section (JSON-safe: the masks are dropped, their boun
 masks themselves go into the audit's maps file as ``"discovery_masks"``, row ``k`` for candidate ``k``)::
 
     "discovery": {"method": "gradcam", "too_small": [2], "skipped": null, "n_clusters": {"0": 2, "1": 1},
-                  "image_size": [32, 32],
+                  "image_size": [32, 32], "untested": 0,
                   "candidates": [{"class": 0, "members": [3, 5, 9], "region": [0, 24, 8, 32],
                                   "flip_rate": 0.6, "null_flip_rate": 0.05, "rest_flip_rate": 0.0,
                                   "logit_gain": 3.1, "erase_accuracy_drop": 0.4, "score": 0.4,
