@@ -48,13 +48,17 @@ def fit(callbacks: list[Any], tmp_path: Any, max_epochs: int = 2, seed: int = 0,
 
 class TupleData(pl.LightningModule):
     """``net`` trained on ``n`` random images of ``shape`` with labels 0/1, served as plain ``(image, label)``
-    tuples by its own loaders: a probe drawn from them has no masks and no groups."""
+    tuples by its own loaders: a probe drawn from them has no masks and no groups. ``data`` replaces the random
+    set (a subclass whose items are dicts overrides ``training_step``); SGD at ``lr``."""
 
-    def __init__(self, net: nn.Module, n: int, shape: tuple[int, ...], batch_size: int) -> None:
+    def __init__(self, net: nn.Module, n: int, shape: tuple[int, ...], batch_size: int, data: Any = None,
+                 lr: float = 0.1) -> None:
         super().__init__()
-        self.net, self.batch_size = net, batch_size
-        g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.rand(n, *shape, generator=g), torch.randint(0, 2, (n,), generator=g))
+        self.net, self.batch_size, self.lr = net, batch_size, lr
+        if data is None:
+            g = torch.Generator().manual_seed(0)
+            data = TensorDataset(torch.rand(n, *shape, generator=g), torch.randint(0, 2, (n,), generator=g))
+        self.data = data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -66,7 +70,7 @@ class TupleData(pl.LightningModule):
         pass
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.data, batch_size=self.batch_size)

@@ -16,40 +16,26 @@ from lightning_saliency.probe_source import closest_first, reader
 from tests import monitor_utils as U
 
 
-class Renamed(pl.LightningModule):
+class Renamed(U.TupleData):
     """A tiny CNN whose validation items are dicts with groups and masks under keys of their own: ``"site"``,
     ``"fg"`` and ``"border"`` (which the default keys ``"object_mask"`` / ``"spurious_mask"`` miss)."""
 
     def __init__(self, n: int = 8) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, 2))
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, 2))
         g = torch.Generator().manual_seed(0)
         images = torch.rand(n, 3, 16, 16, generator=g)
         fg = torch.zeros(n, 16, 16, dtype=torch.bool)
         fg[:, 4:12, 4:12] = True
         border = torch.zeros(n, 16, 16, dtype=torch.bool)
         border[torch.arange(n) % 2 == 1, :2] = True  # odd items: a band at the top
-        self.items = [{"image": images[i], "label": i % 2, "site": f"site_{i % 3}", "fg": fg[i],
-                       "border": border[i]} for i in range(n)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        items = [{"image": images[i], "label": i % 2, "site": f"site_{i % 3}", "fg": fg[i], "border": border[i]}
+                 for i in range(n)]
+        super().__init__(net, n, (3, 16, 16), batch_size=4, data=items, lr=0.01)
+        self.items = items
 
     def training_step(self, batch, batch_idx):
         return F.cross_entropy(self(batch["image"]), batch["label"])
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(self.items, batch_size=4)
-
-    def val_dataloader(self):
-        return DataLoader(self.items, batch_size=4)
 
 
 def _fit(monitor: SaliencyMonitor, tmp_path, net: pl.LightningModule | None = None) -> pl.Trainer:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -22,7 +21,7 @@ from lightning_saliency.mapfiles import load_probe_thumbnails
 from lightning_saliency.render import check_denormalize, get_cmap, grid, overlay, to_image
 from lightning_saliency.report import AuditReport
 from lightning_saliency.sampling import find_normalize
-from tests.monitor_utils import FAST
+from tests.monitor_utils import FAST, TupleData
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's
 COLOUR = (200, 30, 60)
@@ -110,32 +109,13 @@ def test_a_probe_from_a_normalised_dataset_records_it_outside_its_fingerprint():
     assert ProbeSet.from_dataset(Colours(transform=transforms.ToTensor()), size=4).denormalize is None
 
 
-class ColourNet(pl.LightningModule):
+class ColourNet(TupleData):
     """A tiny CNN on 16-px pure-colour images, validated on the ImageNet-normalised ``Colours`` set."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, 2))
-        self.data = Colours(n=8, size=16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(self.data, batch_size=8)
-
-    def val_dataloader(self):
-        return DataLoader(self.data, batch_size=8)
+        super().__init__(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten(), nn.Linear(4, 2)), 8, (3, 16, 16), batch_size=8,
+                         data=Colours(n=8, size=16), lr=0.01)
 
 
 def _fit(monitor: SaliencyMonitor, tmp_path) -> pl.Trainer:
