@@ -102,7 +102,7 @@ def default_method(methods: Sequence[str]) -> str:
     return next((m for m in methods if get_method(m).rides in _CAM_RIDES), methods[0])
 
 
-def _split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], int | None]:
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"discover_options must be a dict of option -> value, got {type(options).__name__}")
     options = dict(options or {})
@@ -117,7 +117,7 @@ def _split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], d
             raise ValueError(f"discover_options: unknown option {key!r}" + (f" (did you mean {close[0]!r}?)"
                              if close else "") + f"; the options are: {', '.join(known)}")
     return ({k: v for k, v in options.items() if k in _DISCOVER_OPTIONS},
-            {k: v for k, v in options.items() if k in _CONFIRM_OPTIONS})
+            {k: v for k, v in options.items() if k in _CONFIRM_OPTIONS}, tested)
 
 
 def _json(value: Any) -> Any:
@@ -160,7 +160,7 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
         >>> section["too_small"], section["candidates"], tuple(section["masks"].shape), metrics
         ([0, 1], [], (0, 4, 4), {'discovery/suspects': 0.0, 'discovery/max_flip_rate': nan})
     """
-    discover_opts, confirm_opts = _split_options(options)
+    discover_opts, confirm_opts, limit = _split_options(options)
     size = [int(v) for v in probe.inputs.shape[-2:]]
     section: dict[str, Any] = {"method": method, "too_small": [], "candidates": [], "skipped": None,
                                "image_size": size, "masks": torch.zeros(0, *size, dtype=torch.bool)}
@@ -192,7 +192,6 @@ def run_discovery(model: nn.Module, probe: Any, result: Any, method: str, option
 
         with _evaluating(model):  # one forward of the probe shared by every candidate's confirmation
             logits = _forward(model, inputs, batch_size)
-    limit = (options or {}).get("max_tested", DEFAULT_MAX_TESTED)
     best, rest = (found["candidates"], []) if limit is None else (found["candidates"][:limit],
                                                                    found["candidates"][limit:])
     with torch.inference_mode():

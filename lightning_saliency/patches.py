@@ -117,22 +117,22 @@ def paint(values: Tensor, height: int, width: int, grid: Any) -> Tensor:
     return values[:, idx]
 
 
-@functools.lru_cache(maxsize=128)
-def _blur_matrix(size: int, sigma: float, rows: tuple[int, int], radius: int, dtype: torch.dtype,
-                 device: torch.device) -> Tensor:
-    """``[rows, size]``: row ``o`` holds the Gaussian weights ``k_j`` (``j = -radius..radius``, summing to 1) at
-    the pixels ``clamp(o + j, 0, size - 1)`` (replicate padding), so that ``K @ x`` blurs ``x`` along that axis.
+@functools.lru_cache(maxsize=32)
+def _blur_matrix(size: int, sigma: float, radius: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[size, size]``: row ``o`` holds the Gaussian weights ``k_j`` (``j = -radius..radius``, summing to 1) at
+    the pixels ``clamp(o + j, 0, size - 1)`` (replicate padding), so that ``K @ x`` blurs ``x`` along that axis
+    (rows ``y0:y1`` of it blur that window only).
 
-    Cached (an audit blurs the same sizes audit after audit; never written to), and built outside inference
-    mode, so that a matrix first made under ``torch.inference_mode()`` can later enter an autograd graph."""
+    Cached by image size and σ, a few per audit, the same audit after audit (never written to), and built
+    outside inference mode, so that a matrix first made under ``torch.inference_mode()`` can later enter an
+    autograd graph."""
     with torch.inference_mode(False):
         t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
         k = torch.exp(-0.5 * (t / sigma) ** 2)
         k = k / k.sum()
-        out = torch.arange(rows[0], rows[1], device=device)
-        src = (out[:, None] + t.long()[None, :]).clamp(0, size - 1)
-        weights = torch.zeros(len(out), size, device=device, dtype=torch.float32)
-        return weights.scatter_add_(1, src, k.expand(len(out), -1).contiguous()).to(dtype)
+        src = (torch.arange(size, device=device)[:, None] + t.long()[None, :]).clamp(0, size - 1)
+        weights = torch.zeros(size, size, device=device, dtype=torch.float32)
+        return weights.scatter_add_(1, src, k.expand(size, -1).contiguous()).to(dtype)
 
 
 def gaussian_blur(inputs: Tensor, sigma: float, window: tuple[slice, slice] | None = None) -> Tensor:
@@ -155,8 +155,8 @@ def gaussian_blur(inputs: Tensor, sigma: float, window: tuple[slice, slice] | No
     if sigma <= 0:
         return inputs[:, :, y0:y1, x0:x1].clone()
     radius = max(1, min(int(math.ceil(3 * sigma)), max(h, w)))
-    rows = _blur_matrix(h, sigma, (y0, y1), radius, inputs.dtype, inputs.device)
-    cols = _blur_matrix(w, sigma, (x0, x1), radius, inputs.dtype, inputs.device)
+    rows = _blur_matrix(h, sigma, radius, inputs.dtype, inputs.device)[y0:y1]
+    cols = _blur_matrix(w, sigma, radius, inputs.dtype, inputs.device)[x0:x1]
     return rows @ inputs @ cols.T
 
 

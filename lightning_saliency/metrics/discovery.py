@@ -112,7 +112,7 @@ def _kmeans(x: np.ndarray, q: int, gen: torch.Generator, n_init: int, iters: int
     for _ in range(iters):  # a restart whose labels no longer change is frozen (its centres are their means)
         onehot = eye[labels]  # [restarts, n, q]
         counts = onehot.sum(axis=1)[:, :, None]
-        sums = (onehot[:, :, :, None] * x[None, :, None, :]).sum(axis=1)  # (no BLAS call: see spectral_clusters)
+        sums = (onehot[:, :, :, None] * x[None, :, None, :]).sum(axis=1)  # (no BLAS call: see _spectral)
         means = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
         centres = np.where(done[:, None, None], centres, means)
         new = np.where(done[:, None], labels, _sq_distances(x, centres).argmin(axis=2))
